@@ -1,0 +1,273 @@
+//! Bytes on disk: MessagePack with a leading format-version byte.
+//!
+//! Every value the store writes starts with [`FORMAT_VERSION`]. Envelopes are
+//! MessagePack maps with field names (`rmp_serde::to_vec_named`), so the
+//! encoding is self-describing: a reader can tell a field from its name, and a
+//! field added later does not shift the others. JSON
+//! ([`envelope_to_json`]) is for what a person or a wire reads.
+//!
+//! A *segment* is what one group commit stores for one run: the version byte,
+//! a MessagePack array header, and the encoded envelopes of consecutive seqs
+//! back to back. Envelopes are encoded once, by the publisher's task, and the
+//! store only concatenates them.
+//!
+//! Decoding never panics on any input: a wrong version, a truncated value,
+//! trailing bytes or a malformed envelope each come back as a [`CodecError`].
+
+use std::io::Write as _;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::event::AgentEvent;
+use crate::stream::RuntimeEventEnvelope;
+
+/// The format version this build writes and the only one it reads.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Deepest JSON nesting accepted in an event's JSON payloads, as in
+/// `serde_json`'s own parser; deeper values are refused when encoded so
+/// that everything stored can be decoded again.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Nesting depth the decoder allows: the JSON limit plus the envelope's own
+/// structure. Bounds recursion (and so stack use) on hostile input.
+const MAX_DECODE_DEPTH: usize = MAX_JSON_DEPTH + 16;
+
+/// Why bytes could not be encoded or decoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The value was empty: not even a version byte.
+    #[error("empty value (no format-version byte)")]
+    Empty,
+    /// The value was written by a format this build does not read.
+    #[error("unknown format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnknownVersion {
+        /// The version byte found.
+        found: u8,
+    },
+    /// The bytes are not a valid encoding.
+    #[error("malformed value: {0}")]
+    Malformed(String),
+    /// The value decoded but bytes were left over.
+    #[error("{0} trailing bytes after the value")]
+    TrailingBytes(usize),
+    /// An event's JSON payload nests deeper than [`MAX_JSON_DEPTH`].
+    #[error("JSON payload nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
+    /// The value could not be encoded.
+    #[error("could not encode: {0}")]
+    Encode(String),
+}
+
+/// Encodes one envelope (without a version byte: it becomes part of a
+/// segment). Refuses JSON payloads nested deeper than [`MAX_JSON_DEPTH`].
+///
+/// # Errors
+///
+/// [`CodecError::TooDeep`] or [`CodecError::Encode`].
+pub fn encode_envelope(envelope: &RuntimeEventEnvelope) -> Result<Vec<u8>, CodecError> {
+    if event_json_depth(&envelope.event) > MAX_JSON_DEPTH {
+        return Err(CodecError::TooDeep);
+    }
+    rmp_serde::to_vec_named(envelope).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes one envelope encoded by [`encode_envelope`].
+///
+/// # Errors
+///
+/// [`CodecError::Malformed`] or [`CodecError::TrailingBytes`].
+pub fn decode_envelope(bytes: &[u8]) -> Result<RuntimeEventEnvelope, CodecError> {
+    let mut decoder = Decoder::new(bytes);
+    let envelope = decoder.next()?;
+    decoder.finish()?;
+    Ok(envelope)
+}
+
+/// Builds a segment value from envelopes already encoded by
+/// [`encode_envelope`], in seq order.
+#[must_use]
+pub fn encode_segment<'a>(encoded: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let parts: Vec<&[u8]> = encoded.collect();
+    let body: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(1 + 5 + body);
+    out.push(FORMAT_VERSION);
+    // Writing into a Vec cannot fail; the array header is at most 5 bytes.
+    let len = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+    let _ = rmp::encode::write_array_len(&mut out, len);
+    for part in parts {
+        let _ = out.write_all(part);
+    }
+    out
+}
+
+/// Decodes a segment value into its envelopes. On failure returns the index of
+/// the envelope that failed (0 when the header itself is bad), so the caller
+/// can name the seq.
+///
+/// # Errors
+///
+/// `(index, error)` for the first envelope that could not be decoded.
+pub fn decode_segment(bytes: &[u8]) -> Result<Vec<RuntimeEventEnvelope>, (usize, CodecError)> {
+    let body = strip_version(bytes).map_err(|e| (0, e))?;
+    let mut cursor = body;
+    let count = rmp::decode::read_array_len(&mut cursor)
+        .map_err(|e| (0, CodecError::Malformed(format!("segment header: {e}"))))?;
+    let count = count as usize;
+    // Every envelope takes more than one byte, so a count beyond the bytes
+    // left is a lie; refuse it before it sizes an allocation.
+    if count > cursor.len() {
+        return Err((
+            0,
+            CodecError::Malformed(format!(
+                "segment claims {count} envelopes in {} bytes",
+                cursor.len()
+            )),
+        ));
+    }
+    let mut decoder = Decoder::new(cursor);
+    let mut out = Vec::with_capacity(count);
+    for index in 0..count {
+        out.push(decoder.next().map_err(|e| (index, e))?);
+    }
+    decoder.finish().map_err(|e| (count, e))?;
+    Ok(out)
+}
+
+/// Encodes a metadata value: version byte, then a MessagePack map.
+///
+/// # Errors
+///
+/// [`CodecError::Encode`].
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![FORMAT_VERSION];
+    rmp_serde::encode::write_named(&mut out, value).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode_value`].
+///
+/// # Errors
+///
+/// Any [`CodecError`] but `Encode` and `TooDeep`.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let body = strip_version(bytes)?;
+    let mut decoder = Decoder::new(body);
+    let value = decoder.next()?;
+    decoder.finish()?;
+    Ok(value)
+}
+
+/// Renders an envelope as JSON, for people and wires.
+///
+/// # Errors
+///
+/// [`CodecError::Encode`] (cannot happen for envelopes built by this crate).
+pub fn envelope_to_json(envelope: &RuntimeEventEnvelope) -> Result<String, CodecError> {
+    serde_json::to_string(envelope).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+fn strip_version(bytes: &[u8]) -> Result<&[u8], CodecError> {
+    match bytes.split_first() {
+        None => Err(CodecError::Empty),
+        Some((&FORMAT_VERSION, rest)) => Ok(rest),
+        Some((&found, _)) => Err(CodecError::UnknownVersion { found }),
+    }
+}
+
+/// Sequential MessagePack reader over a slice, with a depth limit.
+struct Decoder<'a> {
+    inner: rmp_serde::Deserializer<rmp_serde::decode::ReadReader<std::io::Cursor<&'a [u8]>>>,
+    len: usize,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        let mut inner = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+        inner.set_max_depth(MAX_DECODE_DEPTH);
+        Self {
+            inner,
+            len: bytes.len(),
+        }
+    }
+
+    fn next<T: DeserializeOwned>(&mut self) -> Result<T, CodecError> {
+        T::deserialize(&mut self.inner).map_err(|e| CodecError::Malformed(e.to_string()))
+    }
+
+    fn finish(self) -> Result<(), CodecError> {
+        let read = usize::try_from(self.inner.position()).unwrap_or(usize::MAX);
+        match self.len.saturating_sub(read) {
+            0 => Ok(()),
+            n => Err(CodecError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// Deepest nesting among the event's JSON payloads (0 when it has none).
+fn event_json_depth(event: &AgentEvent) -> usize {
+    use crate::event::ToolResult;
+    match event {
+        AgentEvent::ToolCallCompleted(p) => json_depth(&p.call.arguments),
+        AgentEvent::ToolExecutionFinished(p) => match &p.result {
+            ToolResult::Success { output } => json_depth(output),
+            ToolResult::Failure { .. } => 0,
+        },
+        AgentEvent::Custom(p) => json_depth(&p.payload),
+        _ => 0,
+    }
+}
+
+/// Nesting depth of a JSON value, computed without recursion so that a
+/// pathologically deep value cannot overflow the stack here either.
+fn json_depth(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut stack = vec![(value, 1usize)];
+    while let Some((value, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_version_is_named() {
+        assert_eq!(
+            decode_value::<u64>(&[9, 1]),
+            Err(CodecError::UnknownVersion { found: 9 })
+        );
+        assert_eq!(decode_value::<u64>(&[]), Err(CodecError::Empty));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode_value(&7u64).unwrap();
+        bytes.push(0);
+        assert_eq!(decode_value::<u64>(&bytes), Err(CodecError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn json_depth_counts_levels() {
+        assert_eq!(json_depth(&serde_json::json!(1)), 1);
+        assert_eq!(json_depth(&serde_json::json!({"a": [1, {"b": 2}]})), 4);
+    }
+
+    #[test]
+    fn a_lying_segment_count_is_refused_without_allocating() {
+        let mut bytes = vec![FORMAT_VERSION];
+        rmp::encode::write_array_len(&mut bytes, u32::MAX).unwrap();
+        assert!(matches!(decode_segment(&bytes), Err((0, CodecError::Malformed(_)))));
+    }
+}

@@ -1,0 +1,154 @@
+//! How a store is opened: where, how durable, and the bounds it keeps.
+
+use std::path::{Path, PathBuf};
+
+/// When an append is acknowledged.
+///
+/// ## Durability
+///
+/// - [`Durability::Flushed`] (the default): acknowledged after sled has
+///   flushed the group commit that holds the event to disk. An acknowledged
+///   event survives `kill -9` and power loss (to the extent the disk honours
+///   `fsync`).
+/// - [`Durability::Buffered`]: acknowledged once the event is in sled's
+///   write buffer, before the flush. Readers see it at once; sled flushes in
+///   the background every [`Config::flush_every_ms`]. A crash can lose the
+///   events of the last moments, but never leaves a gap: what survives of a
+///   run is always a prefix of its seqs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Flush to disk before acknowledging.
+    #[default]
+    Flushed,
+    /// Acknowledge once written; flush in the background.
+    Buffered,
+}
+
+/// Configuration of a store (and, later, of the hub around it).
+///
+/// ```
+/// use behest_stream::{Config, Durability};
+///
+/// let config = Config::new("./data")
+///     .durability(Durability::Buffered)
+///     .max_event_bytes(256 * 1024);
+/// assert_eq!(config.path().unwrap().to_str(), Some("./data"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) durability: Durability,
+    pub(crate) max_event_bytes: usize,
+    pub(crate) max_in_flight_bytes: usize,
+    pub(crate) max_concurrent_reads: usize,
+    pub(crate) cache_capacity: u64,
+    pub(crate) flush_every_ms: Option<u64>,
+    pub(crate) segment_max_events: usize,
+    pub(crate) segment_max_bytes: usize,
+}
+
+/// Default largest encoded envelope: 1 MiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+impl Config {
+    /// A store kept in the directory `path` (created if missing).
+    #[must_use]
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: Some(path.as_ref().to_path_buf()),
+            ..Self::temporary()
+        }
+    }
+
+    /// A store in a fresh temporary directory, removed when the store is
+    /// dropped. For tests and benchmarks.
+    #[must_use]
+    pub fn temporary() -> Self {
+        Self {
+            path: None,
+            durability: Durability::Flushed,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            max_concurrent_reads: 32,
+            cache_capacity: 64 * 1024 * 1024,
+            flush_every_ms: Some(500),
+            segment_max_events: 256,
+            segment_max_bytes: 256 * 1024,
+        }
+    }
+
+    /// The directory, or `None` for a temporary store.
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Default durability of appends that do not name one.
+    #[must_use]
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Largest encoded envelope accepted (default 1 MiB). Larger events are
+    /// refused before anything is stored. Clamped to the in-flight budget.
+    #[must_use]
+    pub fn max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes.max(1);
+        self
+    }
+
+    /// Most encoded bytes of appends that may wait for the store at once
+    /// (default 64 MiB). A publisher beyond it waits for earlier appends to be
+    /// committed; this is what bounds the store actor's mailbox.
+    #[must_use]
+    pub fn max_in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.max_in_flight_bytes = bytes.max(1);
+        self
+    }
+
+    /// Most reads (replay pages, recovery reads) running at once on the
+    /// blocking pool (default 32). Further reads wait.
+    #[must_use]
+    pub fn max_concurrent_reads(mut self, reads: usize) -> Self {
+        self.max_concurrent_reads = reads.max(1);
+        self
+    }
+
+    /// sled's page cache size in bytes (default 64 MiB).
+    #[must_use]
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = bytes;
+        self
+    }
+
+    /// How often sled flushes in the background, which bounds what a crash can
+    /// lose under [`Durability::Buffered`] (default 500 ms; `None` turns the
+    /// background flush off).
+    #[must_use]
+    pub fn flush_every_ms(mut self, every: Option<u64>) -> Self {
+        self.flush_every_ms = every;
+        self
+    }
+
+    /// Largest segment (the value holding consecutive events of one run from
+    /// one group commit), by events and by bytes (defaults 256 and 256 KiB).
+    #[must_use]
+    pub fn segment_limits(mut self, max_events: usize, max_bytes: usize) -> Self {
+        self.segment_max_events = max_events.max(1);
+        self.segment_max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// The event limit actually enforced: never above the in-flight budget, so
+    /// that one event can always be admitted.
+    pub(crate) fn effective_max_event_bytes(&self) -> usize {
+        self.max_event_bytes.min(self.max_in_flight_bytes)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::new("./data")
+    }
+}

@@ -1,0 +1,159 @@
+//! Errors of the store boundary: opening a store, and using one.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::codec::CodecError;
+use crate::ids::RunId;
+
+/// Why a store could not be opened. Every variant names the path.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Another process (or another open store in this one) holds the
+    /// directory's lock. Close the other holder, or open another directory.
+    #[error("store at {path} is locked by another process: {source}")]
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's lock error.
+        source: std::io::Error,
+    },
+    /// The directory could not be read or written (missing permissions, not a
+    /// directory, disk full). Fix the file system and retry.
+    #[error("store at {path} could not be opened: {source}")]
+    Io {
+        /// The store directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store was written by a format this build does not read. Open it
+    /// with the build that wrote it, or migrate it.
+    #[error("store at {path} has format version {found}; this build reads version {supported}")]
+    UnsupportedFormat {
+        /// The store directory.
+        path: PathBuf,
+        /// The version found in the store's metadata.
+        found: u8,
+        /// The version this build reads.
+        supported: u8,
+    },
+    /// The directory holds a sled database that is not a behest-stream store,
+    /// or whose metadata is damaged. Nothing was changed.
+    #[error("store at {path} is not a readable behest-stream store: {reason}")]
+    NotAStore {
+        /// The store directory.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// sled reported corruption or an internal error while opening.
+    #[error("store at {path} could not be opened by sled: {message}")]
+    Storage {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's error.
+        message: String,
+    },
+}
+
+/// Why a store operation failed. Every variant says whether anything was
+/// stored.
+#[derive(Debug, Error, Clone)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store is closed (or its actor stopped). Nothing was stored.
+    /// Reopen the store.
+    #[error("store is closed")]
+    Closed,
+    /// The run has ended (its terminal event is stored); nothing was stored.
+    /// Not retryable.
+    #[error("run {run_id} has ended; no event may follow its terminal event")]
+    RunClosed {
+        /// The run.
+        run_id: RunId,
+    },
+    /// The append's seq does not follow the run's last stored seq; nothing
+    /// of this append was stored. Means two writers for one run, or a
+    /// writer that lost track of its run: re-read the run's last seq.
+    #[error("run {run_id}: expected seq {expected}, got {got}; nothing stored")]
+    SeqConflict {
+        /// The run.
+        run_id: RunId,
+        /// The seq the store would accept next.
+        expected: u64,
+        /// The seq offered.
+        got: u64,
+    },
+    /// The encoded event exceeds the configured limit; nothing was stored.
+    /// Not retryable: shrink the event or raise `Config::max_event_bytes`.
+    #[error("run {run_id}: event of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The run.
+        run_id: RunId,
+        /// Encoded size of the event.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The event could not be encoded (for example a JSON payload nested too
+    /// deeply); nothing was stored. Not retryable.
+    #[error("run {run_id}: event cannot be encoded: {source}")]
+    Encode {
+        /// The run.
+        run_id: RunId,
+        /// The codec's reason.
+        source: CodecError,
+    },
+    /// A stored record of this run could not be decoded. Other runs are
+    /// unaffected; this run's events from `seq` on cannot be read.
+    #[error("corrupt record: run {run_id} at seq {seq}: {source}")]
+    Corrupt {
+        /// The run.
+        run_id: RunId,
+        /// The first seq that could not be read.
+        seq: u64,
+        /// The codec's reason.
+        source: CodecError,
+    },
+    /// The run's metadata record could not be decoded. Other runs are
+    /// unaffected.
+    #[error("corrupt run record for run {run_id}: {source}")]
+    CorruptRunRecord {
+        /// The run.
+        run_id: RunId,
+        /// The codec's reason.
+        source: CodecError,
+    },
+    /// sled failed to write; nothing of the failed batch was stored.
+    /// Retrying may succeed.
+    #[error("store write failed, nothing stored: {message}")]
+    WriteFailed {
+        /// sled's error.
+        message: String,
+    },
+    /// The batch was written but the flush that makes it durable failed: the
+    /// events are visible and may or may not survive a crash. Check the disk;
+    /// do not blindly retry (a retry would store the event again).
+    #[error("store flush failed, durability of the batch is in doubt: {message}")]
+    FlushFailed {
+        /// sled's error.
+        message: String,
+    },
+    /// sled failed to read. Retrying may succeed.
+    #[error("store read failed: {message}")]
+    ReadFailed {
+        /// sled's error.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// True when the same call may succeed if tried again.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::WriteFailed { .. } | StoreError::ReadFailed { .. })
+    }
+}

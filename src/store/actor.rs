@@ -1,0 +1,261 @@
+//! The store actor: the single owner of the sled database.
+//!
+//! It gathers appends while a commit is in flight and writes them as the next
+//! batch (group commit), so one flush serves every append that arrived during
+//! the previous one. Commits and reads run on tokio's blocking pool; the actor
+//! itself only moves requests around and never blocks.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
+
+use super::engine::{self, AppendRequest, CommitReport, SegmentLimits};
+use super::{RunInfo, StoreStats};
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::stream::RuntimeEventEnvelope;
+
+/// Every message the store actor takes.
+pub(crate) enum StoreMsg {
+    /// Store these envelopes (all or none) and answer once durable as asked.
+    Append(AppendRequest),
+    /// Read a page of a run's events.
+    ListAfter {
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Vec<RuntimeEventEnvelope>, StoreError>>,
+    },
+    /// Read what the store knows of a run.
+    RunInfo {
+        run_id: RunId,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Option<RunInfo>, StoreError>>,
+    },
+    /// Read the runs of a session in start order.
+    SessionRuns {
+        session_id: Uuid,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Vec<RunId>, StoreError>>,
+    },
+    /// Report counters.
+    Stats(RpcReplyPort<StoreStats>),
+    /// Commit what is pending, flush, release the database and stop.
+    Close(RpcReplyPort<Result<(), StoreError>>),
+    /// A commit finished on the blocking pool (sent by the actor to itself).
+    CommitDone(Result<(u64, CommitReport), String>),
+    /// Test hook: while held, appends wait in `pending` and no commit starts.
+    #[cfg(feature = "fault-injection")]
+    HoldCommits(bool),
+}
+
+pub(crate) struct StoreActor;
+
+pub(crate) struct StoreArgs {
+    pub(crate) db: sled::Db,
+    pub(crate) next_ordinal: u64,
+    pub(crate) limits: SegmentLimits,
+}
+
+pub(crate) struct StoreState {
+    /// `None` once closed: the database has been handed to the blocking pool
+    /// to be flushed and dropped there (sled's drop blocks).
+    db: Option<sled::Db>,
+    next_ordinal: u64,
+    limits: SegmentLimits,
+    /// Appends that arrived while a commit was in flight: the next batch.
+    /// Bounded by the handle's in-flight byte budget.
+    pending: Vec<AppendRequest>,
+    committing: bool,
+    closing: Option<RpcReplyPort<Result<(), StoreError>>>,
+    stats: StoreStats,
+    #[cfg(feature = "fault-injection")]
+    held: bool,
+}
+
+impl Actor for StoreActor {
+    type Msg = StoreMsg;
+    type State = StoreState;
+    type Arguments = StoreArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: StoreArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(StoreState {
+            db: Some(args.db),
+            next_ordinal: args.next_ordinal,
+            limits: args.limits,
+            pending: Vec::new(),
+            committing: false,
+            closing: None,
+            stats: StoreStats::default(),
+            #[cfg(feature = "fault-injection")]
+            held: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            StoreMsg::Append(request) => {
+                if state.closing.is_some() || state.db.is_none() {
+                    let _ = request.reply.send(Err(StoreError::Closed));
+                    return Ok(());
+                }
+                state.pending.push(request);
+                state.start_commit(&myself);
+            }
+            StoreMsg::ListAfter {
+                run_id,
+                after_seq,
+                limit,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| {
+                engine::list_after(db, run_id, after_seq, limit)
+            }),
+            StoreMsg::RunInfo {
+                run_id,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| engine::run_info(db, run_id)),
+            StoreMsg::SessionRuns {
+                session_id,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| {
+                engine::session_runs(db, session_id)
+            }),
+            StoreMsg::Stats(reply) => {
+                let mut stats = state.stats;
+                stats.pending_appends = state.pending.len();
+                stats.commit_in_flight = state.committing;
+                let _ = reply.send(stats);
+            }
+            StoreMsg::Close(reply) => {
+                state.closing = Some(reply);
+                state.finish_if_drained(&myself).await;
+            }
+            StoreMsg::CommitDone(outcome) => {
+                state.committing = false;
+                let (next_ordinal, report) = outcome.map_err(|panic| {
+                    // The batch may or may not have been applied; the actor
+                    // cannot know its ordinal counter any more. Stop, and let
+                    // the callers see the store as closed.
+                    format!("store commit panicked: {panic}")
+                })?;
+                state.next_ordinal = next_ordinal;
+                state.stats.record(report);
+                state.start_commit(&myself);
+                state.finish_if_drained(&myself).await;
+            }
+            #[cfg(feature = "fault-injection")]
+            StoreMsg::HoldCommits(held) => {
+                state.held = held;
+                state.start_commit(&myself);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Stopped without a Close (every handle dropped): still release the
+        // database off the async workers.
+        if let Some(db) = state.db.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = engine::flush(&db);
+                drop(db);
+            })
+            .await;
+        }
+        Ok(())
+    }
+}
+
+impl StoreState {
+    /// Starts a commit of everything pending, unless one is in flight.
+    fn start_commit(&mut self, myself: &ActorRef<StoreMsg>) {
+        #[cfg(feature = "fault-injection")]
+        if self.held {
+            return;
+        }
+        let Some(db) = self.db.clone() else { return };
+        if self.committing || self.pending.is_empty() {
+            return;
+        }
+        self.committing = true;
+        let requests = std::mem::take(&mut self.pending);
+        let mut next_ordinal = self.next_ordinal;
+        let limits = self.limits;
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::task::spawn_blocking(move || {
+                let report = engine::commit(&db, requests, &mut next_ordinal, limits);
+                drop(db);
+                (next_ordinal, report)
+            })
+            .await
+            .map_err(|e| e.to_string());
+            // The actor may have stopped meanwhile; then nobody is waiting.
+            let _ = myself.send_message(StoreMsg::CommitDone(outcome));
+        });
+    }
+
+    /// Runs a read on the blocking pool. The permit is released only after the
+    /// read has dropped its database handle, so that `Store::close`, which
+    /// waits for every permit, knows no read still holds the database.
+    fn read<T: Send + 'static>(
+        &self,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<T, StoreError>>,
+        read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+    ) {
+        let Some(db) = self.db.clone() else {
+            let _ = reply.send(Err(StoreError::Closed));
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = read(&db);
+            drop(db);
+            drop(permit);
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Once closing and nothing is pending or in flight: flush, release the
+    /// database, answer the closer and stop.
+    async fn finish_if_drained(&mut self, myself: &ActorRef<StoreMsg>) {
+        if self.committing || !self.pending.is_empty() || self.closing.is_none() {
+            return;
+        }
+        let result = match self.db.take() {
+            Some(db) => tokio::task::spawn_blocking(move || {
+                let result = engine::flush(&db);
+                drop(db);
+                result
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::FlushFailed {
+                    message: e.to_string(),
+                })
+            }),
+            None => Ok(()),
+        };
+        if let Some(reply) = self.closing.take() {
+            let _ = reply.send(result);
+        }
+        myself.stop(Some("closed".into()));
+    }
+}

@@ -1,0 +1,532 @@
+//! The blocking half of the store: every sled call lives here, and each runs
+//! on tokio's blocking pool, never on an async worker.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::path::Path;
+
+use chrono::Utc;
+use ractor::RpcReplyPort;
+use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
+
+use super::layout::{self, RunRecord, StoreMeta};
+use super::{RunInfo, StoredEnvelope};
+use crate::codec::{self, CodecError, FORMAT_VERSION};
+use crate::config::{Config, Durability};
+use crate::error::{OpenError, StoreError};
+use crate::ids::RunId;
+use crate::stream::RuntimeEventEnvelope;
+
+/// One caller's append: all its envelopes are stored in one batch, or none.
+pub(crate) struct AppendRequest {
+    pub(crate) items: Vec<StoredEnvelope>,
+    pub(crate) durability: Durability,
+    pub(crate) reply: RpcReplyPort<Result<(), StoreError>>,
+    /// Returned to the in-flight budget when the request is dropped, which
+    /// happens after it has been answered.
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// What [`open`] found.
+pub(crate) struct Opened {
+    pub(crate) db: sled::Db,
+    pub(crate) epoch: Uuid,
+    pub(crate) next_ordinal: u64,
+}
+
+/// Opens (or creates) the sled database and checks that it is a store this
+/// build reads.
+pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
+    let display_path = config
+        .path
+        .clone()
+        .unwrap_or_else(|| Path::new("<temporary>").to_path_buf());
+    let mut sled_config = sled::Config::new()
+        .cache_capacity(config.cache_capacity)
+        .flush_every_ms(config.flush_every_ms);
+    sled_config = match &config.path {
+        Some(path) => sled_config.path(path),
+        None => sled_config.temporary(true),
+    };
+    let db = sled_config
+        .open()
+        .map_err(|e| open_error(&display_path, e))?;
+    let path = display_path.as_path();
+    let storage = |e: sled::Error| open_error(path, e);
+
+    let epoch = match db.get(layout::META_STORE).map_err(storage)? {
+        Some(bytes) => {
+            let meta: StoreMeta = codec::decode_value(&bytes).map_err(|e| match e {
+                CodecError::UnknownVersion { found } => OpenError::UnsupportedFormat {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: FORMAT_VERSION,
+                },
+                other => OpenError::NotAStore {
+                    path: path.to_path_buf(),
+                    reason: format!("store metadata: {other}"),
+                },
+            })?;
+            if meta.format_version != FORMAT_VERSION {
+                return Err(OpenError::UnsupportedFormat {
+                    path: path.to_path_buf(),
+                    found: meta.format_version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            meta.epoch
+        }
+        None if db.is_empty() => {
+            let meta = StoreMeta {
+                epoch: Uuid::now_v7(),
+                format_version: FORMAT_VERSION,
+                created_at: Utc::now(),
+            };
+            let bytes = codec::encode_value(&meta).map_err(|e| OpenError::NotAStore {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            db.insert(layout::META_STORE, bytes).map_err(storage)?;
+            db.flush().map_err(storage)?;
+            tracing::info!(path = %path.display(), epoch = %meta.epoch, "created store");
+            meta.epoch
+        }
+        None => {
+            return Err(OpenError::NotAStore {
+                path: path.to_path_buf(),
+                reason: "the database holds data but no behest-stream metadata".into(),
+            });
+        }
+    };
+    let next_ordinal = match db.get(layout::META_ORDINAL).map_err(storage)? {
+        Some(bytes) => codec::decode_value(&bytes).map_err(|e| OpenError::NotAStore {
+            path: path.to_path_buf(),
+            reason: format!("run ordinal: {e}"),
+        })?,
+        None => 1,
+    };
+    Ok(Opened {
+        db,
+        epoch,
+        next_ordinal,
+    })
+}
+
+fn open_error(path: &Path, error: sled::Error) -> OpenError {
+    match error {
+        // sled reports a held lock as an Io error of its own wording.
+        sled::Error::Io(source) if source.to_string().contains("could not acquire lock") => {
+            OpenError::Locked {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+        sled::Error::Io(source) => OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => OpenError::Storage {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Segment size limits, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegmentLimits {
+    pub(crate) max_events: usize,
+    pub(crate) max_bytes: usize,
+}
+
+/// What one commit did, for the actor's stats.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CommitReport {
+    pub(crate) requests: usize,
+    pub(crate) events: usize,
+    pub(crate) flushed: bool,
+}
+
+/// Writes every acceptable request in one sled batch, flushes if any asked
+/// for it, and answers every request. Requests that fail validation are
+/// answered at once and leave no trace in the batch.
+pub(crate) fn commit(
+    db: &sled::Db,
+    requests: Vec<AppendRequest>,
+    next_ordinal: &mut u64,
+    limits: SegmentLimits,
+) -> CommitReport {
+    let mut runs: HashMap<RunId, TouchedRun> = HashMap::new();
+    let mut accepted: Vec<AppendRequest> = Vec::with_capacity(requests.len());
+    let ordinal_before = *next_ordinal;
+
+    for mut request in requests {
+        match stage(db, &runs, &request.items, next_ordinal) {
+            Ok(staged) => {
+                for (run_id, (record, had_session)) in staged {
+                    match runs.entry(run_id) {
+                        Entry::Occupied(mut e) => e.get_mut().record = record,
+                        Entry::Vacant(e) => {
+                            e.insert(TouchedRun {
+                                had_session,
+                                record,
+                                items: Vec::new(),
+                            });
+                        }
+                    }
+                }
+                for item in std::mem::take(&mut request.items) {
+                    if let Some(run) = runs.get_mut(&item.run_id) {
+                        run.items.push(item);
+                    }
+                }
+                accepted.push(request);
+            }
+            Err(error) => {
+                let _ = request.reply.send(Err(error));
+            }
+        }
+    }
+    let mut report = CommitReport {
+        requests: accepted.len(),
+        events: runs.values().map(|r| r.items.len()).sum(),
+        flushed: false,
+    };
+    if accepted.is_empty() {
+        return report;
+    }
+
+    let mut batch = sled::Batch::default();
+    for (run_id, run) in &runs {
+        for segment in segments(&run.items, limits) {
+            let first_seq = segment[0].seq;
+            let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
+            batch.insert(&layout::segment_key(*run_id, first_seq), value);
+        }
+        match codec::encode_value(&run.record) {
+            Ok(value) => batch.insert(&layout::run_key(*run_id), value),
+            Err(e) => {
+                fail_all(accepted, || StoreError::WriteFailed {
+                    message: format!("run record of {run_id}: {e}"),
+                });
+                return CommitReport::default();
+            }
+        }
+        if let (Some(session), false) = (run.record.session_id, run.had_session) {
+            batch.insert(
+                layout::session_key(session, run.record.ordinal, *run_id).as_slice(),
+                vec![FORMAT_VERSION],
+            );
+        }
+    }
+    if *next_ordinal != ordinal_before {
+        match codec::encode_value(next_ordinal) {
+            Ok(value) => batch.insert(layout::META_ORDINAL, value),
+            Err(e) => {
+                fail_all(accepted, || StoreError::WriteFailed {
+                    message: format!("run ordinal: {e}"),
+                });
+                return CommitReport::default();
+            }
+        }
+    }
+
+    if let Err(e) = db.apply_batch(batch) {
+        *next_ordinal = ordinal_before;
+        let message = e.to_string();
+        tracing::error!(error = %message, "store batch failed; nothing of it was stored");
+        fail_all(accepted, || StoreError::WriteFailed {
+            message: message.clone(),
+        });
+        return CommitReport::default();
+    }
+
+    let (flushed, buffered): (Vec<_>, Vec<_>) = accepted
+        .into_iter()
+        .partition(|r| r.durability == Durability::Flushed);
+    for request in buffered {
+        let _ = request.reply.send(Ok(()));
+    }
+    if flushed.is_empty() {
+        return report;
+    }
+    report.flushed = true;
+    match db.flush() {
+        Ok(_) => {
+            for request in flushed {
+                let _ = request.reply.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            tracing::error!(error = %message, "store flush failed; batch durability in doubt");
+            fail_all(flushed, || StoreError::FlushFailed {
+                message: message.clone(),
+            });
+        }
+    }
+    report
+}
+
+struct TouchedRun {
+    /// Whether the stored record already named a session, so that the
+    /// session index entry is written once, when a run first learns it.
+    had_session: bool,
+    record: RunRecord,
+    items: Vec<StoredEnvelope>,
+}
+
+/// Validates one request against the runs as they will be after the requests
+/// staged before it, returning each touched run's record as it will be after
+/// this request, and whether its stored record already had a session.
+/// Assigns ordinals to runs it creates.
+fn stage(
+    db: &sled::Db,
+    runs: &HashMap<RunId, TouchedRun>,
+    items: &[StoredEnvelope],
+    next_ordinal: &mut u64,
+) -> Result<HashMap<RunId, (RunRecord, bool)>, StoreError> {
+    let mut staged: HashMap<RunId, (RunRecord, bool)> = HashMap::new();
+    for item in items {
+        let (record, _) = match staged.entry(item.run_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let (current, had_session) = match runs.get(&item.run_id) {
+                    Some(run) => (Some(run.record.clone()), run.had_session),
+                    None => {
+                        let stored = load_record(db, item.run_id)?;
+                        let had = stored.as_ref().is_some_and(|r| r.session_id.is_some());
+                        (stored, had)
+                    }
+                };
+                let record = current.unwrap_or_else(|| {
+                    let ordinal = *next_ordinal;
+                    *next_ordinal += 1;
+                    RunRecord {
+                        last_seq: 0,
+                        session_id: None,
+                        provider: None,
+                        ordinal,
+                        started_at: item.emitted_at,
+                        ended_at: None,
+                    }
+                });
+                e.insert((record, had_session))
+            }
+        };
+        if record.ended_at.is_some() {
+            return Err(StoreError::RunClosed {
+                run_id: item.run_id,
+            });
+        }
+        let expected = record.last_seq + 1;
+        if item.seq != expected {
+            return Err(StoreError::SeqConflict {
+                run_id: item.run_id,
+                expected,
+                got: item.seq,
+            });
+        }
+        record.last_seq = item.seq;
+        if record.session_id.is_none() {
+            record.session_id = item.session_id;
+        }
+        if record.provider.is_none() {
+            record.provider.clone_from(&item.provider);
+        }
+        if item.terminal {
+            record.ended_at = Some(item.emitted_at);
+        }
+    }
+    Ok(staged)
+}
+
+/// Splits one run's consecutive items into segments within the limits.
+fn segments(items: &[StoredEnvelope], limits: SegmentLimits) -> Vec<&[StoredEnvelope]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
+        let full = i - start >= limits.max_events || (i > start && bytes + item.bytes.len() > limits.max_bytes);
+        if full {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += item.bytes.len();
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+fn fail_all(requests: Vec<AppendRequest>, error: impl Fn() -> StoreError) {
+    for request in requests {
+        let _ = request.reply.send(Err(error()));
+    }
+}
+
+fn load_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreError> {
+    let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
+        return Ok(None);
+    };
+    codec::decode_value(&bytes)
+        .map(Some)
+        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })
+}
+
+fn read_failed(e: sled::Error) -> StoreError {
+    StoreError::ReadFailed {
+        message: e.to_string(),
+    }
+}
+
+/// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq order.
+pub(crate) fn list_after(
+    db: &sled::Db,
+    run_id: RunId,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    let wanted = after_seq.saturating_add(1);
+    // The segment holding `wanted` starts at or before it: the last key at
+    // or below `segment_key(run, wanted)`.
+    let start = db
+        .range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, wanted))
+        .next_back()
+        .transpose()
+        .map_err(read_failed)?
+        .map_or_else(|| layout::segment_key(run_id, 0).to_vec(), |(k, _)| k.to_vec());
+    let mut expected = None;
+    for entry in db.range(start..=layout::segment_key(run_id, u64::MAX).to_vec()) {
+        let (key, value) = entry.map_err(read_failed)?;
+        let Some(first_seq) = layout::segment_first_seq(run_id, &key) else {
+            break;
+        };
+        let envelopes = decode_checked(run_id, first_seq, &value)?;
+        // Segments must tile the run's seqs with no gap between them.
+        if let Some(expected) = expected
+            && first_seq != expected
+        {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: expected,
+                source: CodecError::Malformed(format!(
+                    "segment gap: expected seq {expected}, next segment starts at {first_seq}"
+                )),
+            });
+        }
+        expected = Some(first_seq + envelopes.len() as u64);
+        for envelope in envelopes {
+            if envelope.seq >= wanted {
+                out.push(envelope);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes a segment and checks it is what its key says: envelopes of `run_id`
+/// with consecutive seqs from `first_seq`.
+fn decode_checked(
+    run_id: RunId,
+    first_seq: u64,
+    value: &[u8],
+) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
+    let envelopes = codec::decode_segment(value).map_err(|(index, source)| StoreError::Corrupt {
+        run_id,
+        seq: first_seq + index as u64,
+        source,
+    })?;
+    for (index, envelope) in envelopes.iter().enumerate() {
+        let seq = first_seq + index as u64;
+        if envelope.seq != seq || envelope.run_id != run_id {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq,
+                source: CodecError::Malformed(format!(
+                    "segment holds run {} seq {} where run {run_id} seq {seq} belongs",
+                    envelope.run_id, envelope.seq
+                )),
+            });
+        }
+    }
+    Ok(envelopes)
+}
+
+/// What the store knows of a run, or `None` if it has never seen it.
+pub(crate) fn run_info(db: &sled::Db, run_id: RunId) -> Result<Option<RunInfo>, StoreError> {
+    Ok(load_record(db, run_id)?.map(|record| RunInfo {
+        run_id,
+        last_seq: record.last_seq,
+        session_id: record.session_id,
+        provider: record.provider,
+        started_at: record.started_at,
+        ended_at: record.ended_at,
+    }))
+}
+
+/// The runs of a session, in the order they started.
+pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, StoreError> {
+    db.scan_prefix(layout::session_prefix(session))
+        .map(|entry| {
+            let (key, _) = entry.map_err(read_failed)?;
+            layout::session_key_run(&key).ok_or_else(|| StoreError::ReadFailed {
+                message: format!("malformed session index key of {} bytes", key.len()),
+            })
+        })
+        .collect()
+}
+
+/// Flushes whatever sled still buffers.
+pub(crate) fn flush(db: &sled::Db) -> Result<(), StoreError> {
+    db.flush().map(|_| ()).map_err(|e| StoreError::FlushFailed {
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(bytes: usize) -> StoredEnvelope {
+        StoredEnvelope {
+            run_id: RunId::new(),
+            seq: 1,
+            session_id: None,
+            provider: None,
+            terminal: false,
+            emitted_at: Utc::now(),
+            bytes: vec![0; bytes],
+        }
+    }
+
+    #[test]
+    fn segments_respect_both_limits() {
+        let items: Vec<_> = (0..10).map(|_| item(10)).collect();
+        let limits = SegmentLimits {
+            max_events: 4,
+            max_bytes: 1000,
+        };
+        let sizes: Vec<_> = segments(&items, limits).iter().map(|s| s.len()).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+        let limits = SegmentLimits {
+            max_events: 100,
+            max_bytes: 25,
+        };
+        let sizes: Vec<_> = segments(&items, limits).iter().map(|s| s.len()).collect();
+        assert_eq!(sizes, vec![2, 2, 2, 2, 2]);
+        // An item larger than the byte limit still gets a segment of its own.
+        let big = vec![item(100), item(100)];
+        assert_eq!(segments(&big, limits).len(), 2);
+    }
+}

@@ -1,0 +1,510 @@
+//! The sled-backed event store: a handle ([`Store`]) over the store actor.
+//!
+//! ## Ordering
+//!
+//! The store keeps, per run, a log of envelopes with seqs 1, 2, 3, … and
+//! refuses any append whose seq is not the run's next one
+//! ([`StoreError::SeqConflict`]) or that follows the run's terminal event
+//! ([`StoreError::RunClosed`]). So what it holds of a run is always a gapless
+//! prefix, whatever the writers do.
+//!
+//! ## Group commit
+//!
+//! Appends that arrive while a commit is in flight are gathered into the next
+//! sled batch: one `apply_batch` and at most one flush serve every append of
+//! every run that arrived meanwhile. What one commit gathers for a run is
+//! stored as one value (a *segment* keyed by run and first seq).
+//!
+//! ## Durability
+//!
+//! See [`Durability`]. An append is acknowledged only after its batch is
+//! applied (and flushed, for [`Durability::Flushed`]). One append is atomic:
+//! all its envelopes are stored, or none.
+//!
+//! ## Bounds
+//!
+//! Appends waiting for the store hold a share of an in-flight byte budget
+//! ([`Config::max_in_flight_bytes`]); a caller beyond it waits. Reads hold one
+//! of [`Config::max_concurrent_reads`] permits. Nothing else queues.
+//!
+//! ## Shutdown
+//!
+//! [`Store::close`] waits for running reads, commits what is pending, flushes,
+//! and releases the directory's lock before it returns, so the same directory
+//! can be reopened at once.
+
+mod actor;
+mod engine;
+mod layout;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, oneshot};
+use uuid::Uuid;
+
+use self::actor::{StoreActor, StoreArgs, StoreMsg};
+use self::engine::{AppendRequest, CommitReport, SegmentLimits};
+use crate::codec;
+use crate::config::{Config, Durability};
+use crate::error::{OpenError, StoreError};
+use crate::ids::{ProviderId, RunId};
+use crate::stream::RuntimeEventEnvelope;
+
+/// What the store knows of a run besides its events: what a room needs to
+/// recover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunInfo {
+    /// The run.
+    pub run_id: RunId,
+    /// Its last stored seq; the next append must carry `last_seq + 1`.
+    pub last_seq: u64,
+    /// Its session, once an envelope named one.
+    pub session_id: Option<Uuid>,
+    /// Its provider, once an event named one (`RunStarted`, `ModelStarted`).
+    pub provider: Option<ProviderId>,
+    /// `emitted_at` of its first envelope.
+    pub started_at: DateTime<Utc>,
+    /// `emitted_at` of its terminal envelope, once it ended.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl RunInfo {
+    /// True once the run's terminal event is stored.
+    #[must_use]
+    pub fn is_ended(&self) -> bool {
+        self.ended_at.is_some()
+    }
+}
+
+/// Counters of the store actor, for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Batches written.
+    pub commits: u64,
+    /// Flushes done for `Flushed` appends.
+    pub flushes: u64,
+    /// Envelopes stored.
+    pub events_committed: u64,
+    /// Append calls stored.
+    pub appends_committed: u64,
+    /// Most append calls one batch carried.
+    pub largest_batch: usize,
+    /// Append calls waiting for the next batch right now.
+    pub pending_appends: usize,
+    /// Whether a batch is being written right now.
+    pub commit_in_flight: bool,
+}
+
+impl StoreStats {
+    fn record(&mut self, report: CommitReport) {
+        if report.requests == 0 {
+            return;
+        }
+        self.commits += 1;
+        self.flushes += u64::from(report.flushed);
+        self.events_committed += report.events as u64;
+        self.appends_committed += report.requests as u64;
+        self.largest_batch = self.largest_batch.max(report.requests);
+    }
+}
+
+/// An envelope encoded once, on the caller's task, with what the store needs
+/// to validate and index it without decoding.
+pub(crate) struct StoredEnvelope {
+    pub(crate) run_id: RunId,
+    pub(crate) seq: u64,
+    pub(crate) session_id: Option<Uuid>,
+    pub(crate) provider: Option<ProviderId>,
+    pub(crate) terminal: bool,
+    pub(crate) emitted_at: DateTime<Utc>,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl StoredEnvelope {
+    /// Encodes `envelope`, refusing it if the encoding exceeds `max_bytes`.
+    pub(crate) fn encode(
+        envelope: &RuntimeEventEnvelope,
+        max_bytes: usize,
+    ) -> Result<Self, StoreError> {
+        let run_id = envelope.run_id;
+        let bytes =
+            codec::encode_envelope(envelope).map_err(|source| StoreError::Encode { run_id, source })?;
+        if bytes.len() > max_bytes {
+            return Err(StoreError::TooLarge {
+                run_id,
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        Ok(Self {
+            run_id,
+            seq: envelope.seq,
+            session_id: envelope.session_id,
+            provider: envelope.event.provider().cloned(),
+            terminal: envelope.is_terminal(),
+            emitted_at: envelope.emitted_at,
+            bytes,
+        })
+    }
+}
+
+/// A handle to an open store. Cheap to clone; every clone talks to the same
+/// store actor, the only code that touches sled.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use behest_stream::{AgentEvent, Config, RunId, RuntimeEventEnvelope, RuntimeEventId, Store, TextDelta};
+///
+/// let store = Store::open(Config::temporary()).await?;
+/// let run_id = RunId::new();
+/// let envelope = RuntimeEventEnvelope {
+///     event_id: RuntimeEventId::new(),
+///     seq: 1,
+///     run_id,
+///     session_id: None,
+///     event: AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: "hi".into() }),
+///     emitted_at: chrono::Utc::now(),
+/// };
+/// store.append(vec![envelope.clone()]).await?;
+/// assert_eq!(store.list_after(run_id, 0, 10).await?, vec![envelope]);
+/// // Seq 1 again is refused: the log has no duplicates.
+/// # let envelope = store.list_after(run_id, 0, 1).await?.remove(0);
+/// assert!(store.append(vec![envelope]).await.is_err());
+/// store.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    actor: ActorRef<StoreMsg>,
+    join: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    epoch: Uuid,
+    path: Option<PathBuf>,
+    durability: Durability,
+    max_event_bytes: usize,
+    append_budget: Arc<Semaphore>,
+    append_budget_total: u32,
+    reads: Arc<Semaphore>,
+    reads_total: u32,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the actor, which releases sled.
+        self.actor.stop(None);
+    }
+}
+
+impl Store {
+    /// Opens the store described by `config`, creating it if the directory
+    /// is empty or missing.
+    ///
+    /// # Errors
+    ///
+    /// An [`OpenError`] naming the path: [`OpenError::Locked`] if another
+    /// process holds it, [`OpenError::UnsupportedFormat`] for a store of
+    /// another format version, [`OpenError::Io`] if it cannot be read.
+    ///
+    /// # Panics
+    ///
+    /// Never. Must be called inside a tokio runtime.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling may leave sled opening on the blocking pool; the directory
+    /// is released when that finishes.
+    pub async fn open(config: Config) -> Result<Self, OpenError> {
+        let path_for_errors = config.path.clone().unwrap_or_else(|| "<temporary>".into());
+        let opened = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || engine::open(&config))
+                .await
+                .map_err(|e| OpenError::Storage {
+                    path: path_for_errors.clone(),
+                    message: format!("open task failed: {e}"),
+                })??
+        };
+        let epoch = opened.epoch;
+        let args = StoreArgs {
+            db: opened.db,
+            next_ordinal: opened.next_ordinal,
+            limits: SegmentLimits {
+                max_events: config.segment_max_events,
+                max_bytes: config.segment_max_bytes,
+            },
+        };
+        let (actor, join) = Actor::spawn(None, StoreActor, args)
+            .await
+            .map_err(|e| OpenError::Storage {
+                path: path_for_errors.clone(),
+                message: format!("store actor failed to start: {e}"),
+            })?;
+        let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
+        let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
+        tracing::debug!(epoch = %epoch, path = ?config.path, "store open");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                actor,
+                join: Mutex::new(Some(join)),
+                epoch,
+                path: config.path.clone(),
+                durability: config.durability,
+                max_event_bytes: config.effective_max_event_bytes(),
+                append_budget: Arc::new(Semaphore::new(append_budget_total as usize)),
+                append_budget_total,
+                reads: Arc::new(Semaphore::new(reads_total as usize)),
+                reads_total,
+            }),
+        })
+    }
+
+    /// The store's epoch: a UUID minted when the store was created. A cursor
+    /// from another epoch names history this store does not have.
+    #[must_use]
+    pub fn epoch(&self) -> Uuid {
+        self.inner.epoch
+    }
+
+    /// The store's directory, or `None` for a temporary store.
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// The largest encoded envelope this store accepts.
+    #[must_use]
+    pub fn max_event_bytes(&self) -> usize {
+        self.inner.max_event_bytes
+    }
+
+    /// Stores `envelopes` with the configured default [`Durability`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::append_with`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Store::append_with`].
+    pub async fn append(&self, envelopes: Vec<RuntimeEventEnvelope>) -> Result<(), StoreError> {
+        self.append_with(envelopes, self.inner.durability).await
+    }
+
+    /// Stores `envelopes` (of one run or several, each run's in seq order)
+    /// atomically, and returns once they are durable as `durability` says.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is stored when any envelope is refused:
+    /// [`StoreError::TooLarge`] or [`StoreError::Encode`] before anything is
+    /// sent; [`StoreError::SeqConflict`] if a seq is not its run's next;
+    /// [`StoreError::RunClosed`] after a run's terminal event;
+    /// [`StoreError::WriteFailed`] if sled failed; [`StoreError::Closed`]
+    /// after [`Store::close`]. [`StoreError::FlushFailed`] means the batch
+    /// was written but its flush failed.
+    ///
+    /// # Panics
+    ///
+    /// Never.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: once the envelopes are handed to the store actor,
+    /// dropping the future does not withdraw them; they may be stored.
+    pub async fn append_with(
+        &self,
+        envelopes: Vec<RuntimeEventEnvelope>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let items = envelopes
+            .iter()
+            .map(|e| StoredEnvelope::encode(e, self.inner.max_event_bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.append_encoded(items, durability).await
+    }
+
+    /// Stores envelopes already encoded (see [`Store::append_with`]).
+    pub(crate) async fn append_encoded(
+        &self,
+        items: Vec<StoredEnvelope>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = items.iter().map(|i| i.bytes.len()).sum();
+        let share = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.inner.append_budget_total);
+        let permit = Arc::clone(&self.inner.append_budget)
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        self.call(|reply| {
+            StoreMsg::Append(AppendRequest {
+                items,
+                durability,
+                reply,
+                _permit: permit,
+            })
+        })
+        .await?
+    }
+
+    /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq
+    /// order. Fewer than `limit` means the run has no more (for now).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] naming the run and the first seq that cannot
+    /// be decoded (other runs are unaffected); [`StoreError::ReadFailed`];
+    /// [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a read changes nothing.
+    pub async fn list_after(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
+        let permit = self.read_permit().await?;
+        self.call(|reply| StoreMsg::ListAfter {
+            run_id,
+            after_seq,
+            limit,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// What the store knows of `run_id`: its last seq, session, provider and
+    /// whether it ended. `None` if it has no event of that run.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::CorruptRunRecord`], [`StoreError::ReadFailed`],
+    /// [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn run_info(&self, run_id: RunId) -> Result<Option<RunInfo>, StoreError> {
+        let permit = self.read_permit().await?;
+        self.call(|reply| StoreMsg::RunInfo {
+            run_id,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// The runs of `session_id`, in the order they started.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ReadFailed`], [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn session_runs(&self, session_id: Uuid) -> Result<Vec<RunId>, StoreError> {
+        let permit = self.read_permit().await?;
+        self.call(|reply| StoreMsg::SessionRuns {
+            session_id,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// A snapshot of the store actor's counters.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Closed`].
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.call(StoreMsg::Stats).await
+    }
+
+    /// Waits for running reads, commits every pending append, flushes, and
+    /// releases the directory. Every clone of this handle is closed: later
+    /// calls return [`StoreError::Closed`]. Closing twice is fine.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::FlushFailed`] if the final flush failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a cancelled close may leave the store closed to
+    /// reads but still open.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let Some(join) = self.inner.join.lock().await.take() else {
+            return Ok(());
+        };
+        // Holding every read permit means no read still holds the database.
+        if let Ok(all) = Arc::clone(&self.inner.reads)
+            .acquire_many_owned(self.inner.reads_total)
+            .await
+        {
+            all.forget();
+        }
+        self.inner.reads.close();
+        let result = match self.call(StoreMsg::Close).await {
+            Ok(result) => result,
+            Err(StoreError::Closed) => Ok(()),
+            Err(other) => Err(other),
+        };
+        self.inner.append_budget.close();
+        // The actor's task ends after it released the database.
+        let _ = join.await;
+        tracing::debug!(epoch = %self.inner.epoch, "store closed");
+        result
+    }
+
+    /// Test hook: while held, appends gather in the next batch and no commit
+    /// starts, so a test can see group commit without relying on timing.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Closed`].
+    #[cfg(feature = "fault-injection")]
+    pub fn hold_commits(&self, held: bool) -> Result<(), StoreError> {
+        self.inner
+            .actor
+            .send_message(StoreMsg::HoldCommits(held))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn read_permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        Arc::clone(&self.inner.reads)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<T>) -> StoreMsg,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .actor
+            .send_message(message(tx.into()))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}

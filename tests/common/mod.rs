@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests: event builders and a
+//! condition-with-deadline wait.
+
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a subset")]
+
+use std::time::Duration;
+
+use behest_stream::{
+    AgentEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope,
+    RuntimeEventId, TextDelta,
+};
+use chrono::Utc;
+use uuid::Uuid;
+
+/// The envelope of event number `seq` of `run_id`: `RunStarted` for seq 1,
+/// a text delta otherwise.
+pub fn envelope(run_id: RunId, session_id: Option<Uuid>, seq: u64) -> RuntimeEventEnvelope {
+    let timestamp = Utc::now();
+    let event = if seq == 1 {
+        AgentEvent::RunStarted(RunStarted {
+            run_id,
+            timestamp,
+            session_id,
+            provider: ProviderId::new("acme"),
+            model: "acme-large".into(),
+        })
+    } else {
+        AgentEvent::TextDelta(TextDelta {
+            run_id,
+            timestamp,
+            delta: format!("token {seq} "),
+        })
+    };
+    wrap(run_id, session_id, seq, event)
+}
+
+/// A terminal `RunCompleted` envelope at `seq`.
+pub fn terminal(run_id: RunId, session_id: Option<Uuid>, seq: u64) -> RuntimeEventEnvelope {
+    let event = AgentEvent::RunCompleted(RunCompleted {
+        run_id,
+        timestamp: Utc::now(),
+        finish_reason: "stop".into(),
+        iterations: 1,
+    });
+    wrap(run_id, session_id, seq, event)
+}
+
+/// Wraps `event` as the envelope at `seq`.
+pub fn wrap(
+    run_id: RunId,
+    session_id: Option<Uuid>,
+    seq: u64,
+    event: AgentEvent,
+) -> RuntimeEventEnvelope {
+    RuntimeEventEnvelope {
+        event_id: RuntimeEventId::new(),
+        seq,
+        run_id,
+        session_id,
+        event,
+        emitted_at: Utc::now(),
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
