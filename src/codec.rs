@@ -16,8 +16,8 @@
 
 use std::io::Write as _;
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::event::AgentEvent;
@@ -144,7 +144,8 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<RuntimeEventEnvelope>, (usize,
 /// [`CodecError::Encode`].
 pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = vec![FORMAT_VERSION];
-    rmp_serde::encode::write_named(&mut out, value).map_err(|e| CodecError::Encode(e.to_string()))?;
+    rmp_serde::encode::write_named(&mut out, value)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
     Ok(out)
 }
 
@@ -255,7 +256,10 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode_value(&7u64).unwrap();
         bytes.push(0);
-        assert_eq!(decode_value::<u64>(&bytes), Err(CodecError::TrailingBytes(1)));
+        assert_eq!(
+            decode_value::<u64>(&bytes),
+            Err(CodecError::TrailingBytes(1))
+        );
     }
 
     #[test]
@@ -268,6 +272,9 @@ mod tests {
     fn a_lying_segment_count_is_refused_without_allocating() {
         let mut bytes = vec![FORMAT_VERSION];
         rmp::encode::write_array_len(&mut bytes, u32::MAX).unwrap();
-        assert!(matches!(decode_segment(&bytes), Err((0, CodecError::Malformed(_)))));
+        assert!(matches!(
+            decode_segment(&bytes),
+            Err((0, CodecError::Malformed(_)))
+        ));
     }
 }

@@ -154,6 +154,9 @@ impl StoreError {
     /// True when the same call may succeed if tried again.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::WriteFailed { .. } | StoreError::ReadFailed { .. })
+        matches!(
+            self,
+            StoreError::WriteFailed { .. } | StoreError::ReadFailed { .. }
+        )
     }
 }

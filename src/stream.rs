@@ -220,7 +220,10 @@ mod tests {
             subscribe.to_string(),
             "runtime stream subscribe failed: denied"
         );
-        assert_eq!(RuntimeStreamError::Closed.to_string(), "runtime stream closed");
+        assert_eq!(
+            RuntimeStreamError::Closed.to_string(),
+            "runtime stream closed"
+        );
     }
 
     #[test]

@@ -32,8 +32,10 @@ pub trait RuntimeStreamAdapter: Send + Sync {
     ///
     /// [`RuntimeStreamError::Subscribe`] when the subscription could not be
     /// established.
-    async fn subscribe(&self, room: &RuntimeRoom)
-    -> Result<BoxRuntimeEventStream, RuntimeStreamError>;
+    async fn subscribe(
+        &self,
+        room: &RuntimeRoom,
+    ) -> Result<BoxRuntimeEventStream, RuntimeStreamError>;
 }
 
 /// The authoritative, replayable log of run events.
@@ -45,8 +47,10 @@ pub trait RuntimeEventStore: Send + Sync {
     /// # Errors
     ///
     /// See [`RuntimeEventStoreError`].
-    async fn append(&self, event: AgentEvent)
-    -> Result<RuntimeEventEnvelope, RuntimeEventStoreError>;
+    async fn append(
+        &self,
+        event: AgentEvent,
+    ) -> Result<RuntimeEventEnvelope, RuntimeEventStoreError>;
 
     /// Lists up to `limit` envelopes of `run_id` with `seq > after_seq`, in
     /// `seq` order.

@@ -21,7 +21,9 @@ async fn reopened_store_lists_every_event_in_seq_order() {
         epoch = store.epoch();
         for (i, run) in runs.iter().enumerate() {
             let count = 10 + i as u64 * 7;
-            let mut log: Vec<_> = (1..count).map(|seq| envelope(*run, Some(session), seq)).collect();
+            let mut log: Vec<_> = (1..count)
+                .map(|seq| envelope(*run, Some(session), seq))
+                .collect();
             if i % 2 == 0 {
                 log.push(terminal(*run, Some(session), count));
             }
@@ -35,7 +37,11 @@ async fn reopened_store_lists_every_event_in_seq_order() {
     }
 
     let store = Store::open(Config::new(dir.path())).await.unwrap();
-    assert_eq!(store.epoch(), epoch, "the epoch is minted once, at creation");
+    assert_eq!(
+        store.epoch(),
+        epoch,
+        "the epoch is minted once, at creation"
+    );
     for (i, (run, log)) in runs.iter().zip(&written).enumerate() {
         let back = store.list_after(*run, 0, 10_000).await.unwrap();
         assert_eq!(&back, log, "run {i} replays exactly what was written");
@@ -48,18 +54,41 @@ async fn reopened_store_lists_every_event_in_seq_order() {
         assert_eq!(info.provider.as_ref().map(|p| p.as_str()), Some("acme"));
         assert_eq!(info.is_ended(), i % 2 == 0);
     }
-    assert_eq!(store.session_runs(session).await.unwrap(), runs, "runs in start order");
+    assert_eq!(
+        store.session_runs(session).await.unwrap(),
+        runs,
+        "runs in start order"
+    );
     assert_eq!(store.run_info(RunId::new()).await.unwrap(), None);
-    assert!(store.list_after(RunId::new(), 0, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_after(RunId::new(), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The recovered log continues where it left off: the next seq is
     // accepted, a reused one is refused, and ended runs stay closed.
     let open_run = runs[1];
     let next = written[1].len() as u64 + 1;
-    let reused = store.append(vec![envelope(open_run, Some(session), next - 1)]).await;
-    assert!(matches!(reused, Err(StoreError::SeqConflict { expected, got, .. }) if expected == next && got == next - 1));
-    store.append(vec![envelope(open_run, Some(session), next)]).await.unwrap();
-    let ended = store.append(vec![envelope(runs[0], Some(session), written[0].len() as u64 + 1)]).await;
+    let reused = store
+        .append(vec![envelope(open_run, Some(session), next - 1)])
+        .await;
+    assert!(
+        matches!(reused, Err(StoreError::SeqConflict { expected, got, .. }) if expected == next && got == next - 1)
+    );
+    store
+        .append(vec![envelope(open_run, Some(session), next)])
+        .await
+        .unwrap();
+    let ended = store
+        .append(vec![envelope(
+            runs[0],
+            Some(session),
+            written[0].len() as u64 + 1,
+        )])
+        .await;
     assert!(matches!(ended, Err(StoreError::RunClosed { run_id }) if run_id == runs[0]));
     store.close().await.unwrap();
 }
@@ -70,33 +99,69 @@ async fn reopened_store_lists_every_event_in_seq_order() {
 async fn refused_appends_store_nothing() {
     let store = Store::open(Config::temporary()).await.unwrap();
     let run = RunId::new();
-    store.append(vec![envelope(run, None, 1), envelope(run, None, 2)]).await.unwrap();
+    store
+        .append(vec![envelope(run, None, 1), envelope(run, None, 2)])
+        .await
+        .unwrap();
 
     let gap = store.append(vec![envelope(run, None, 4)]).await;
-    assert!(matches!(gap, Err(StoreError::SeqConflict { expected: 3, got: 4, .. })));
+    assert!(matches!(
+        gap,
+        Err(StoreError::SeqConflict {
+            expected: 3,
+            got: 4,
+            ..
+        })
+    ));
     // Seq 3 is fine, seq 5 is a gap: neither is stored.
-    let half = store.append(vec![envelope(run, None, 3), envelope(run, None, 5)]).await;
-    assert!(matches!(half, Err(StoreError::SeqConflict { expected: 4, got: 5, .. })));
+    let half = store
+        .append(vec![envelope(run, None, 3), envelope(run, None, 5)])
+        .await;
+    assert!(matches!(
+        half,
+        Err(StoreError::SeqConflict {
+            expected: 4,
+            got: 5,
+            ..
+        })
+    ));
     assert_eq!(store.list_after(run, 0, 100).await.unwrap().len(), 2);
 
     store
-        .append_with(vec![envelope(run, None, 3), terminal(run, None, 4)], Durability::Buffered)
+        .append_with(
+            vec![envelope(run, None, 3), terminal(run, None, 4)],
+            Durability::Buffered,
+        )
         .await
         .unwrap();
     let after_end = store.append(vec![envelope(run, None, 5)]).await;
     assert!(matches!(after_end, Err(StoreError::RunClosed { .. })));
-    let seqs: Vec<u64> = store.list_after(run, 0, 100).await.unwrap().iter().map(|e| e.seq).collect();
+    let seqs: Vec<u64> = store
+        .list_after(run, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     store.close().await.unwrap();
-    assert!(matches!(store.list_after(run, 0, 1).await, Err(StoreError::Closed)));
-    assert!(matches!(store.append(vec![envelope(run, None, 5)]).await, Err(StoreError::Closed)));
+    assert!(matches!(
+        store.list_after(run, 0, 1).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        store.append(vec![envelope(run, None, 5)]).await,
+        Err(StoreError::Closed)
+    ));
 }
 
 /// An event whose encoding exceeds the configured limit is refused before
 /// anything is stored, and the run goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_event_is_refused_before_storing() {
-    let store = Store::open(Config::temporary().max_event_bytes(512)).await.unwrap();
+    let store = Store::open(Config::temporary().max_event_bytes(512))
+        .await
+        .unwrap();
     let run = RunId::new();
     store.append(vec![envelope(run, None, 1)]).await.unwrap();
     let mut big = envelope(run, None, 2);

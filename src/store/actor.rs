@@ -9,8 +9,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use super::engine::{self, AppendRequest, CommitReport, SegmentLimits};
-use super::{RunInfo, StoreStats};
+use std::sync::Arc;
+
+use super::engine::{self, AppendRequest, SegmentLimits};
+use super::{Counters, RunInfo, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::stream::RuntimeEventEnvelope;
@@ -44,7 +46,7 @@ pub(crate) enum StoreMsg {
     /// Commit what is pending, flush, release the database and stop.
     Close(RpcReplyPort<Result<(), StoreError>>),
     /// A commit finished on the blocking pool (sent by the actor to itself).
-    CommitDone(Result<(u64, CommitReport), String>),
+    CommitDone(Result<u64, String>),
     /// Test hook: while held, appends wait in `pending` and no commit starts.
     #[cfg(feature = "fault-injection")]
     HoldCommits(bool),
@@ -56,6 +58,7 @@ pub(crate) struct StoreArgs {
     pub(crate) db: sled::Db,
     pub(crate) next_ordinal: u64,
     pub(crate) limits: SegmentLimits,
+    pub(crate) counters: Arc<Counters>,
 }
 
 pub(crate) struct StoreState {
@@ -69,7 +72,7 @@ pub(crate) struct StoreState {
     pending: Vec<AppendRequest>,
     committing: bool,
     closing: Option<RpcReplyPort<Result<(), StoreError>>>,
-    stats: StoreStats,
+    counters: Arc<Counters>,
     #[cfg(feature = "fault-injection")]
     held: bool,
 }
@@ -91,7 +94,7 @@ impl Actor for StoreActor {
             pending: Vec::new(),
             committing: false,
             closing: None,
-            stats: StoreStats::default(),
+            counters: args.counters,
             #[cfg(feature = "fault-injection")]
             held: false,
         })
@@ -134,10 +137,11 @@ impl Actor for StoreActor {
                 engine::session_runs(db, session_id)
             }),
             StoreMsg::Stats(reply) => {
-                let mut stats = state.stats;
-                stats.pending_appends = state.pending.len();
-                stats.commit_in_flight = state.committing;
-                let _ = reply.send(stats);
+                let _ = reply.send(
+                    state
+                        .counters
+                        .snapshot(state.pending.len(), state.committing),
+                );
             }
             StoreMsg::Close(reply) => {
                 state.closing = Some(reply);
@@ -145,14 +149,12 @@ impl Actor for StoreActor {
             }
             StoreMsg::CommitDone(outcome) => {
                 state.committing = false;
-                let (next_ordinal, report) = outcome.map_err(|panic| {
+                state.next_ordinal = outcome.map_err(|panic| {
                     // The batch may or may not have been applied; the actor
                     // cannot know its ordinal counter any more. Stop, and let
                     // the callers see the store as closed.
                     format!("store commit panicked: {panic}")
                 })?;
-                state.next_ordinal = next_ordinal;
-                state.stats.record(report);
                 state.start_commit(&myself);
                 state.finish_if_drained(&myself).await;
             }
@@ -198,12 +200,13 @@ impl StoreState {
         let requests = std::mem::take(&mut self.pending);
         let mut next_ordinal = self.next_ordinal;
         let limits = self.limits;
+        let counters = Arc::clone(&self.counters);
         let myself = myself.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
-                let report = engine::commit(&db, requests, &mut next_ordinal, limits);
+                engine::commit(&db, requests, &mut next_ordinal, limits, &counters);
                 drop(db);
-                (next_ordinal, report)
+                next_ordinal
             })
             .await
             .map_err(|e| e.to_string());

@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{RunInfo, StoredEnvelope};
+use super::{Counters, RunInfo, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -140,23 +140,17 @@ pub(crate) struct SegmentLimits {
     pub(crate) max_bytes: usize,
 }
 
-/// What one commit did, for the actor's stats.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct CommitReport {
-    pub(crate) requests: usize,
-    pub(crate) events: usize,
-    pub(crate) flushed: bool,
-}
-
 /// Writes every acceptable request in one sled batch, flushes if any asked
 /// for it, and answers every request. Requests that fail validation are
-/// answered at once and leave no trace in the batch.
+/// answered at once and leave no trace in the batch. Counters are updated
+/// before the answers go out, so a caller that has its answer sees them.
 pub(crate) fn commit(
     db: &sled::Db,
     requests: Vec<AppendRequest>,
     next_ordinal: &mut u64,
     limits: SegmentLimits,
-) -> CommitReport {
+    counters: &Counters,
+) {
     let mut runs: HashMap<RunId, TouchedRun> = HashMap::new();
     let mut accepted: Vec<AppendRequest> = Vec::with_capacity(requests.len());
     let ordinal_before = *next_ordinal;
@@ -188,14 +182,10 @@ pub(crate) fn commit(
             }
         }
     }
-    let mut report = CommitReport {
-        requests: accepted.len(),
-        events: runs.values().map(|r| r.items.len()).sum(),
-        flushed: false,
-    };
     if accepted.is_empty() {
-        return report;
+        return;
     }
+    let events: usize = runs.values().map(|r| r.items.len()).sum();
 
     let mut batch = sled::Batch::default();
     for (run_id, run) in &runs {
@@ -210,7 +200,7 @@ pub(crate) fn commit(
                 fail_all(accepted, || StoreError::WriteFailed {
                     message: format!("run record of {run_id}: {e}"),
                 });
-                return CommitReport::default();
+                return;
             }
         }
         if let (Some(session), false) = (run.record.session_id, run.had_session) {
@@ -227,7 +217,7 @@ pub(crate) fn commit(
                 fail_all(accepted, || StoreError::WriteFailed {
                     message: format!("run ordinal: {e}"),
                 });
-                return CommitReport::default();
+                return;
             }
         }
     }
@@ -239,8 +229,9 @@ pub(crate) fn commit(
         fail_all(accepted, || StoreError::WriteFailed {
             message: message.clone(),
         });
-        return CommitReport::default();
+        return;
     }
+    counters.record_commit(accepted.len(), events);
 
     let (flushed, buffered): (Vec<_>, Vec<_>) = accepted
         .into_iter()
@@ -249,11 +240,11 @@ pub(crate) fn commit(
         let _ = request.reply.send(Ok(()));
     }
     if flushed.is_empty() {
-        return report;
+        return;
     }
-    report.flushed = true;
     match db.flush() {
         Ok(_) => {
+            counters.record_flush();
             for request in flushed {
                 let _ = request.reply.send(Ok(()));
             }
@@ -266,7 +257,6 @@ pub(crate) fn commit(
             });
         }
     }
-    report
 }
 
 struct TouchedRun {
@@ -348,7 +338,8 @@ fn segments(items: &[StoredEnvelope], limits: SegmentLimits) -> Vec<&[StoredEnve
     let mut start = 0;
     let mut bytes = 0;
     for (i, item) in items.iter().enumerate() {
-        let full = i - start >= limits.max_events || (i > start && bytes + item.bytes.len() > limits.max_bytes);
+        let full = i - start >= limits.max_events
+            || (i > start && bytes + item.bytes.len() > limits.max_bytes);
         if full {
             out.push(&items[start..i]);
             start = i;
@@ -402,7 +393,10 @@ pub(crate) fn list_after(
         .next_back()
         .transpose()
         .map_err(read_failed)?
-        .map_or_else(|| layout::segment_key(run_id, 0).to_vec(), |(k, _)| k.to_vec());
+        .map_or_else(
+            || layout::segment_key(run_id, 0).to_vec(),
+            |(k, _)| k.to_vec(),
+        );
     let mut expected = None;
     for entry in db.range(start..=layout::segment_key(run_id, u64::MAX).to_vec()) {
         let (key, value) = entry.map_err(read_failed)?;
@@ -442,11 +436,12 @@ fn decode_checked(
     first_seq: u64,
     value: &[u8],
 ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
-    let envelopes = codec::decode_segment(value).map_err(|(index, source)| StoreError::Corrupt {
-        run_id,
-        seq: first_seq + index as u64,
-        source,
-    })?;
+    let envelopes =
+        codec::decode_segment(value).map_err(|(index, source)| StoreError::Corrupt {
+            run_id,
+            seq: first_seq + index as u64,
+            source,
+        })?;
     for (index, envelope) in envelopes.iter().enumerate() {
         let seq = first_seq + index as u64;
         if envelope.seq != seq || envelope.run_id != run_id {

@@ -39,6 +39,7 @@ mod layout;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorRef, RpcReplyPort};
@@ -46,7 +47,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
 
 use self::actor::{StoreActor, StoreArgs, StoreMsg};
-use self::engine::{AppendRequest, CommitReport, SegmentLimits};
+use self::engine::{AppendRequest, SegmentLimits};
 use crate::codec;
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -100,16 +101,39 @@ pub struct StoreStats {
     pub commit_in_flight: bool,
 }
 
-impl StoreStats {
-    fn record(&mut self, report: CommitReport) {
-        if report.requests == 0 {
-            return;
+/// The store's counters, shared between the actor and its commits on the
+/// blocking pool, which update them before acknowledging.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    commits: AtomicU64,
+    flushes: AtomicU64,
+    events: AtomicU64,
+    appends: AtomicU64,
+    largest_batch: AtomicUsize,
+}
+
+impl Counters {
+    pub(crate) fn record_commit(&self, appends: usize, events: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.appends.fetch_add(appends as u64, Ordering::Relaxed);
+        self.events.fetch_add(events as u64, Ordering::Relaxed);
+        self.largest_batch.fetch_max(appends, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_flush(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, pending_appends: usize, commit_in_flight: bool) -> StoreStats {
+        StoreStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            events_committed: self.events.load(Ordering::Relaxed),
+            appends_committed: self.appends.load(Ordering::Relaxed),
+            largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            pending_appends,
+            commit_in_flight,
         }
-        self.commits += 1;
-        self.flushes += u64::from(report.flushed);
-        self.events_committed += report.events as u64;
-        self.appends_committed += report.requests as u64;
-        self.largest_batch = self.largest_batch.max(report.requests);
     }
 }
 
@@ -132,8 +156,8 @@ impl StoredEnvelope {
         max_bytes: usize,
     ) -> Result<Self, StoreError> {
         let run_id = envelope.run_id;
-        let bytes =
-            codec::encode_envelope(envelope).map_err(|source| StoreError::Encode { run_id, source })?;
+        let bytes = codec::encode_envelope(envelope)
+            .map_err(|source| StoreError::Encode { run_id, source })?;
         if bytes.len() > max_bytes {
             return Err(StoreError::TooLarge {
                 run_id,
@@ -242,13 +266,15 @@ impl Store {
                 max_events: config.segment_max_events,
                 max_bytes: config.segment_max_bytes,
             },
+            counters: Arc::default(),
         };
-        let (actor, join) = Actor::spawn(None, StoreActor, args)
-            .await
-            .map_err(|e| OpenError::Storage {
-                path: path_for_errors.clone(),
-                message: format!("store actor failed to start: {e}"),
-            })?;
+        let (actor, join) =
+            Actor::spawn(None, StoreActor, args)
+                .await
+                .map_err(|e| OpenError::Storage {
+                    path: path_for_errors.clone(),
+                    message: format!("store actor failed to start: {e}"),
+                })?;
         let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
         let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
         tracing::debug!(epoch = %epoch, path = ?config.path, "store open");

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use behest_stream::{
-    AgentEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope,
-    RuntimeEventId, TextDelta,
+    AgentEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId,
+    TextDelta,
 };
 use chrono::Utc;
 use uuid::Uuid;

@@ -1,0 +1,220 @@
+//! Damaged bytes on disk give errors that name what is damaged; nothing
+//! panics and undamaged runs keep working.
+//!
+//! These tests write the store's directory with sled directly, as damage
+//! would. The key layout they use is the one documented in ARCHITECTURE.md.
+
+mod common;
+
+use std::path::Path;
+
+use behest_stream::codec::{CodecError, FORMAT_VERSION};
+use behest_stream::{Config, OpenError, RunId, Store, StoreError};
+use common::envelope;
+
+fn segment_key(run: RunId, first_seq: u64) -> Vec<u8> {
+    let mut key = vec![b'e'];
+    key.extend_from_slice(run.as_uuid().as_bytes());
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+fn run_key(run: RunId) -> Vec<u8> {
+    let mut key = vec![b'r'];
+    key.extend_from_slice(run.as_uuid().as_bytes());
+    key
+}
+
+/// Writes `runs` with events 1..=9 each, appended in three batches of three
+/// (so segments start at seqs 1, 4 and 7), and closes the store.
+async fn store_with_runs(dir: &Path, runs: &[RunId]) {
+    let store = Store::open(Config::new(dir)).await.unwrap();
+    for run in runs {
+        for first in [1, 4, 7] {
+            let batch = (first..first + 3)
+                .map(|seq| envelope(*run, None, seq))
+                .collect();
+            store.append(batch).await.unwrap();
+        }
+    }
+    store.close().await.unwrap();
+}
+
+fn plant(dir: &Path, key: &[u8], value: &[u8]) {
+    let db = sled::open(dir).unwrap();
+    assert!(
+        db.get(key).unwrap().is_some(),
+        "the planted key must replace a real record"
+    );
+    db.insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+/// A corrupt segment yields `Corrupt` naming the run and the first seq it
+/// cannot read; events before it still read; another run is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_segment_names_run_and_seq_and_spares_other_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, healthy) = (RunId::new(), RunId::new());
+    store_with_runs(dir.path(), &[damaged, healthy]).await;
+    plant(
+        dir.path(),
+        &segment_key(damaged, 4),
+        &[FORMAT_VERSION, 0x93, 0xc1, 0xc1, 0xc1],
+    );
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let error = store.list_after(damaged, 0, 100).await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::Corrupt { run_id, seq: 4, .. } if run_id == damaged),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&damaged.to_string()) && message.contains("seq 4"),
+        "{message}"
+    );
+    // What precedes the damage reads; what follows it cannot be skipped to.
+    let before: Vec<u64> = store
+        .list_after(damaged, 0, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(before, vec![1, 2, 3]);
+    assert!(store.list_after(damaged, 7, 100).await.is_ok());
+    let healthy_seqs: Vec<u64> = store
+        .list_after(healthy, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(healthy_seqs, (1..=9).collect::<Vec<_>>());
+    store
+        .append(vec![envelope(healthy, None, 10)])
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+}
+
+/// A segment of an unknown format version is named as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_of_unknown_version_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunId::new();
+    store_with_runs(dir.path(), &[run]).await;
+    plant(
+        dir.path(),
+        &segment_key(run, 7),
+        &[FORMAT_VERSION + 41, 0x90],
+    );
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let error = store.list_after(run, 6, 100).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::Corrupt { seq: 7, source: CodecError::UnknownVersion { found }, .. }
+                if found == FORMAT_VERSION + 41
+        ),
+        "{error:?}"
+    );
+    store.close().await.unwrap();
+}
+
+/// A segment whose envelopes are not the seqs its key promises (a record
+/// moved or duplicated on disk) is caught, not served as a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misplaced_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunId::new();
+    store_with_runs(dir.path(), &[run]).await;
+    let db = sled::open(dir.path()).unwrap();
+    let first = db.get(segment_key(run, 1)).unwrap().unwrap();
+    db.insert(segment_key(run, 4), first).unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let error = store.list_after(run, 0, 100).await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::Corrupt { seq: 4, .. }),
+        "{error:?}"
+    );
+    store.close().await.unwrap();
+}
+
+/// A corrupt run record fails reads of and appends to that run with
+/// `CorruptRunRecord`, storing nothing; other runs keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_run_record_fails_only_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, healthy) = (RunId::new(), RunId::new());
+    store_with_runs(dir.path(), &[damaged, healthy]).await;
+    plant(dir.path(), &run_key(damaged), &[FORMAT_VERSION, 0xff, 0x00]);
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let info = store.run_info(damaged).await.unwrap_err();
+    assert!(
+        matches!(info, StoreError::CorruptRunRecord { run_id, .. } if run_id == damaged),
+        "{info:?}"
+    );
+    let append = store
+        .append(vec![envelope(damaged, None, 10)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(append, StoreError::CorruptRunRecord { .. }),
+        "{append:?}"
+    );
+    // The events themselves are intact and still readable.
+    assert_eq!(store.list_after(damaged, 0, 100).await.unwrap().len(), 9);
+    store
+        .append(vec![envelope(healthy, None, 10)])
+        .await
+        .unwrap();
+    assert_eq!(store.run_info(healthy).await.unwrap().unwrap().last_seq, 10);
+    store.close().await.unwrap();
+}
+
+/// A store whose metadata carries another format version refuses to open,
+/// naming the path and both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_store_format_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_runs(dir.path(), &[RunId::new()]).await;
+    let db = sled::open(dir.path()).unwrap();
+    let mut meta = db.get(b"mstore").unwrap().unwrap().to_vec();
+    meta[0] = 9;
+    db.insert(b"mstore", meta).unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let error = Store::open(Config::new(dir.path())).await.unwrap_err();
+    assert!(
+        matches!(error, OpenError::UnsupportedFormat { found: 9, supported, .. } if supported == FORMAT_VERSION),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains(&dir.path().display().to_string())
+    );
+}
+
+/// A sled database that is not a behest-stream store is refused, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_database_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    db.insert(b"someone else's", b"data").unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let error = Store::open(Config::new(dir.path())).await.unwrap_err();
+    assert!(matches!(error, OpenError::NotAStore { .. }), "{error:?}");
+    let db = sled::open(dir.path()).unwrap();
+    assert_eq!(db.len(), 1, "a refused open changes nothing");
+}
