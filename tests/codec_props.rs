@@ -218,7 +218,10 @@ fn envelope() -> impl Strategy<Value = RuntimeEventEnvelope> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    // 512 cases unless PROPTEST_CASES asks for more (or fewer).
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+    ))]
 
     /// Every variant, with arbitrary strings and JSON payloads, survives the
     /// binary codec, a segment, and JSON unchanged.
