@@ -42,22 +42,38 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let store = Store::open(Config::new(&dir)).await?;
     println!("reopened store {dir} (epoch {})", store.epoch());
-    println!("session {session} has runs {:?}", store.session_runs(session).await?);
+    println!(
+        "session {session} has runs {:?}",
+        store.session_runs(session).await?
+    );
     for run in &runs {
-        let info = store.run_info(*run).await?.ok_or("run missing after reopen")?;
+        let info = store
+            .run_info(*run)
+            .await?
+            .ok_or("run missing after reopen")?;
         println!(
             "\nrun {run}: {} events, provider {}, {}",
             info.last_seq,
-            info.provider.as_ref().map_or_else(|| "?".into(), ToString::to_string),
+            info.provider
+                .as_ref()
+                .map_or_else(|| "?".into(), ToString::to_string),
             if info.is_ended() { "ended" } else { "open" }
         );
         for envelope in store.list_after(*run, 0, 1000).await? {
-            println!("  {:>3} {:<24} {}", envelope.seq, envelope.event.kind(), summary(&envelope.event));
+            println!(
+                "  {:>3} {:<24} {}",
+                envelope.seq,
+                envelope.event.kind(),
+                summary(&envelope.event)
+            );
         }
     }
     let last = store.list_after(runs[0], 0, 1).await?;
     if let Some(first) = last.first() {
-        println!("\nthe first envelope as JSON:\n{}", codec::envelope_to_json(first)?);
+        println!(
+            "\nthe first envelope as JSON:\n{}",
+            codec::envelope_to_json(first)?
+        );
     }
     store.close().await?;
     Ok(())
