@@ -1,6 +1,7 @@
 //! How a store is opened: where, how durable, and the bounds it keeps.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// When an append is acknowledged.
 ///
@@ -45,6 +46,10 @@ pub struct Config {
     pub(crate) flush_every_ms: Option<u64>,
     pub(crate) segment_max_events: usize,
     pub(crate) segment_max_bytes: usize,
+    pub(crate) ring_capacity: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_in_flight_publishes: usize,
+    pub(crate) catch_up_page: usize,
 }
 
 /// Default largest encoded envelope: 1 MiB.
@@ -74,6 +79,10 @@ impl Config {
             flush_every_ms: Some(500),
             segment_max_events: 256,
             segment_max_bytes: 256 * 1024,
+            ring_capacity: 1024,
+            idle_timeout: Duration::from_secs(30),
+            max_in_flight_publishes: 4096,
+            catch_up_page: 256,
         }
     }
 
@@ -137,6 +146,40 @@ impl Config {
     pub fn segment_limits(mut self, max_events: usize, max_bytes: usize) -> Self {
         self.segment_max_events = max_events.max(1);
         self.segment_max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// How many recent envelopes each room keeps for subscribers that fall
+    /// behind (default 1024). A subscriber further behind than this catches
+    /// up from the store instead.
+    #[must_use]
+    pub fn ring_capacity(mut self, envelopes: usize) -> Self {
+        self.ring_capacity = envelopes.max(1);
+        self
+    }
+
+    /// How long a room with no subscribers and nothing in flight lives before
+    /// it is stopped (default 30 s). A stopped room costs nothing and is
+    /// started again, from the store, on its next use.
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Most publishes accepted but not yet acknowledged, across the hub
+    /// (default 4096). A publisher beyond it waits in `EventHub::submit`.
+    #[must_use]
+    pub fn max_in_flight_publishes(mut self, publishes: usize) -> Self {
+        self.max_in_flight_publishes = publishes.clamp(1, u32::MAX as usize);
+        self
+    }
+
+    /// Envelopes read from the store per page when a subscriber catches up
+    /// (default 256).
+    #[must_use]
+    pub fn catch_up_page(mut self, envelopes: usize) -> Self {
+        self.catch_up_page = envelopes.max(1);
         self
     }
 

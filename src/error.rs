@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use uuid::Uuid;
+
 use crate::codec::CodecError;
 use crate::ids::RunId;
 
@@ -158,5 +160,104 @@ impl StoreError {
             self,
             StoreError::WriteFailed { .. } | StoreError::ReadFailed { .. }
         )
+    }
+}
+
+/// Why an [`EventHub`](crate::EventHub) call failed.
+#[derive(Debug, Error, Clone)]
+#[non_exhaustive]
+pub enum HubError {
+    /// The hub has been shut down. Nothing was stored.
+    #[error("event hub is shut down")]
+    Closed,
+    /// The run has ended; nothing may follow its terminal event. Nothing was
+    /// stored. Not retryable.
+    #[error("run {run_id} has ended; no event may follow its terminal event")]
+    RunClosed {
+        /// The run.
+        run_id: RunId,
+    },
+    /// The event is larger than `Config::max_event_bytes` once encoded.
+    /// Nothing was stored. Not retryable.
+    #[error("run {run_id}: event of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The run.
+        run_id: RunId,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The store failed; see [`StoreError`] (and its `is_retryable`).
+    #[error(transparent)]
+    Store(StoreError),
+    /// The room stopped before it answered (it crashed, or the hub is
+    /// shutting down). The event may or may not have been stored; a
+    /// subscriber re-reads the run to know.
+    #[error("room {room} stopped before answering: {reason}")]
+    RoomUnavailable {
+        /// The room, as displayed (`run:…`).
+        room: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The cursor was minted by another store (another epoch): the history
+    /// it points into is not here.
+    #[error("cursor is from store epoch {found}; this store's epoch is {expected}")]
+    CursorEpoch {
+        /// This store's epoch.
+        expected: Uuid,
+        /// The cursor's epoch.
+        found: Uuid,
+    },
+    /// The cursor points past what this store holds of the run: the history
+    /// it was minted from is gone.
+    #[error(
+        "cursor is at seq {seq} of run {run_id}, but the store holds only up to seq {last_seq}"
+    )]
+    CursorAhead {
+        /// The run.
+        run_id: RunId,
+        /// The cursor's seq.
+        seq: u64,
+        /// The store's last seq of the run.
+        last_seq: u64,
+    },
+    /// Provider rooms are live-only: subscribe with `Resume::Live`.
+    #[error("room {room} is live-only; subscribe with Resume::Live")]
+    LiveOnly {
+        /// The room, as displayed.
+        room: String,
+    },
+}
+
+impl HubError {
+    /// True when the same call may succeed if tried again.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HubError::Store(e) => e.is_retryable(),
+            HubError::RoomUnavailable { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<StoreError> for HubError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Closed => HubError::Closed,
+            StoreError::RunClosed { run_id } => HubError::RunClosed { run_id },
+            StoreError::TooLarge {
+                run_id,
+                size,
+                limit,
+            } => HubError::TooLarge {
+                run_id,
+                size,
+                limit,
+            },
+            other => HubError::Store(other),
+        }
     }
 }

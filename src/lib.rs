@@ -29,19 +29,21 @@ pub mod codec;
 mod config;
 mod error;
 mod event;
+mod hub;
 mod ids;
 mod store;
 mod stream;
 mod traits;
 
 pub use config::{Config, DEFAULT_MAX_EVENT_BYTES, Durability};
-pub use error::{OpenError, StoreError};
+pub use error::{HubError, OpenError, StoreError};
 pub use event::{
     AgentEvent, ContextBuilt, CustomEvent, MessageCommitted, ModelStarted, RunCancelled,
     RunCompleted, RunFailed, RunStarted, TextDelta, TokenUsage, ToolCall, ToolCallCompleted,
     ToolCallDelta, ToolCallStarted, ToolExecutionFinished, ToolExecutionStarted, ToolResult,
     UsageRecorded,
 };
+pub use hub::{Cursor, CursorParseError, EventHub, HubStats, PendingPublish, Resume, RoomStats};
 pub use ids::{ProviderId, RunId};
 pub use store::{RunInfo, Store, StoreStats};
 pub use stream::{

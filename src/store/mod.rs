@@ -149,6 +149,11 @@ pub(crate) struct StoredEnvelope {
     pub(crate) bytes: Vec<u8>,
 }
 
+/// Total encoded bytes of `items`.
+pub(crate) fn encoded_len(items: &[StoredEnvelope]) -> usize {
+    items.iter().map(|i| i.bytes.len()).sum()
+}
+
 impl StoredEnvelope {
     /// Encodes `envelope`, refusing it if the encoding exceeds `max_bytes`.
     pub(crate) fn encode(
@@ -368,23 +373,43 @@ impl Store {
         if items.is_empty() {
             return Ok(());
         }
-        let bytes: usize = items.iter().map(|i| i.bytes.len()).sum();
+        let permit = self.reserve(encoded_len(&items)).await?;
+        let ack = self.enqueue(items, durability, permit)?;
+        ack.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits for `bytes` of the in-flight budget (clamped to the whole
+    /// budget, so one oversized append can still go alone).
+    pub(crate) async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, StoreError> {
         let share = u32::try_from(bytes)
             .unwrap_or(u32::MAX)
             .clamp(1, self.inner.append_budget_total);
-        let permit = Arc::clone(&self.inner.append_budget)
+        Arc::clone(&self.inner.append_budget)
             .acquire_many_owned(share)
             .await
-            .map_err(|_| StoreError::Closed)?;
-        self.call(|reply| {
-            StoreMsg::Append(AppendRequest {
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Hands an append to the store actor without waiting: appends enqueued
+    /// by one task reach the store in the order they were enqueued. The
+    /// receiver resolves once the append is durable as asked, or failed.
+    pub(crate) fn enqueue(
+        &self,
+        items: Vec<StoredEnvelope>,
+        durability: Durability,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .actor
+            .send_message(StoreMsg::Append(AppendRequest {
                 items,
                 durability,
-                reply,
+                reply: tx.into(),
                 _permit: permit,
-            })
-        })
-        .await?
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
     }
 
     /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq

@@ -1,0 +1,447 @@
+//! Subscription streams: they stitch store, ring and live fanout into one
+//! ordered stream per subscriber, on the subscriber's own task.
+//!
+//! A follower knows the next seq it owes its subscriber. Whatever the room
+//! sends that is below it is a duplicate and is skipped; anything above it is
+//! a gap, which the follower fills from the store before going on. When the
+//! live feed overflows (the subscriber read too slowly) or closes (the room
+//! stopped), the follower attaches again and catches up from the ring, or
+//! from the store when the ring has moved on. The room never waits for a
+//! subscriber.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures_util::stream;
+use ractor::{ActorRef, RpcReplyPort};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::cursor::Cursor;
+use super::router::RouterMsg;
+use super::run_room::RunAttach;
+use super::{Delivery, Shared};
+use crate::error::HubError;
+use crate::ids::RunId;
+use crate::store::Store;
+use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
+
+/// What a follower needs of the hub.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) router: ActorRef<RouterMsg>,
+    pub(crate) store: Store,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Link {
+    async fn call<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<T>) -> RouterMsg,
+    ) -> Result<T, HubError> {
+        let (tx, rx) = oneshot::channel();
+        self.router
+            .send_message(message(tx.into()))
+            .map_err(|_| HubError::Closed)?;
+        rx.await.map_err(|_| HubError::RoomUnavailable {
+            room: "router".into(),
+            reason: "no answer".into(),
+        })
+    }
+
+    /// A page of `run_id` after `after_seq`; an empty page where the room
+    /// said there was more is a broken promise, reported, not skipped.
+    async fn page(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RuntimeEventEnvelope>, RuntimeStreamError> {
+        let page = self
+            .store
+            .list_after(run_id, after_seq, limit)
+            .await
+            .map_err(|e| subscribe_error(&HubError::from(e)))?;
+        if page.is_empty() {
+            return Err(RuntimeStreamError::Subscribe {
+                message: format!(
+                    "store has no events of run {run_id} after seq {after_seq}, but they were fanned out"
+                ),
+            });
+        }
+        Ok(page)
+    }
+}
+
+pub(crate) fn subscribe_error(error: &HubError) -> RuntimeStreamError {
+    match error {
+        HubError::Closed => RuntimeStreamError::Closed,
+        other => RuntimeStreamError::Subscribe {
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Turns a follower into the public stream type.
+fn into_stream<F: Follower>(follower: F) -> BoxRuntimeEventStream {
+    Box::pin(stream::unfold(follower, |mut follower| async move {
+        let item = follower.next().await?;
+        Some((item, follower))
+    }))
+}
+
+trait Follower: Send + 'static {
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<RuntimeEventEnvelope, RuntimeStreamError>>> + Send;
+}
+
+/// A run room's stream: gapless and duplicate-free in seq order, from
+/// `start` (or from the live edge), ending after the terminal event. Attaches
+/// before it returns, so the live edge is the moment of the call.
+pub(crate) async fn follow_run(
+    link: Link,
+    run_id: RunId,
+    start: Option<u64>,
+) -> Result<BoxRuntimeEventStream, HubError> {
+    let mut follower = RunFollower {
+        link,
+        run_id,
+        next_seq: start.unwrap_or(1),
+        from_live_edge: start.is_none(),
+        catch_up_to: 0,
+        backlog: VecDeque::new(),
+        live: None,
+        done: false,
+    };
+    follower.attach().await?;
+    Ok(into_stream(follower))
+}
+
+struct RunFollower {
+    link: Link,
+    run_id: RunId,
+    next_seq: u64,
+    /// `Resume::Live`: the first attach sets `next_seq` past what is stored.
+    from_live_edge: bool,
+    /// The store holds everything up to here that the follower still owes.
+    catch_up_to: u64,
+    backlog: VecDeque<RuntimeEventEnvelope>,
+    live: Option<broadcast::Receiver<Delivery>>,
+    done: bool,
+}
+
+impl RunFollower {
+    fn deliver(
+        &mut self,
+        envelope: RuntimeEventEnvelope,
+    ) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+        self.next_seq = envelope.seq + 1;
+        self.done = envelope.is_terminal();
+        Some(Ok(envelope))
+    }
+
+    async fn attach(&mut self) -> Result<(), HubError> {
+        let (run_id, from_seq) = (self.run_id, self.next_seq);
+        let attach: RunAttach = self
+            .link
+            .call(|reply| RouterMsg::AttachRun {
+                run_id,
+                from_seq,
+                reply,
+            })
+            .await??;
+        if self.from_live_edge {
+            self.from_live_edge = false;
+            self.next_seq = attach.persisted_seq + 1;
+        }
+        self.live = Some(attach.live);
+        match attach.backlog {
+            Some(backlog) => {
+                if !backlog.is_empty() {
+                    self.link.shared.counters.record_ring_catch_up();
+                }
+                self.backlog = backlog.into_iter().map(Arc::unwrap_or_clone).collect();
+            }
+            None => {
+                self.link.shared.counters.record_store_catch_up();
+                self.catch_up_to = attach.persisted_seq;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Follower for RunFollower {
+    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(envelope) = self.backlog.pop_front() {
+                match envelope.seq.cmp(&self.next_seq) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => return self.deliver(envelope),
+                    // The backlog is contiguous; this cannot follow. Start
+                    // over from a fresh attach rather than skip.
+                    std::cmp::Ordering::Greater => {
+                        self.backlog.clear();
+                        self.live = None;
+                        continue;
+                    }
+                }
+            }
+            if self.next_seq <= self.catch_up_to {
+                let page = self.link.shared.catch_up_page;
+                match self.link.page(self.run_id, self.next_seq - 1, page).await {
+                    Ok(page) => self.backlog.extend(page),
+                    Err(error) => {
+                        self.done = true;
+                        return Some(Err(error));
+                    }
+                }
+                continue;
+            }
+            let Some(live) = self.live.as_mut() else {
+                if let Err(error) = self.attach().await {
+                    self.done = true;
+                    return Some(Err(subscribe_error(&error)));
+                }
+                continue;
+            };
+            match live.recv().await {
+                Ok(Delivery {
+                    persisted: true,
+                    envelope,
+                }) => match envelope.seq.cmp(&self.next_seq) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => {
+                        return self.deliver(Arc::unwrap_or_clone(envelope));
+                    }
+                    std::cmp::Ordering::Greater => self.live = None,
+                },
+                Ok(_) => {}
+                Err(RecvError::Lagged(_) | RecvError::Closed) => self.live = None,
+            }
+        }
+    }
+}
+
+/// A session room's stream: every run of the session, each in seq order,
+/// resumable by the per-run positions of `cursor`. Attaches before it
+/// returns.
+pub(crate) async fn follow_session(
+    link: Link,
+    session_id: Uuid,
+    cursor: Cursor,
+    from_live_edge: bool,
+) -> Result<BoxRuntimeEventStream, HubError> {
+    let mut follower = SessionFollower {
+        link,
+        session_id,
+        cursor,
+        from_live_edge,
+        backlog: VecDeque::new(),
+        pending: None,
+        sweep: VecDeque::new(),
+        live: None,
+        done: false,
+    };
+    follower.attach().await?;
+    Ok(into_stream(follower))
+}
+
+struct SessionFollower {
+    link: Link,
+    session_id: Uuid,
+    /// The last seq delivered of each run.
+    cursor: Cursor,
+    /// `Resume::Live`: the first attach starts every known run at its end.
+    from_live_edge: bool,
+    backlog: VecDeque<RuntimeEventEnvelope>,
+    /// A live envelope waiting for the gap before it to be filled.
+    pending: Option<Arc<RuntimeEventEnvelope>>,
+    /// Runs still to be read from the store up to their end.
+    sweep: VecDeque<RunId>,
+    live: Option<broadcast::Receiver<Delivery>>,
+    done: bool,
+}
+
+impl SessionFollower {
+    fn deliver(
+        &mut self,
+        envelope: RuntimeEventEnvelope,
+    ) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+        self.cursor.advance(&envelope);
+        Some(Ok(envelope))
+    }
+
+    async fn attach(&mut self) -> Result<(), HubError> {
+        let room = RuntimeRoom::Session(self.session_id);
+        let live = self
+            .link
+            .call(|reply| RouterMsg::AttachLive { room, reply })
+            .await??;
+        self.live = Some(live);
+        self.sweep_all().await
+    }
+
+    /// Queues every run of the session for a read up to its end; on the
+    /// first attach of a live subscription, instead marks each as seen.
+    async fn sweep_all(&mut self) -> Result<(), HubError> {
+        let runs = self.link.store.session_runs(self.session_id).await?;
+        if self.from_live_edge {
+            self.from_live_edge = false;
+            for run_id in runs {
+                if let Some(info) = self.link.store.run_info(run_id).await? {
+                    self.cursor.observe(run_id, info.last_seq);
+                }
+            }
+            return Ok(());
+        }
+        self.link.shared.counters.record_store_catch_up();
+        self.sweep = runs.into();
+        Ok(())
+    }
+}
+
+impl Follower for SessionFollower {
+    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+        let page = self.link.shared.catch_up_page;
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(envelope) = self.backlog.pop_front() {
+                if envelope.seq == self.cursor.seq(envelope.run_id) + 1 {
+                    return self.deliver(envelope);
+                }
+                continue;
+            }
+            if let Some(envelope) = self.pending.take() {
+                let seen = self.cursor.seq(envelope.run_id);
+                if envelope.seq <= seen {
+                    continue;
+                }
+                if envelope.seq == seen + 1 {
+                    return self.deliver(Arc::unwrap_or_clone(envelope));
+                }
+                // A gap before this envelope: fill it from the store first.
+                let missing = usize::try_from(envelope.seq - 1 - seen).unwrap_or(usize::MAX);
+                match self
+                    .link
+                    .page(envelope.run_id, seen, missing.min(page))
+                    .await
+                {
+                    Ok(fill) => self.backlog.extend(fill),
+                    Err(error) => {
+                        self.done = true;
+                        return Some(Err(error));
+                    }
+                }
+                self.pending = Some(envelope);
+                continue;
+            }
+            if let Some(run_id) = self.sweep.front().copied() {
+                let seen = self.cursor.seq(run_id);
+                match self.link.store.list_after(run_id, seen, page).await {
+                    Ok(fill) => {
+                        if fill.len() < page {
+                            self.sweep.pop_front();
+                        }
+                        self.backlog.extend(fill);
+                    }
+                    Err(error) => {
+                        self.done = true;
+                        return Some(Err(subscribe_error(&error.into())));
+                    }
+                }
+                continue;
+            }
+            let Some(live) = self.live.as_mut() else {
+                if let Err(error) = self.attach().await {
+                    self.done = true;
+                    return Some(Err(subscribe_error(&error)));
+                }
+                continue;
+            };
+            match live.recv().await {
+                Ok(Delivery {
+                    persisted: true,
+                    envelope,
+                }) => self.pending = Some(envelope),
+                Ok(_) => {}
+                // Runs that ended while this subscriber lagged send nothing
+                // more to reveal their gap: sweep them all.
+                Err(RecvError::Lagged(_)) => {
+                    if let Err(error) = self.sweep_all().await {
+                        self.done = true;
+                        return Some(Err(subscribe_error(&error)));
+                    }
+                }
+                Err(RecvError::Closed) => self.live = None,
+            }
+        }
+    }
+}
+
+/// A live-only stream of a room: what is fanned out from the call on,
+/// including envelopes published through the adapter. A subscriber that
+/// falls out of the ring gets `Lagged { skipped }` and goes on.
+pub(crate) async fn follow_live(
+    link: Link,
+    room: RuntimeRoom,
+) -> Result<BoxRuntimeEventStream, HubError> {
+    let mut follower = LiveFollower {
+        link,
+        room,
+        live: None,
+        done: false,
+    };
+    follower.attach().await?;
+    Ok(into_stream(follower))
+}
+
+struct LiveFollower {
+    link: Link,
+    room: RuntimeRoom,
+    live: Option<broadcast::Receiver<Delivery>>,
+    done: bool,
+}
+
+impl LiveFollower {
+    async fn attach(&mut self) -> Result<(), HubError> {
+        let room = self.room.clone();
+        self.live = Some(
+            self.link
+                .call(|reply| RouterMsg::AttachLive { room, reply })
+                .await??,
+        );
+        Ok(())
+    }
+}
+
+impl Follower for LiveFollower {
+    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let Some(live) = self.live.as_mut() else {
+                if let Err(error) = self.attach().await {
+                    self.done = true;
+                    return Some(Err(subscribe_error(&error)));
+                }
+                continue;
+            };
+            match live.recv().await {
+                Ok(delivery) => return Some(Ok(Arc::unwrap_or_clone(delivery.envelope))),
+                Err(RecvError::Lagged(skipped)) => {
+                    return Some(Err(RuntimeStreamError::Lagged { skipped }));
+                }
+                Err(RecvError::Closed) => self.live = None,
+            }
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The event hub: rooms that order, store and fan out the events of agent
+//! runs.
+//!
+//! ```text
+//!  publish ──▶ Router ──▶ Room(run r) ──append──▶ Store actor ──▶ sled
+//!                            │ ◀──acknowledged──┘
+//!                            ├─▶ live subscribers of run:r
+//!                            └─▶ Room(session s), Room(provider p) ─▶ their subscribers
+//! ```
+//!
+//! ## Ordering
+//!
+//! A run room is the only writer of its run's order: it assigns seqs 1, 2, 3,
+//! … with no gap and no reuse, also across restarts (it recovers the last seq
+//! from the store before it takes a message). Publishes submitted in order
+//! ([`EventHub::submit`] awaited one after another) get seqs in that order,
+//! even while many are in flight. A subscription to a run room yields the
+//! run's envelopes in seq order, each exactly once, and ends after the
+//! terminal event:
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use behest_stream::{AgentEvent, Config, EventHub, Resume, RunCompleted, RunId, RuntimeRoom, TextDelta};
+//! use futures_util::StreamExt;
+//!
+//! let hub = EventHub::open(Config::temporary()).await?;
+//! let run_id = RunId::new();
+//! let now = chrono::Utc::now;
+//! let mut stream = hub.subscribe(RuntimeRoom::Run(run_id), Resume::FromStart).await?;
+//! for delta in ["a", "b"] {
+//!     hub.publish(AgentEvent::TextDelta(TextDelta { run_id, timestamp: now(), delta: delta.into() })).await?;
+//! }
+//! hub.publish(AgentEvent::RunCompleted(RunCompleted {
+//!     run_id, timestamp: now(), finish_reason: "stop".into(), iterations: 1,
+//! })).await?;
+//! let seqs: Vec<u64> = stream.map(|e| e.unwrap().seq).collect().await;
+//! assert_eq!(seqs, vec![1, 2, 3]); // and the stream ended after the terminal event
+//! hub.shutdown().await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## Lagging subscribers
+//!
+//! A room never waits for a subscriber. Each room keeps a ring of its last
+//! [`Config::ring_capacity`] envelopes; a run or session subscriber that falls
+//! behind it is not dropped: its stream catches up from the ring, or from the
+//! store when the ring has moved on, and rejoins the live feed, with no gap
+//! and no duplicate. A provider room is live-only: a subscriber that falls out
+//! of its ring gets [`RuntimeStreamError::Lagged`] with the count it skipped,
+//! and reads on:
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use behest_stream::{AgentEvent, Config, EventHub, ProviderId, Resume, RunId, RunStarted, RuntimeRoom, RuntimeStreamError, TextDelta};
+//! use futures_util::StreamExt;
+//!
+//! let hub = EventHub::open(Config::temporary().ring_capacity(2)).await?;
+//! let (run_id, now) = (RunId::new(), chrono::Utc::now);
+//! let provider = ProviderId::new("acme");
+//! let mut stream = hub.subscribe(RuntimeRoom::Provider(provider.clone()), Resume::Live).await?;
+//! hub.publish(AgentEvent::RunStarted(RunStarted {
+//!     run_id, timestamp: now(), session_id: None, provider, model: "m".into(),
+//! })).await?;
+//! for _ in 0..4 {
+//!     hub.publish(AgentEvent::TextDelta(TextDelta { run_id, timestamp: now(), delta: "x".into() })).await?;
+//! }
+//! // Fanout to the provider room is asynchronous: wait until it has all five.
+//! let room = RuntimeRoom::Provider(ProviderId::new("acme"));
+//! while !hub.stats().await?.rooms.iter().any(|r| r.room == room && r.fanned_out == 5) {
+//!     tokio::task::yield_now().await;
+//! }
+//! assert!(matches!(stream.next().await, Some(Err(RuntimeStreamError::Lagged { skipped: 3 }))));
+//! assert_eq!(stream.next().await.unwrap()?.seq, 4);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## Durability
+//!
+//! A publish is acknowledged, and fanned out, only once the store has it as
+//! its [`Durability`] asks; no subscriber ever sees an event that has no
+//! replay source. Under [`Durability::Flushed`] (the default) an acknowledged
+//! event survives a crash.
+//!
+//! ## Shutdown
+//!
+//! [`EventHub::shutdown`] stops taking publishes, waits for those in flight to
+//! be acknowledged, stops every room, and closes the store (flushing it).
+//! Open subscriptions then end with [`RuntimeStreamError::Closed`].
+
+mod adapter;
+mod cursor;
+mod fanout_room;
+mod follow;
+mod router;
+mod run_room;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ractor::Actor;
+use tokio::sync::{Mutex, Semaphore, oneshot};
+use uuid::Uuid;
+
+pub use self::cursor::{Cursor, CursorParseError, Resume};
+use self::follow::Link;
+use self::router::{Router, RouterArgs, RouterMsg};
+use self::run_room::PublishRequest;
+use crate::config::{Config, Durability};
+use crate::error::{HubError, OpenError};
+use crate::event::AgentEvent;
+use crate::ids::RunId;
+use crate::store::{Store, StoreStats};
+use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
+
+/// One item of a room's live feed.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    pub(crate) envelope: Arc<RuntimeEventEnvelope>,
+    /// False for envelopes published through `RuntimeStreamAdapter`, which
+    /// are not sequenced by the hub; ordered subscriptions ignore them.
+    pub(crate) persisted: bool,
+}
+
+/// Settings and counters every actor of one hub shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) ring_capacity: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) catch_up_page: usize,
+    pub(crate) counters: Counters,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    ring_catch_ups: AtomicU64,
+    store_catch_ups: AtomicU64,
+    rooms_started: AtomicU64,
+    rooms_evicted: AtomicU64,
+    rooms_failed: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record_ring_catch_up(&self) {
+        self.ring_catch_ups.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_store_catch_up(&self) {
+        self.store_catch_ups.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_start(&self) {
+        self.rooms_started.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_eviction(&self) {
+        self.rooms_evicted.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_failure(&self) {
+        self.rooms_failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one live room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomStats {
+    /// The room.
+    pub room: RuntimeRoom,
+    /// Live subscribers attached right now.
+    pub subscribers: usize,
+    /// Envelopes in the room's ring (at most `ring_capacity`).
+    pub ring_len: usize,
+    /// The ring's capacity; also the bound of every subscriber's live queue.
+    pub ring_capacity: usize,
+    /// Publishes handed to the store and not yet acknowledged (run rooms).
+    pub in_flight: usize,
+    /// The last seq fanned out (run rooms).
+    pub last_seq: Option<u64>,
+    /// Envelopes fanned out since the room started.
+    pub fanned_out: u64,
+}
+
+/// A snapshot of a hub: its rooms, queues and counters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Every room running right now.
+    pub rooms: Vec<RoomStats>,
+    /// Publishes accepted and not yet answered, hub-wide.
+    pub publishes_in_flight: usize,
+    /// The bound on `publishes_in_flight` (`Config::max_in_flight_publishes`).
+    pub max_in_flight_publishes: usize,
+    /// Times a subscriber caught up from a room's ring.
+    pub catch_ups_from_ring: u64,
+    /// Times a subscriber caught up from the store.
+    pub catch_ups_from_store: u64,
+    /// Rooms started since the hub opened.
+    pub rooms_started: u64,
+    /// Rooms stopped for being idle.
+    pub rooms_evicted: u64,
+    /// Rooms that failed.
+    pub rooms_failed: u64,
+    /// The store's counters.
+    pub store: StoreStats,
+}
+
+/// The embedding API: publish events, subscribe to rooms, replay runs.
+///
+/// Cheap to clone; every clone is the same hub.
+#[derive(Debug, Clone)]
+pub struct EventHub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    link: Link,
+    durability: Durability,
+    publish_permits: Arc<Semaphore>,
+    max_in_flight: u32,
+    router_join: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for HubInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHub")
+            .field("epoch", &self.link.store.epoch())
+            .field("path", &self.link.store.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        // The last handle is gone without a shutdown: stop the rooms.
+        self.link.router.stop(None);
+    }
+}
+
+/// A publish that has its place in its run's order and is on its way to the
+/// store. Await it for the envelope, once stored and fanned out.
+///
+/// Dropping it does not withdraw the event.
+#[derive(Debug)]
+#[must_use = "the envelope, or the error, arrives through this future"]
+pub struct PendingPublish {
+    reply: oneshot::Receiver<Result<RuntimeEventEnvelope, HubError>>,
+}
+
+impl Future for PendingPublish {
+    type Output = Result<RuntimeEventEnvelope, HubError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.reply).poll(cx).map(|answer| {
+            answer.unwrap_or_else(|_| {
+                Err(HubError::RoomUnavailable {
+                    room: "run".into(),
+                    reason: "the room stopped before answering; the event may or may not be stored"
+                        .into(),
+                })
+            })
+        })
+    }
+}
+
+impl EventHub {
+    /// Opens the store described by `config` and starts the router.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`].
+    ///
+    /// # Panics
+    ///
+    /// Never. Must be called inside a tokio runtime.
+    pub async fn open(config: Config) -> Result<Self, OpenError> {
+        let store = Store::open(config.clone()).await?;
+        let shared = Arc::new(Shared {
+            ring_capacity: config.ring_capacity,
+            idle_timeout: config.idle_timeout,
+            catch_up_page: config.catch_up_page,
+            counters: Counters::default(),
+        });
+        let args = RouterArgs {
+            store: store.clone(),
+            shared: Arc::clone(&shared),
+        };
+        let (router, join) =
+            Actor::spawn(None, Router, args)
+                .await
+                .map_err(|e| OpenError::Storage {
+                    path: config.path.clone().unwrap_or_default(),
+                    message: format!("router failed to start: {e}"),
+                })?;
+        let max_in_flight = u32::try_from(config.max_in_flight_publishes).unwrap_or(u32::MAX);
+        Ok(Self {
+            inner: Arc::new(HubInner {
+                link: Link {
+                    router,
+                    store,
+                    shared,
+                },
+                durability: config.durability,
+                publish_permits: Arc::new(Semaphore::new(max_in_flight as usize)),
+                max_in_flight,
+                router_join: Mutex::new(Some(join)),
+            }),
+        })
+    }
+
+    /// The store's epoch; cursors carry it (see [`Cursor::new`]).
+    #[must_use]
+    pub fn epoch(&self) -> Uuid {
+        self.inner.link.store.epoch()
+    }
+
+    /// The store underneath, for the reads it offers (run info, session
+    /// runs). Appending to it directly bypasses the rooms.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.inner.link.store
+    }
+
+    /// Sequences, stores and fans out `event` with the configured durability,
+    /// returning its envelope once stored and fanned out.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::RunClosed`] after the run's terminal event,
+    /// [`HubError::TooLarge`] for an oversized event (nothing stored in
+    /// either case), [`HubError::Store`] if the store failed,
+    /// [`HubError::RoomUnavailable`] if the room stopped before answering
+    /// (retryable), [`HubError::Closed`] after shutdown.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: once submitted, the event is stored even if the
+    /// future is dropped.
+    pub async fn publish(&self, event: AgentEvent) -> Result<RuntimeEventEnvelope, HubError> {
+        self.submit(event).await?.await
+    }
+
+    /// As [`EventHub::publish`], with the given durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventHub::publish`].
+    pub async fn publish_with(
+        &self,
+        event: AgentEvent,
+        durability: Durability,
+    ) -> Result<RuntimeEventEnvelope, HubError> {
+        self.submit_with(event, durability).await?.await
+    }
+
+    /// Hands `event` to its run room and returns as soon as its place in the
+    /// run's order is fixed, without waiting for the store: await the
+    /// returned [`PendingPublish`] for the envelope. Awaiting `submit` calls
+    /// one after another keeps many events in flight (pipelining) while
+    /// their seqs follow the order of the calls.
+    ///
+    /// Waits only while [`Config::max_in_flight_publishes`] publishes are
+    /// already in flight, hub-wide: a publisher that outruns the store waits
+    /// here, so memory stays bounded.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use behest_stream::{AgentEvent, Config, EventHub, RunId, TextDelta};
+    ///
+    /// let hub = EventHub::open(Config::temporary()).await?;
+    /// let run_id = RunId::new();
+    /// let mut pending = Vec::new();
+    /// for i in 0..100 {
+    ///     let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: i.to_string() });
+    ///     pending.push(hub.submit(event).await?);
+    /// }
+    /// for (i, publish) in pending.into_iter().enumerate() {
+    ///     let envelope = publish.await?;
+    ///     assert_eq!(envelope.seq, i as u64 + 1);
+    /// }
+    /// # hub.shutdown().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Closed`] after shutdown; the rest arrive through the
+    /// [`PendingPublish`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe while waiting for capacity (nothing was handed over yet).
+    pub async fn submit(&self, event: AgentEvent) -> Result<PendingPublish, HubError> {
+        self.submit_with(event, self.inner.durability).await
+    }
+
+    /// As [`EventHub::submit`], with the given durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventHub::submit`].
+    pub async fn submit_with(
+        &self,
+        event: AgentEvent,
+        durability: Durability,
+    ) -> Result<PendingPublish, HubError> {
+        let permit = Arc::clone(&self.inner.publish_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| HubError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .link
+            .router
+            .send_message(RouterMsg::Publish(PublishRequest {
+                event,
+                durability,
+                permit,
+                reply: tx.into(),
+            }))
+            .map_err(|_| HubError::Closed)?;
+        Ok(PendingPublish { reply: rx })
+    }
+
+    /// Subscribes to `room` from `resume`.
+    ///
+    /// - Run room: the run's envelopes, gapless and duplicate-free in seq
+    ///   order, ending after the terminal event (at once, for
+    ///   [`Resume::Live`] on a run that has ended).
+    /// - Session room: every run of the session, each in seq order, never
+    ///   ending; keep a [`Cursor`] advanced with each envelope to resume.
+    /// - Provider room: [`Resume::Live`] only; lag surfaces as
+    ///   [`RuntimeStreamError::Lagged`].
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::CursorEpoch`] for a cursor of another store,
+    /// [`HubError::CursorAhead`] for a cursor past what the store holds,
+    /// [`HubError::LiveOnly`] for a provider room resumed from history,
+    /// [`HubError::Closed`] after shutdown. Errors after the stream started
+    /// arrive as its items.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn subscribe(
+        &self,
+        room: RuntimeRoom,
+        resume: Resume,
+    ) -> Result<BoxRuntimeEventStream, HubError> {
+        let link = self.inner.link.clone();
+        if let Resume::After(cursor) = &resume {
+            self.check_cursor(&room, cursor).await?;
+        }
+        match (room, resume) {
+            (RuntimeRoom::Run(run_id), Resume::Live) => {
+                follow::follow_run(link, run_id, None).await
+            }
+            (RuntimeRoom::Run(run_id), Resume::FromStart) => {
+                follow::follow_run(link, run_id, Some(1)).await
+            }
+            (RuntimeRoom::Run(run_id), Resume::After(cursor)) => {
+                follow::follow_run(link, run_id, Some(cursor.seq(run_id) + 1)).await
+            }
+            (RuntimeRoom::Session(session), Resume::Live) => {
+                follow::follow_session(link, session, Cursor::new(self.epoch()), true).await
+            }
+            (RuntimeRoom::Session(session), Resume::FromStart) => {
+                follow::follow_session(link, session, Cursor::new(self.epoch()), false).await
+            }
+            (RuntimeRoom::Session(session), Resume::After(cursor)) => {
+                follow::follow_session(link, session, cursor, false).await
+            }
+            (room @ RuntimeRoom::Provider(_), Resume::Live) => {
+                follow::follow_live(link, room).await
+            }
+            (room @ RuntimeRoom::Provider(_), _) => Err(HubError::LiveOnly {
+                room: room.to_string(),
+            }),
+        }
+    }
+
+    /// A cursor is honoured only if it names history this store has.
+    async fn check_cursor(&self, room: &RuntimeRoom, cursor: &Cursor) -> Result<(), HubError> {
+        if cursor.epoch() != self.epoch() {
+            return Err(HubError::CursorEpoch {
+                expected: self.epoch(),
+                found: cursor.epoch(),
+            });
+        }
+        let runs: Vec<(RunId, u64)> = match room {
+            RuntimeRoom::Run(run_id) => vec![(*run_id, cursor.seq(*run_id))],
+            _ => cursor.positions().collect(),
+        };
+        for (run_id, seq) in runs {
+            if seq == 0 {
+                continue;
+            }
+            let last_seq = self
+                .inner
+                .link
+                .store
+                .run_info(run_id)
+                .await?
+                .map_or(0, |info| info.last_seq);
+            if seq > last_seq {
+                return Err(HubError::CursorAhead {
+                    run_id,
+                    seq,
+                    last_seq,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` stored envelopes of `run_id` after `after_seq`.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Store`] (a corrupt record names its run and seq),
+    /// [`HubError::Closed`].
+    pub async fn replay(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RuntimeEventEnvelope>, HubError> {
+        Ok(self
+            .inner
+            .link
+            .store
+            .list_after(run_id, after_seq, limit)
+            .await?)
+    }
+
+    /// A snapshot of rooms, queue depths and counters.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Closed`] after shutdown.
+    pub async fn stats(&self) -> Result<HubStats, HubError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .link
+            .router
+            .send_message(RouterMsg::Stats(tx.into()))
+            .map_err(|_| HubError::Closed)?;
+        let rooms = rx.await.map_err(|_| HubError::Closed)?;
+        let store = self.inner.link.store.stats().await?;
+        let counters = &self.inner.link.shared.counters;
+        let max = self.inner.max_in_flight as usize;
+        Ok(HubStats {
+            rooms,
+            publishes_in_flight: max - self.inner.publish_permits.available_permits(),
+            max_in_flight_publishes: max,
+            catch_ups_from_ring: counters.ring_catch_ups.load(Ordering::Relaxed),
+            catch_ups_from_store: counters.store_catch_ups.load(Ordering::Relaxed),
+            rooms_started: counters.rooms_started.load(Ordering::Relaxed),
+            rooms_evicted: counters.rooms_evicted.load(Ordering::Relaxed),
+            rooms_failed: counters.rooms_failed.load(Ordering::Relaxed),
+            store,
+        })
+    }
+
+    /// Stops taking publishes, waits for those in flight to be acknowledged,
+    /// stops every room and closes the store. Nothing acknowledged is lost.
+    /// Shutting down twice is fine.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Store`] if the store's final flush failed.
+    pub async fn shutdown(&self) -> Result<(), HubError> {
+        let Some(join) = self.inner.router_join.lock().await.take() else {
+            return Ok(());
+        };
+        if let Ok(all) = Arc::clone(&self.inner.publish_permits)
+            .acquire_many_owned(self.inner.max_in_flight)
+            .await
+        {
+            all.forget();
+        }
+        self.inner.publish_permits.close();
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .link
+            .router
+            .send_message(RouterMsg::Shutdown(tx.into()))
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let _ = join.await;
+        self.inner.link.store.close().await?;
+        Ok(())
+    }
+
+    /// The live-only stream of a room, as the seed's adapter subscribes.
+    pub(crate) async fn live(&self, room: RuntimeRoom) -> Result<BoxRuntimeEventStream, HubError> {
+        follow::follow_live(self.inner.link.clone(), room).await
+    }
+
+    /// Live-only fanout of an envelope, as the seed's adapter publishes.
+    pub(crate) async fn live_publish(
+        &self,
+        room: RuntimeRoom,
+        envelope: RuntimeEventEnvelope,
+    ) -> Result<(), RuntimeStreamError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .link
+            .router
+            .send_message(RouterMsg::LivePublish {
+                room,
+                envelope,
+                reply: tx.into(),
+            })
+            .map_err(|_| RuntimeStreamError::Closed)?;
+        rx.await
+            .map_err(|_| RuntimeStreamError::Closed)?
+            .map_err(|e| RuntimeStreamError::Publish {
+                message: e.to_string(),
+            })
+    }
+}

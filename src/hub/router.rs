@@ -1,0 +1,366 @@
+//! The router: owns the map from room to room actor, starts a room on first
+//! use (as its linked supervisor), forwards requests to it, and stops rooms
+//! that have been idle.
+//!
+//! Session and provider rooms are started only by a subscriber: an envelope
+//! for a room that does not exist has nobody to reach, and its subscribers
+//! to come read it from the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::broadcast;
+
+use super::fanout_room::{FanoutMsg, FanoutRoom, FanoutRoomArgs};
+use super::run_room::{PublishRequest, RunAttach, RunMsg, RunRoom, RunRoomArgs};
+use super::{Delivery, RoomStats, Shared};
+use crate::error::HubError;
+use crate::ids::RunId;
+use crate::store::Store;
+use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
+
+/// How long the router waits for a room's answer to a stop-if-idle or
+/// stats question before giving up on it.
+const ROOM_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every message the router takes.
+pub(crate) enum RouterMsg {
+    /// Route a publish to its run's room.
+    Publish(PublishRequest),
+    /// Attach a subscriber to a run room.
+    AttachRun {
+        run_id: RunId,
+        from_seq: u64,
+        reply: RpcReplyPort<Result<RunAttach, HubError>>,
+    },
+    /// Attach a live subscriber to any room (session, provider, or a run
+    /// room's live feed).
+    AttachLive {
+        room: RuntimeRoom,
+        reply: RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>,
+    },
+    /// A persisted envelope for a session or provider room.
+    Fanout {
+        room: RuntimeRoom,
+        envelope: Arc<RuntimeEventEnvelope>,
+    },
+    /// Live-only fanout of an envelope (the adapter's publish).
+    LivePublish {
+        room: RuntimeRoom,
+        envelope: RuntimeEventEnvelope,
+        reply: RpcReplyPort<Result<(), HubError>>,
+    },
+    /// A room reports it has been idle.
+    Idle { room: RuntimeRoom, id: ActorId },
+    /// Collect every room's counters.
+    Stats(RpcReplyPort<Vec<RoomStats>>),
+    /// Stop every room, then the router.
+    Shutdown(RpcReplyPort<()>),
+}
+
+#[derive(Clone)]
+enum RoomRef {
+    Run(ActorRef<RunMsg>),
+    Fanout(ActorRef<FanoutMsg>),
+}
+
+impl RoomRef {
+    fn id(&self) -> ActorId {
+        match self {
+            RoomRef::Run(r) => r.get_id(),
+            RoomRef::Fanout(r) => r.get_id(),
+        }
+    }
+}
+
+pub(crate) struct Router;
+
+pub(crate) struct RouterArgs {
+    pub(crate) store: Store,
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct RouterState {
+    store: Store,
+    shared: Arc<Shared>,
+    rooms: HashMap<RuntimeRoom, RoomRef>,
+    by_id: HashMap<ActorId, RuntimeRoom>,
+}
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RouterArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RouterState {
+            store: args.store,
+            shared: args.shared,
+            rooms: HashMap::new(),
+            by_id: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RouterMsg::Publish(request) => {
+                let room = RuntimeRoom::Run(request.event.run_id());
+                let mut message = RunMsg::Publish(request);
+                // A room that stopped since the map last heard of it hands the
+                // message back; start a fresh one (it recovers from the store).
+                for _ in 0..2 {
+                    match state.run_room(&myself, &room).await {
+                        Ok(room_ref) => match room_ref.send_message(message) {
+                            Ok(()) => return Ok(()),
+                            Err(ractor::MessagingErr::SendErr(back)) => {
+                                state.forget(&room);
+                                message = back;
+                            }
+                            Err(_) => return Ok(()),
+                        },
+                        Err(error) => {
+                            if let RunMsg::Publish(request) = message {
+                                let _ = request.reply.send(Err(error));
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                if let RunMsg::Publish(request) = message {
+                    let _ = request
+                        .reply
+                        .send(Err(unavailable(&room, "room keeps stopping")));
+                }
+            }
+            RouterMsg::AttachRun {
+                run_id,
+                from_seq,
+                reply,
+            } => {
+                let room = RuntimeRoom::Run(run_id);
+                match state.run_room(&myself, &room).await {
+                    Ok(room_ref) => {
+                        if room_ref
+                            .send_message(RunMsg::Attach { from_seq, reply })
+                            .is_err()
+                        {
+                            // The reply port went with the message; the
+                            // subscriber sees its call fail and retries.
+                            state.forget(&room);
+                        }
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+            RouterMsg::AttachLive { room, reply } => {
+                let result = match state.room(&myself, &room).await {
+                    Ok(RoomRef::Run(r)) => forward_call(&r, |reply| RunMsg::Attach {
+                        from_seq: u64::MAX,
+                        reply,
+                    })
+                    .await
+                    .and_then(|attach| attach.map(|a| a.live)),
+                    Ok(RoomRef::Fanout(r)) => forward_call(&r, FanoutMsg::Attach).await,
+                    Err(error) => Err(error),
+                };
+                if result.is_err() {
+                    state.forget(&room);
+                }
+                let _ = reply.send(result);
+            }
+            RouterMsg::Fanout { room, envelope } => {
+                if let Some(RoomRef::Fanout(r)) = state.rooms.get(&room)
+                    && r.send_message(FanoutMsg::Fanout(envelope)).is_err()
+                {
+                    state.forget(&room);
+                }
+            }
+            RouterMsg::LivePublish {
+                room,
+                envelope,
+                reply,
+            } => {
+                let result = match state.room(&myself, &room).await {
+                    Ok(RoomRef::Run(r)) => {
+                        forward_call(&r, |reply| RunMsg::LivePublish { envelope, reply }).await
+                    }
+                    Ok(RoomRef::Fanout(r)) => {
+                        forward_call(&r, |reply| FanoutMsg::LivePublish { envelope, reply }).await
+                    }
+                    Err(error) => Err(error),
+                };
+                let _ = reply.send(result);
+            }
+            RouterMsg::Idle { room, id } => {
+                let Some(room_ref) = state.rooms.get(&room).cloned() else {
+                    return Ok(());
+                };
+                if room_ref.id() != id {
+                    return Ok(());
+                }
+                // The room decides, having handled everything the router sent
+                // it before this question; the router sends it nothing more
+                // until it has the answer.
+                let stopped = match &room_ref {
+                    RoomRef::Run(r) => ask(r, RunMsg::StopIfIdle).await,
+                    RoomRef::Fanout(r) => ask(r, FanoutMsg::StopIfIdle).await,
+                };
+                if stopped == Some(true) {
+                    state.forget(&room);
+                    state.shared.counters.record_eviction();
+                    tracing::debug!(%room, "idle room stopped");
+                }
+            }
+            RouterMsg::Stats(reply) => {
+                let mut all = Vec::with_capacity(state.rooms.len());
+                for room_ref in state.rooms.values() {
+                    let stats = match room_ref {
+                        RoomRef::Run(r) => ask(r, RunMsg::Stats).await,
+                        RoomRef::Fanout(r) => ask(r, FanoutMsg::Stats).await,
+                    };
+                    all.extend(stats);
+                }
+                let _ = reply.send(all);
+            }
+            RouterMsg::Shutdown(reply) => {
+                state.rooms.clear();
+                state.by_id.clear();
+                myself
+                    .stop_children_and_wait(Some("hub shutdown".into()), Some(ROOM_ANSWER_TIMEOUT))
+                    .await;
+                let _ = reply.send(());
+                myself.stop(Some("hub shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
+                    tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
+                    state.forget(&room);
+                    state.shared.counters.record_failure();
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
+                    tracing::debug!(%room, ?reason, "room stopped");
+                    state.forget(&room);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl RouterState {
+    fn forget(&mut self, room: &RuntimeRoom) {
+        if let Some(room_ref) = self.rooms.remove(room) {
+            self.by_id.remove(&room_ref.id());
+        }
+    }
+
+    async fn run_room(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        room: &RuntimeRoom,
+    ) -> Result<ActorRef<RunMsg>, HubError> {
+        match self.room(myself, room).await? {
+            RoomRef::Run(r) => Ok(r),
+            RoomRef::Fanout(_) => Err(unavailable(room, "not a run room")),
+        }
+    }
+
+    /// The room's actor, started if it is not running.
+    async fn room(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        room: &RuntimeRoom,
+    ) -> Result<RoomRef, HubError> {
+        if let Some(room_ref) = self.rooms.get(room) {
+            return Ok(room_ref.clone());
+        }
+        let room_ref = match room {
+            RuntimeRoom::Run(run_id) => {
+                let args = RunRoomArgs {
+                    run_id: *run_id,
+                    store: self.store.clone(),
+                    router: myself.clone(),
+                    shared: Arc::clone(&self.shared),
+                };
+                let (r, _) = Actor::spawn_linked(None, RunRoom, args, myself.get_cell())
+                    .await
+                    .map_err(|e| unavailable(room, &e.to_string()))?;
+                RoomRef::Run(r)
+            }
+            RuntimeRoom::Session(_) | RuntimeRoom::Provider(_) => {
+                let args = FanoutRoomArgs {
+                    room: room.clone(),
+                    router: myself.clone(),
+                    shared: Arc::clone(&self.shared),
+                };
+                let (r, _) = Actor::spawn_linked(None, FanoutRoom, args, myself.get_cell())
+                    .await
+                    .map_err(|e| unavailable(room, &e.to_string()))?;
+                RoomRef::Fanout(r)
+            }
+        };
+        self.shared.counters.record_start();
+        self.by_id.insert(room_ref.id(), room.clone());
+        self.rooms.insert(room.clone(), room_ref.clone());
+        Ok(room_ref)
+    }
+}
+
+fn unavailable(room: &RuntimeRoom, reason: &str) -> HubError {
+    HubError::RoomUnavailable {
+        room: room.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Asks a room a question, giving up (with `None`) if it does not answer in
+/// time or has stopped.
+async fn ask<M: ractor::Message, T: Send + 'static>(
+    room: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Option<T> {
+    match room.call(message, Some(ROOM_ANSWER_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(answer)) => Some(answer),
+        _ => None,
+    }
+}
+
+/// Forwards a request to a room and waits for its answer.
+async fn forward_call<M: ractor::Message, T: Send + 'static>(
+    room: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, HubError> {
+    ask(room, message)
+        .await
+        .ok_or_else(|| HubError::RoomUnavailable {
+            room: room.get_name().unwrap_or_default(),
+            reason: "room did not answer".into(),
+        })
+}

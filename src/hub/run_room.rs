@@ -1,0 +1,455 @@
+//! The run room: the single writer of one run's order.
+//!
+//! It assigns each published event the run's next `seq`, mints its
+//! `event_id`, carries the `session_id` learned from `RunStarted`, hands the
+//! envelope to the store, and only once the store has it (acknowledged as the
+//! publisher's durability asks) answers the publisher and fans it out: to its
+//! subscribers and to the run's session and provider rooms. Appends are
+//! pipelined: the room does not wait for one to be stored before taking the
+//! next, and it fans out in seq order whatever order the store's answers come
+//! back in.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use uuid::Uuid;
+
+use super::router::RouterMsg;
+use super::{Delivery, RoomStats, Shared};
+use crate::config::Durability;
+use crate::error::{HubError, StoreError};
+use crate::event::AgentEvent;
+use crate::ids::{ProviderId, RunId};
+use crate::store::{Store, StoredEnvelope, encoded_len};
+use crate::stream::{RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom};
+
+/// A publish on its way to a run room.
+pub(crate) struct PublishRequest {
+    pub(crate) event: AgentEvent,
+    pub(crate) durability: Durability,
+    /// The publisher's share of the hub's in-flight bound, returned when the
+    /// request is answered.
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+}
+
+/// What a subscriber gets when it attaches to a run room.
+pub(crate) struct RunAttach {
+    /// Live envelopes fanned out after the attach.
+    pub(crate) live: broadcast::Receiver<Delivery>,
+    /// The last seq the room has fanned out.
+    pub(crate) persisted_seq: u64,
+    /// Envelopes from the requested seq up to `persisted_seq`, if the ring
+    /// still holds them all; `None` means read them from the store.
+    pub(crate) backlog: Option<Vec<Arc<RuntimeEventEnvelope>>>,
+}
+
+/// Every message a run room takes.
+pub(crate) enum RunMsg {
+    /// Sequence, store and fan out an event.
+    Publish(PublishRequest),
+    /// The store answered the append of `seq` (sent by the room's own waiter).
+    Persisted {
+        seq: u64,
+        generation: u64,
+        result: Result<(), StoreError>,
+    },
+    /// Attach a subscriber that wants everything from `from_seq` on.
+    Attach {
+        from_seq: u64,
+        reply: RpcReplyPort<Result<RunAttach, HubError>>,
+    },
+    /// Fan out an envelope published through `RuntimeStreamAdapter`: live
+    /// only, not sequenced, not stored.
+    LivePublish {
+        envelope: RuntimeEventEnvelope,
+        reply: RpcReplyPort<()>,
+    },
+    /// Periodic check for idleness.
+    Tick,
+    /// From the router: stop if still idle, and say whether it did.
+    StopIfIdle(RpcReplyPort<bool>),
+    /// Report counters.
+    Stats(RpcReplyPort<RoomStats>),
+}
+
+pub(crate) struct RunRoom;
+
+pub(crate) struct RunRoomArgs {
+    pub(crate) run_id: RunId,
+    pub(crate) store: Store,
+    pub(crate) router: ActorRef<RouterMsg>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+struct InFlight {
+    envelope: Arc<RuntimeEventEnvelope>,
+    generation: u64,
+    result: Option<Result<(), StoreError>>,
+    reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub(crate) struct RunState {
+    run_id: RunId,
+    store: Store,
+    router: ActorRef<RouterMsg>,
+    shared: Arc<Shared>,
+    /// Set when recovery from the store failed; every request gets it.
+    broken: Option<StoreError>,
+    /// Last seq handed to the store.
+    assigned: u64,
+    /// Last seq the store acknowledged and the room fanned out.
+    persisted: u64,
+    session_id: Option<Uuid>,
+    provider: Option<ProviderId>,
+    ended_assigned: bool,
+    ended_persisted: bool,
+    /// Bumped when a failed append rewinds `assigned`, so that the failures
+    /// that follow from it (later appends of the same pipeline) do not rewind
+    /// again.
+    generation: u64,
+    /// Appends handed to the store, in seq order.
+    in_flight: VecDeque<InFlight>,
+    ring: VecDeque<Arc<RuntimeEventEnvelope>>,
+    live: broadcast::Sender<Delivery>,
+    last_active: Instant,
+    fanned_out: u64,
+}
+
+impl Actor for RunRoom {
+    type Msg = RunMsg;
+    type State = RunState;
+    type Arguments = RunRoomArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RunRoomArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (live, _) = broadcast::channel(args.shared.ring_capacity);
+        Ok(RunState {
+            run_id: args.run_id,
+            store: args.store,
+            router: args.router,
+            ring: VecDeque::with_capacity(args.shared.ring_capacity.min(64)),
+            shared: args.shared,
+            broken: None,
+            assigned: 0,
+            persisted: 0,
+            session_id: None,
+            provider: None,
+            ended_assigned: false,
+            ended_persisted: false,
+            generation: 0,
+            in_flight: VecDeque::new(),
+            live,
+            last_active: Instant::now(),
+            fanned_out: 0,
+        })
+    }
+
+    /// Recovery runs here, not in `pre_start`, so that the router, which
+    /// awaits `pre_start`, is not held up by a store read.
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match state.store.run_info(state.run_id).await {
+            Ok(Some(info)) => {
+                state.assigned = info.last_seq;
+                state.persisted = info.last_seq;
+                state.session_id = info.session_id;
+                state.provider = info.provider;
+                state.ended_assigned = info.ended_at.is_some();
+                state.ended_persisted = state.ended_assigned;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(run_id = %state.run_id, %error, "run room cannot recover its run");
+                state.broken = Some(error);
+            }
+        }
+        tracing::debug!(run_id = %state.run_id, last_seq = state.persisted, "run room started");
+        myself.send_interval(state.shared.idle_timeout / 2, || RunMsg::Tick);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RunMsg::Publish(request) => {
+                state.last_active = Instant::now();
+                state.publish(&myself, request).await;
+            }
+            RunMsg::Persisted {
+                seq,
+                generation,
+                result,
+            } => state.persisted(seq, generation, result)?,
+            RunMsg::Attach { from_seq, reply } => {
+                state.last_active = Instant::now();
+                let _ = reply.send(state.attach(from_seq));
+            }
+            RunMsg::LivePublish { envelope, reply } => {
+                state.last_active = Instant::now();
+                // An envelope the room already fanned out (a host that
+                // appends and then publishes, in the seed's style) is not
+                // delivered twice.
+                let known = state.ring.iter().any(|e| e.event_id == envelope.event_id);
+                if !known {
+                    let _ = state.live.send(Delivery {
+                        envelope: Arc::new(envelope),
+                        persisted: false,
+                    });
+                }
+                let _ = reply.send(());
+            }
+            RunMsg::Tick => {
+                if state.is_idle() {
+                    let room = RuntimeRoom::Run(state.run_id);
+                    let _ = state.router.send_message(RouterMsg::Idle {
+                        room,
+                        id: myself.get_id(),
+                    });
+                }
+            }
+            RunMsg::StopIfIdle(reply) => {
+                let idle = state.is_idle();
+                let _ = reply.send(idle);
+                if idle {
+                    myself.stop(Some("idle".into()));
+                }
+            }
+            RunMsg::Stats(reply) => {
+                let _ = reply.send(RoomStats {
+                    room: RuntimeRoom::Run(state.run_id),
+                    subscribers: state.live.receiver_count(),
+                    ring_len: state.ring.len(),
+                    ring_capacity: state.shared.ring_capacity,
+                    in_flight: state.in_flight.len(),
+                    last_seq: Some(state.persisted),
+                    fanned_out: state.fanned_out,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunState {
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.live.receiver_count() == 0
+            && self.last_active.elapsed() >= self.shared.idle_timeout
+    }
+
+    async fn publish(&mut self, myself: &ActorRef<RunMsg>, request: PublishRequest) {
+        if let Some(error) = &self.broken {
+            let _ = request.reply.send(Err(HubError::Store(error.clone())));
+            return;
+        }
+        if self.ended_assigned {
+            let _ = request.reply.send(Err(HubError::RunClosed {
+                run_id: self.run_id,
+            }));
+            return;
+        }
+        let seq = self.assigned + 1;
+        let session_id = self.session_id.or_else(|| request.event.session_id());
+        let envelope = RuntimeEventEnvelope {
+            event_id: RuntimeEventId::new(),
+            seq,
+            run_id: self.run_id,
+            session_id,
+            event: request.event,
+            emitted_at: Utc::now(),
+        };
+        // Encode before taking the seq, so that a refused event leaves no gap.
+        let stored = match StoredEnvelope::encode(&envelope, self.store.max_event_bytes()) {
+            Ok(stored) => stored,
+            Err(error) => {
+                let _ = request.reply.send(Err(error.into()));
+                return;
+            }
+        };
+        let items = vec![stored];
+        // Waits only when the store's in-flight budget is spent: the store,
+        // not this room, is then the bottleneck, and waiting here is the
+        // backpressure.
+        let ack = match self.store.reserve(encoded_len(&items)).await {
+            Ok(permit) => self.store.enqueue(items, request.durability, permit),
+            Err(error) => Err(error),
+        };
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err(error) => {
+                let _ = request.reply.send(Err(error.into()));
+                return;
+            }
+        };
+        self.assigned = seq;
+        self.session_id = session_id;
+        if self.provider.is_none() {
+            self.provider = envelope.event.provider().cloned();
+        }
+        self.ended_assigned = envelope.is_terminal();
+        let generation = self.generation;
+        self.in_flight.push_back(InFlight {
+            envelope: Arc::new(envelope),
+            generation,
+            result: None,
+            reply: request.reply,
+            _permit: request.permit,
+        });
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let result = ack.await.unwrap_or(Err(StoreError::Closed));
+            let _ = myself.send_message(RunMsg::Persisted {
+                seq,
+                generation,
+                result,
+            });
+        });
+    }
+
+    /// Records the store's answer for `seq`, then answers and fans out, in
+    /// seq order, every append at the front that has its answer.
+    fn persisted(
+        &mut self,
+        seq: u64,
+        generation: u64,
+        result: Result<(), StoreError>,
+    ) -> Result<(), ActorProcessingErr> {
+        let slot = self
+            .in_flight
+            .iter_mut()
+            .find(|f| f.envelope.seq == seq && f.generation == generation);
+        if let Some(slot) = slot {
+            slot.result = Some(result);
+        }
+        while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
+            let Some(mut done) = self.in_flight.pop_front() else {
+                break;
+            };
+            match done.result.take() {
+                Some(Ok(())) => self.fan_out(done.envelope, done.reply),
+                Some(Err(error)) => self.failed(done, error)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn fan_out(
+        &mut self,
+        envelope: Arc<RuntimeEventEnvelope>,
+        reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+    ) {
+        self.persisted = envelope.seq;
+        self.ended_persisted = envelope.is_terminal();
+        if self.ring.len() == self.shared.ring_capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Arc::clone(&envelope));
+        self.fanned_out += 1;
+        let _ = self.live.send(Delivery {
+            envelope: Arc::clone(&envelope),
+            persisted: true,
+        });
+        if let Some(session) = envelope.session_id {
+            let _ = self.router.send_message(RouterMsg::Fanout {
+                room: RuntimeRoom::Session(session),
+                envelope: Arc::clone(&envelope),
+            });
+        }
+        if let Some(provider) = &self.provider {
+            let _ = self.router.send_message(RouterMsg::Fanout {
+                room: RuntimeRoom::Provider(provider.clone()),
+                envelope: Arc::clone(&envelope),
+            });
+        }
+        let _ = reply.send(Ok(RuntimeEventEnvelope::clone(&envelope)));
+    }
+
+    /// An append failed. If the store surely holds nothing of it, rewind so
+    /// the next publish reuses its seq (later appends of the same pipeline
+    /// fail at the store for the gap and are answered as they come). If the
+    /// store may hold it (a failed flush, a lost store), the room cannot know
+    /// its own last seq any more: it stops, and its next start recovers it
+    /// from the store.
+    fn failed(&mut self, done: InFlight, error: StoreError) -> Result<(), ActorProcessingErr> {
+        let surely_not_stored = matches!(
+            error,
+            StoreError::WriteFailed { .. }
+                | StoreError::SeqConflict { .. }
+                | StoreError::TooLarge { .. }
+                | StoreError::Encode { .. }
+                | StoreError::CorruptRunRecord { .. }
+        );
+        let seq = done.envelope.seq;
+        if !surely_not_stored {
+            tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
+            let room = RuntimeRoom::Run(self.run_id).to_string();
+            let reason = format!("append of seq {seq} in doubt: {error}");
+            let _ = done.reply.send(Err(HubError::RoomUnavailable {
+                room: room.clone(),
+                reason: reason.clone(),
+            }));
+            for rest in self.in_flight.drain(..) {
+                let _ = rest.reply.send(Err(HubError::RoomUnavailable {
+                    room: room.clone(),
+                    reason: reason.clone(),
+                }));
+            }
+            return Err(reason.into());
+        }
+        if done.generation == self.generation {
+            tracing::warn!(run_id = %self.run_id, seq, %error, "append failed; nothing stored, seq reused");
+            self.assigned = seq - 1;
+            self.ended_assigned = self.ended_persisted;
+            self.generation += 1;
+            let _ = done.reply.send(Err(error.into()));
+        } else {
+            // A consequence of an earlier failure in the same pipeline.
+            let _ = done
+                .reply
+                .send(Err(HubError::Store(StoreError::WriteFailed {
+                    message: format!(
+                        "an earlier event of run {} failed; nothing stored",
+                        self.run_id
+                    ),
+                })));
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, from_seq: u64) -> Result<RunAttach, HubError> {
+        if let Some(error) = &self.broken {
+            return Err(HubError::Store(error.clone()));
+        }
+        let covered = from_seq > self.persisted
+            || self.ring.front().is_some_and(|first| first.seq <= from_seq);
+        let backlog = covered.then(|| {
+            self.ring
+                .iter()
+                .filter(|e| e.seq >= from_seq)
+                .cloned()
+                .collect()
+        });
+        Ok(RunAttach {
+            live: self.live.subscribe(),
+            persisted_seq: self.persisted,
+            backlog,
+        })
+    }
+}
