@@ -156,6 +156,12 @@ impl RunFollower {
             self.from_live_edge = false;
             self.next_seq = attach.persisted_seq + 1;
         }
+        // Nothing more will come of an ended run this subscriber has seen
+        // to the end (a live subscription to an ended run ends at once).
+        if attach.ended && self.next_seq > attach.persisted_seq {
+            self.done = true;
+            return Ok(());
+        }
         self.live = Some(attach.live);
         match attach.backlog {
             Some(backlog) => {

@@ -43,6 +43,8 @@ pub(crate) struct RunAttach {
     pub(crate) live: broadcast::Receiver<Delivery>,
     /// The last seq the room has fanned out.
     pub(crate) persisted_seq: u64,
+    /// Whether `persisted_seq` is the run's terminal event.
+    pub(crate) ended: bool,
     /// Envelopes from the requested seq up to `persisted_seq`, if the ring
     /// still holds them all; `None` means read them from the store.
     pub(crate) backlog: Option<Vec<Arc<RuntimeEventEnvelope>>>,
@@ -449,6 +451,7 @@ impl RunState {
         Ok(RunAttach {
             live: self.live.subscribe(),
             persisted_seq: self.persisted,
+            ended: self.ended_persisted,
             backlog,
         })
     }

@@ -80,3 +80,45 @@ pub async fn wait_for<T>(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Events for the hub (which assigns seqs): `RunStarted` in `session`.
+pub fn started(run_id: RunId, session_id: Option<Uuid>) -> AgentEvent {
+    AgentEvent::RunStarted(RunStarted {
+        run_id,
+        timestamp: Utc::now(),
+        session_id,
+        provider: ProviderId::new("acme"),
+        model: "acme-large".into(),
+    })
+}
+
+/// A text delta of `run_id`.
+pub fn delta(run_id: RunId, text: &str) -> AgentEvent {
+    AgentEvent::TextDelta(TextDelta {
+        run_id,
+        timestamp: Utc::now(),
+        delta: text.into(),
+    })
+}
+
+/// The terminal `RunCompleted` of `run_id`.
+pub fn completed(run_id: RunId) -> AgentEvent {
+    AgentEvent::RunCompleted(RunCompleted {
+        run_id,
+        timestamp: Utc::now(),
+        finish_reason: "stop".into(),
+        iterations: 1,
+    })
+}
+
+/// Reads the next item of `stream`, failing the test if none comes within
+/// `deadline` (a hang is a failure, not a wait).
+pub async fn next_within(
+    stream: &mut behest_stream::BoxRuntimeEventStream,
+    deadline: Duration,
+) -> Option<Result<RuntimeEventEnvelope, behest_stream::RuntimeStreamError>> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(deadline, stream.next())
+        .await
+        .expect("a subscription stalled: no item within the deadline")
+}

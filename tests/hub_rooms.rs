@@ -1,0 +1,199 @@
+//! Room lifecycle and refusals: idle rooms stop and come back where they
+//! left off; nothing follows a terminal event; cursors of other histories
+//! are refused.
+
+mod common;
+
+use std::time::Duration;
+
+use behest_stream::{
+    AgentEvent, Config, Cursor, EventHub, HubError, ProviderId, Resume, RunId, RuntimeRoom,
+    TextDelta,
+};
+use common::{completed, delta, next_within, started, wait_for};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A room with no subscribers and nothing in flight is stopped after the idle
+/// timeout; a later publish starts it again from the store and continues the
+/// seq; a later subscribe replays everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_rooms_stop_and_resume_their_seq() {
+    let hub = EventHub::open(Config::temporary().idle_timeout(Duration::from_millis(40)))
+        .await
+        .unwrap();
+    let run = RunId::new();
+    let session = Uuid::now_v7();
+    hub.publish(started(run, Some(session))).await.unwrap();
+    hub.publish(delta(run, "a")).await.unwrap();
+    {
+        // A session subscriber keeps the session room alive while it reads.
+        let mut s = hub
+            .subscribe(RuntimeRoom::Session(session), Resume::FromStart)
+            .await
+            .unwrap();
+        assert_eq!(next_within(&mut s, DEADLINE).await.unwrap().unwrap().seq, 1);
+    }
+    wait_for("every room to be evicted", DEADLINE, async || {
+        let stats = hub.stats().await.unwrap();
+        (stats.rooms.is_empty() && stats.rooms_evicted >= 2).then_some(())
+    })
+    .await;
+
+    let third = hub.publish(delta(run, "b")).await.unwrap();
+    assert_eq!(third.seq, 3, "the restarted room recovered the last seq");
+    assert_eq!(third.session_id, Some(session), "and the session");
+    let mut stream = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    hub.publish(completed(run)).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(item) = next_within(&mut stream, DEADLINE).await {
+        seqs.push(item.unwrap().seq);
+    }
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    hub.shutdown().await.unwrap();
+}
+
+/// An event after the run's terminal event is refused with `RunClosed` and
+/// not stored, also after the room restarted from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_the_terminal_event_are_refused_and_not_stored() {
+    let hub = EventHub::open(Config::temporary().idle_timeout(Duration::from_millis(40)))
+        .await
+        .unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    hub.publish(completed(run)).await.unwrap();
+    let refused = hub.publish(delta(run, "late")).await;
+    assert!(
+        matches!(refused, Err(HubError::RunClosed { run_id }) if run_id == run),
+        "{refused:?}"
+    );
+
+    wait_for("the room to be evicted", DEADLINE, async || {
+        hub.stats().await.unwrap().rooms.is_empty().then_some(())
+    })
+    .await;
+    let refused = hub.publish(delta(run, "later")).await;
+    assert!(
+        matches!(refused, Err(HubError::RunClosed { .. })),
+        "{refused:?}"
+    );
+    let stored = hub.replay(run, 0, 100).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(stored[1].is_terminal());
+    hub.shutdown().await.unwrap();
+}
+
+/// An oversized event is refused before it takes a seq: the next event gets
+/// the seq it would have had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_takes_no_seq() {
+    let hub = EventHub::open(Config::temporary().max_event_bytes(1024))
+        .await
+        .unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    let big = AgentEvent::TextDelta(TextDelta {
+        run_id: run,
+        timestamp: chrono::Utc::now(),
+        delta: "x".repeat(4096),
+    });
+    assert!(matches!(
+        hub.publish(big).await,
+        Err(HubError::TooLarge { limit: 1024, .. })
+    ));
+    assert_eq!(hub.publish(delta(run, "ok")).await.unwrap().seq, 2);
+    hub.shutdown().await.unwrap();
+}
+
+/// Resuming into history this store does not have is an explicit error:
+/// another epoch, or a seq past the run's end. Provider rooms are live-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_into_history_that_is_gone_is_an_error() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+
+    let foreign = Cursor::at(Uuid::now_v7(), run, 1);
+    let error = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::After(foreign))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, HubError::CursorEpoch { .. }), "{error:?}");
+
+    let ahead = Cursor::at(hub.epoch(), run, 5);
+    let error = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::After(ahead))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            error,
+            HubError::CursorAhead {
+                seq: 5,
+                last_seq: 1,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    let provider = RuntimeRoom::Provider(ProviderId::new("acme"));
+    let error = hub
+        .subscribe(provider, Resume::FromStart)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, HubError::LiveOnly { .. }), "{error:?}");
+
+    // A cursor at the run's end is fine: the stream resumes after it.
+    let at_end = Cursor::at(hub.epoch(), run, 1);
+    let mut stream = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::After(at_end))
+        .await
+        .unwrap();
+    hub.publish(completed(run)).await.unwrap();
+    assert_eq!(
+        next_within(&mut stream, DEADLINE)
+            .await
+            .unwrap()
+            .unwrap()
+            .seq,
+        2
+    );
+    assert!(next_within(&mut stream, DEADLINE).await.is_none());
+    hub.shutdown().await.unwrap();
+}
+
+/// `Resume::Live` starts after what is already stored; on an ended run the
+/// stream ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscriptions_start_at_the_live_edge() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    hub.publish(delta(run, "old")).await.unwrap();
+    let mut live = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::Live)
+        .await
+        .unwrap();
+    hub.publish(delta(run, "new")).await.unwrap();
+    hub.publish(completed(run)).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(item) = next_within(&mut live, DEADLINE).await {
+        seqs.push(item.unwrap().seq);
+    }
+    assert_eq!(seqs, vec![3, 4]);
+    let mut ended = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::Live)
+        .await
+        .unwrap();
+    assert!(next_within(&mut ended, DEADLINE).await.is_none());
+    hub.shutdown().await.unwrap();
+}
