@@ -26,9 +26,9 @@ enum Target {
 }
 
 #[derive(Debug, Clone)]
-enum Start {
+enum From {
     Live,
-    FromStart,
+    Beginning,
     /// A cursor at this fraction (0..=8 eighths) of each run's log.
     After(u8),
 }
@@ -37,7 +37,7 @@ enum Start {
 enum Op {
     Publish(usize),
     End(usize),
-    Subscribe(Target, Start),
+    Subscribe(Target, From),
     Read(usize, u8),
     DropAndResume(usize),
 }
@@ -48,9 +48,9 @@ fn op() -> impl Strategy<Value = Op> {
         (0..2usize).prop_map(Target::Session)
     ];
     let start = prop_oneof![
-        Just(Start::Live),
-        Just(Start::FromStart),
-        (0u8..=8).prop_map(Start::After)
+        Just(From::Live),
+        Just(From::Beginning),
+        (0u8..=8).prop_map(From::After)
     ];
     prop_oneof![
         10 => (0..RUNS).prop_map(Op::Publish),
@@ -179,7 +179,7 @@ async fn run_case(ops: Vec<Op>) {
             Op::Subscribe(target, start) => {
                 let mut cursor = Cursor::new(hub.epoch());
                 let resume = match start {
-                    Start::Live => {
+                    From::Live => {
                         for r in model.relevant(&target) {
                             if let Some(last) = model.logs[r].last() {
                                 cursor.advance(last);
@@ -187,8 +187,8 @@ async fn run_case(ops: Vec<Op>) {
                         }
                         Resume::Live
                     }
-                    Start::FromStart => Resume::FromStart,
-                    Start::After(eighths) => {
+                    From::Beginning => Resume::FromStart,
+                    From::After(eighths) => {
                         for r in model.relevant(&target) {
                             let at = model.logs[r].len() * usize::from(eighths) / 8;
                             if at > 0 {
