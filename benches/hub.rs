@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use behest_stream::codec;
 use behest_stream::{
-    AgentEvent, Config, Durability, EventHub, Resume, RunId, RuntimeEventEnvelope,
-    RuntimeEventId, RuntimeRoom, Store, TextDelta,
+    AgentEvent, Config, Durability, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeEventId,
+    RuntimeRoom, Store, TextDelta,
 };
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -44,7 +44,10 @@ fn envelope(run_id: RunId, seq: u64) -> RuntimeEventEnvelope {
 /// them all; returns the time until the subscriber has the last one.
 async fn one_room(hub: &EventHub, durability: Durability) -> Duration {
     let run = RunId::new();
-    let mut stream = hub.subscribe(RuntimeRoom::Run(run), Resume::FromStart).await.unwrap();
+    let mut stream = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
     let start = Instant::now();
     let reader = tokio::spawn(async move {
         for _ in 0..EVENTS {
@@ -78,7 +81,9 @@ fn room_throughput(c: &mut Criterion) {
 
     for durability in [Durability::Flushed, Durability::Buffered] {
         let dir = tempfile::tempdir().unwrap();
-        let hub = runtime.block_on(EventHub::open(Config::new(dir.path()))).unwrap();
+        let hub = runtime
+            .block_on(EventHub::open(Config::new(dir.path())))
+            .unwrap();
         group.bench_function(BenchmarkId::new("hub", format!("{durability:?}")), |b| {
             b.iter_custom(|iters| {
                 (0..iters)
@@ -89,7 +94,9 @@ fn room_throughput(c: &mut Criterion) {
         runtime.block_on(hub.shutdown()).unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let store = runtime.block_on(Store::open(Config::new(dir.path()))).unwrap();
+        let store = runtime
+            .block_on(Store::open(Config::new(dir.path())))
+            .unwrap();
         group.bench_function(
             BenchmarkId::new("store_256_per_append", format!("{durability:?}")),
             |b| {

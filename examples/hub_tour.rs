@@ -52,7 +52,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // resumes from its cursor.
     let followed = runs[0];
     let epoch = hub.epoch();
-    let mut first = hub.subscribe(RuntimeRoom::Run(followed), Resume::FromStart).await?;
+    let mut first = hub
+        .subscribe(RuntimeRoom::Run(followed), Resume::FromStart)
+        .await?;
     let resumer = {
         let hub = hub.clone();
         tokio::spawn(async move {
@@ -65,7 +67,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
             }
             drop(first);
             println!("  [run] disconnected at cursor {cursor}");
-            let mut resumed = hub.subscribe(RuntimeRoom::Run(followed), Resume::After(cursor)).await?;
+            let mut resumed = hub
+                .subscribe(RuntimeRoom::Run(followed), Resume::After(cursor))
+                .await?;
             while let Some(item) = resumed.next().await {
                 seqs.push(item?.seq);
             }
@@ -93,7 +97,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         println!("run {run}: published {} events", producer.await??);
     }
     let seen = session_watcher.await??;
-    let seqs = resumer.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let seqs = resumer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     println!("session subscriber saw {seen} events");
     println!("run subscriber saw seqs {seqs:?} across its reconnect");
     hub.shutdown().await?;

@@ -6,13 +6,12 @@
 //! anything it missed from the store, per run. A provider subscriber that
 //! falls out of the ring is told how much it skipped.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::broadcast;
 
+use super::feed::Feed;
 use super::router::RouterMsg;
 use super::{Delivery, RoomStats, Shared};
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
@@ -47,13 +46,7 @@ pub(crate) struct FanoutRoomArgs {
 pub(crate) struct FanoutState {
     room: RuntimeRoom,
     router: ActorRef<RouterMsg>,
-    shared: Arc<Shared>,
-    live: broadcast::Sender<Delivery>,
-    /// Recent envelopes, to recognise one a host publishes again through the
-    /// adapter after the hub already fanned it out.
-    ring: VecDeque<Arc<RuntimeEventEnvelope>>,
-    last_active: Instant,
-    fanned_out: u64,
+    feed: Feed,
 }
 
 impl Actor for FanoutRoom {
@@ -66,16 +59,11 @@ impl Actor for FanoutRoom {
         myself: ActorRef<Self::Msg>,
         args: FanoutRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (live, _) = broadcast::channel(args.shared.ring_capacity);
         myself.send_interval(args.shared.idle_timeout / 2, || FanoutMsg::Tick);
         Ok(FanoutState {
             room: args.room,
             router: args.router,
-            ring: VecDeque::with_capacity(args.shared.ring_capacity.min(64)),
-            shared: args.shared,
-            live,
-            last_active: Instant::now(),
-            fanned_out: 0,
+            feed: Feed::new(args.shared),
         })
     }
 
@@ -86,33 +74,16 @@ impl Actor for FanoutRoom {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            FanoutMsg::Fanout(envelope) => {
-                if state.ring.len() == state.shared.ring_capacity {
-                    state.ring.pop_front();
-                }
-                state.ring.push_back(Arc::clone(&envelope));
-                state.fanned_out += 1;
-                let _ = state.live.send(Delivery {
-                    envelope,
-                    persisted: true,
-                });
-            }
+            FanoutMsg::Fanout(envelope) => state.feed.push(envelope),
             FanoutMsg::Attach(reply) => {
-                state.last_active = Instant::now();
-                let _ = reply.send(state.live.subscribe());
+                let _ = reply.send(state.feed.subscribe());
             }
             FanoutMsg::LivePublish { envelope, reply } => {
-                state.last_active = Instant::now();
-                if !state.ring.iter().any(|e| e.event_id == envelope.event_id) {
-                    let _ = state.live.send(Delivery {
-                        envelope: Arc::new(envelope),
-                        persisted: false,
-                    });
-                }
+                state.feed.live_publish(envelope);
                 let _ = reply.send(());
             }
             FanoutMsg::Tick => {
-                if state.is_idle() {
+                if state.feed.is_idle() {
                     let _ = state.router.send_message(RouterMsg::Idle {
                         room: state.room.clone(),
                         id: myself.get_id(),
@@ -120,30 +91,16 @@ impl Actor for FanoutRoom {
                 }
             }
             FanoutMsg::StopIfIdle(reply) => {
-                let idle = state.is_idle();
+                let idle = state.feed.is_idle();
                 let _ = reply.send(idle);
                 if idle {
                     myself.stop(Some("idle".into()));
                 }
             }
             FanoutMsg::Stats(reply) => {
-                let _ = reply.send(RoomStats {
-                    room: state.room.clone(),
-                    subscribers: state.live.receiver_count(),
-                    ring_len: state.ring.len(),
-                    ring_capacity: state.shared.ring_capacity,
-                    in_flight: 0,
-                    last_seq: None,
-                    fanned_out: state.fanned_out,
-                });
+                let _ = reply.send(state.feed.stats(state.room.clone(), 0, None));
             }
         }
         Ok(())
-    }
-}
-
-impl FanoutState {
-    fn is_idle(&self) -> bool {
-        self.live.receiver_count() == 0 && self.last_active.elapsed() >= self.shared.idle_timeout
     }
 }

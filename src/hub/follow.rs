@@ -83,18 +83,25 @@ pub(crate) fn subscribe_error(error: &HubError) -> RuntimeStreamError {
     }
 }
 
-/// Turns a follower into the public stream type.
+/// Turns a follower into the public stream type. An error ends the stream
+/// after it is yielded, except `Lagged`, which reports a gap and goes on.
 fn into_stream<F: Follower>(follower: F) -> BoxRuntimeEventStream {
-    Box::pin(stream::unfold(follower, |mut follower| async move {
-        let item = follower.next().await?;
-        Some((item, follower))
+    Box::pin(stream::unfold(Some(follower), |follower| async move {
+        let mut follower = follower?;
+        match follower.next().await {
+            Ok(Some(envelope)) => Some((Ok(envelope), Some(follower))),
+            Ok(None) => None,
+            Err(lagged @ RuntimeStreamError::Lagged { .. }) => Some((Err(lagged), Some(follower))),
+            Err(error) => Some((Err(error), None)),
+        }
     }))
 }
 
 trait Follower: Send + 'static {
+    /// The next envelope, `None` at the end, or the error that ends it.
     fn next(
         &mut self,
-    ) -> impl Future<Output = Option<Result<RuntimeEventEnvelope, RuntimeStreamError>>> + Send;
+    ) -> impl Future<Output = Result<Option<RuntimeEventEnvelope>, RuntimeStreamError>> + Send;
 }
 
 /// A run room's stream: gapless and duplicate-free in seq order, from
@@ -136,10 +143,10 @@ impl RunFollower {
     fn deliver(
         &mut self,
         envelope: RuntimeEventEnvelope,
-    ) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+    ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         self.next_seq = envelope.seq + 1;
         self.done = envelope.is_terminal();
-        Some(Ok(envelope))
+        Ok(Some(envelope))
     }
 
     async fn attach(&mut self) -> Result<(), HubError> {
@@ -180,10 +187,10 @@ impl RunFollower {
 }
 
 impl Follower for RunFollower {
-    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         loop {
             if self.done {
-                return None;
+                return Ok(None);
             }
             if let Some(envelope) = self.backlog.pop_front() {
                 match envelope.seq.cmp(&self.next_seq) {
@@ -202,18 +209,12 @@ impl Follower for RunFollower {
                 let page = self.link.shared.catch_up_page;
                 match self.link.page(self.run_id, self.next_seq - 1, page).await {
                     Ok(page) => self.backlog.extend(page),
-                    Err(error) => {
-                        self.done = true;
-                        return Some(Err(error));
-                    }
+                    Err(error) => return Err(error),
                 }
                 continue;
             }
             let Some(live) = self.live.as_mut() else {
-                if let Err(error) = self.attach().await {
-                    self.done = true;
-                    return Some(Err(subscribe_error(&error)));
-                }
+                self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
@@ -252,7 +253,6 @@ pub(crate) async fn follow_session(
         pending: None,
         sweep: VecDeque::new(),
         live: None,
-        done: false,
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -271,16 +271,15 @@ struct SessionFollower {
     /// Runs still to be read from the store up to their end.
     sweep: VecDeque<RunId>,
     live: Option<broadcast::Receiver<Delivery>>,
-    done: bool,
 }
 
 impl SessionFollower {
     fn deliver(
         &mut self,
         envelope: RuntimeEventEnvelope,
-    ) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+    ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         self.cursor.advance(&envelope);
-        Some(Ok(envelope))
+        Ok(Some(envelope))
     }
 
     async fn attach(&mut self) -> Result<(), HubError> {
@@ -313,12 +312,9 @@ impl SessionFollower {
 }
 
 impl Follower for SessionFollower {
-    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         let page = self.link.shared.catch_up_page;
         loop {
-            if self.done {
-                return None;
-            }
             if let Some(envelope) = self.backlog.pop_front() {
                 if envelope.seq == self.cursor.seq(envelope.run_id) + 1 {
                     return self.deliver(envelope);
@@ -341,10 +337,7 @@ impl Follower for SessionFollower {
                     .await
                 {
                     Ok(fill) => self.backlog.extend(fill),
-                    Err(error) => {
-                        self.done = true;
-                        return Some(Err(error));
-                    }
+                    Err(error) => return Err(error),
                 }
                 self.pending = Some(envelope);
                 continue;
@@ -358,18 +351,12 @@ impl Follower for SessionFollower {
                         }
                         self.backlog.extend(fill);
                     }
-                    Err(error) => {
-                        self.done = true;
-                        return Some(Err(subscribe_error(&error.into())));
-                    }
+                    Err(error) => return Err(subscribe_error(&error.into())),
                 }
                 continue;
             }
             let Some(live) = self.live.as_mut() else {
-                if let Err(error) = self.attach().await {
-                    self.done = true;
-                    return Some(Err(subscribe_error(&error)));
-                }
+                self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
@@ -381,10 +368,7 @@ impl Follower for SessionFollower {
                 // Runs that ended while this subscriber lagged send nothing
                 // more to reveal their gap: sweep them all.
                 Err(RecvError::Lagged(_)) => {
-                    if let Err(error) = self.sweep_all().await {
-                        self.done = true;
-                        return Some(Err(subscribe_error(&error)));
-                    }
+                    self.sweep_all().await.map_err(|e| subscribe_error(&e))?;
                 }
                 Err(RecvError::Closed) => self.live = None,
             }
@@ -403,7 +387,6 @@ pub(crate) async fn follow_live(
         link,
         room,
         live: None,
-        done: false,
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -413,7 +396,6 @@ struct LiveFollower {
     link: Link,
     room: RuntimeRoom,
     live: Option<broadcast::Receiver<Delivery>>,
-    done: bool,
 }
 
 impl LiveFollower {
@@ -429,22 +411,17 @@ impl LiveFollower {
 }
 
 impl Follower for LiveFollower {
-    async fn next(&mut self) -> Option<Result<RuntimeEventEnvelope, RuntimeStreamError>> {
+    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         loop {
-            if self.done {
-                return None;
-            }
             let Some(live) = self.live.as_mut() else {
-                if let Err(error) = self.attach().await {
-                    self.done = true;
-                    return Some(Err(subscribe_error(&error)));
-                }
+                self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
-                Ok(delivery) => return Some(Ok(Arc::unwrap_or_clone(delivery.envelope))),
+                Ok(delivery) => return Ok(Some(Arc::unwrap_or_clone(delivery.envelope))),
+                // Reported, and the stream goes on (see `into_stream`).
                 Err(RecvError::Lagged(skipped)) => {
-                    return Some(Err(RuntimeStreamError::Lagged { skipped }));
+                    return Err(RuntimeStreamError::Lagged { skipped });
                 }
                 Err(RecvError::Closed) => self.live = None,
             }

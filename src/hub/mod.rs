@@ -92,6 +92,7 @@
 mod adapter;
 mod cursor;
 mod fanout_room;
+mod feed;
 mod follow;
 mod router;
 mod run_room;

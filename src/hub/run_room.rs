@@ -11,13 +11,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use uuid::Uuid;
 
+use super::feed::Feed;
 use super::router::RouterMsg;
 use super::{Delivery, RoomStats, Shared};
 use crate::config::Durability;
@@ -117,10 +117,7 @@ pub(crate) struct RunState {
     generation: u64,
     /// Appends handed to the store, in seq order.
     in_flight: VecDeque<InFlight>,
-    ring: VecDeque<Arc<RuntimeEventEnvelope>>,
-    live: broadcast::Sender<Delivery>,
-    last_active: Instant,
-    fanned_out: u64,
+    feed: Feed,
 }
 
 impl Actor for RunRoom {
@@ -133,12 +130,11 @@ impl Actor for RunRoom {
         _myself: ActorRef<Self::Msg>,
         args: RunRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (live, _) = broadcast::channel(args.shared.ring_capacity);
         Ok(RunState {
             run_id: args.run_id,
             store: args.store,
             router: args.router,
-            ring: VecDeque::with_capacity(args.shared.ring_capacity.min(64)),
+            feed: Feed::new(Arc::clone(&args.shared)),
             shared: args.shared,
             broken: None,
             assigned: 0,
@@ -149,9 +145,6 @@ impl Actor for RunRoom {
             ended_persisted: false,
             generation: 0,
             in_flight: VecDeque::new(),
-            live,
-            last_active: Instant::now(),
-            fanned_out: 0,
         })
     }
 
@@ -190,7 +183,7 @@ impl Actor for RunRoom {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             RunMsg::Publish(request) => {
-                state.last_active = Instant::now();
+                state.feed.touch();
                 state.publish(&myself, request).await;
             }
             RunMsg::Persisted {
@@ -199,21 +192,10 @@ impl Actor for RunRoom {
                 result,
             } => state.persisted(seq, generation, result)?,
             RunMsg::Attach { from_seq, reply } => {
-                state.last_active = Instant::now();
                 let _ = reply.send(state.attach(from_seq));
             }
             RunMsg::LivePublish { envelope, reply } => {
-                state.last_active = Instant::now();
-                // An envelope the room already fanned out (a host that
-                // appends and then publishes, in the seed's style) is not
-                // delivered twice.
-                let known = state.ring.iter().any(|e| e.event_id == envelope.event_id);
-                if !known {
-                    let _ = state.live.send(Delivery {
-                        envelope: Arc::new(envelope),
-                        persisted: false,
-                    });
-                }
+                state.feed.live_publish(envelope);
                 let _ = reply.send(());
             }
             RunMsg::Tick => {
@@ -233,15 +215,11 @@ impl Actor for RunRoom {
                 }
             }
             RunMsg::Stats(reply) => {
-                let _ = reply.send(RoomStats {
-                    room: RuntimeRoom::Run(state.run_id),
-                    subscribers: state.live.receiver_count(),
-                    ring_len: state.ring.len(),
-                    ring_capacity: state.shared.ring_capacity,
-                    in_flight: state.in_flight.len(),
-                    last_seq: Some(state.persisted),
-                    fanned_out: state.fanned_out,
-                });
+                let room = RuntimeRoom::Run(state.run_id);
+                let stats = state
+                    .feed
+                    .stats(room, state.in_flight.len(), Some(state.persisted));
+                let _ = reply.send(stats);
             }
         }
         Ok(())
@@ -250,9 +228,7 @@ impl Actor for RunRoom {
 
 impl RunState {
     fn is_idle(&self) -> bool {
-        self.in_flight.is_empty()
-            && self.live.receiver_count() == 0
-            && self.last_active.elapsed() >= self.shared.idle_timeout
+        self.in_flight.is_empty() && self.feed.is_idle()
     }
 
     async fn publish(&mut self, myself: &ActorRef<RunMsg>, request: PublishRequest) {
@@ -359,15 +335,7 @@ impl RunState {
     ) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
-        if self.ring.len() == self.shared.ring_capacity {
-            self.ring.pop_front();
-        }
-        self.ring.push_back(Arc::clone(&envelope));
-        self.fanned_out += 1;
-        let _ = self.live.send(Delivery {
-            envelope: Arc::clone(&envelope),
-            persisted: true,
-        });
+        self.feed.push(Arc::clone(&envelope));
         if let Some(session) = envelope.session_id {
             let _ = self.router.send_message(RouterMsg::Fanout {
                 room: RuntimeRoom::Session(session),
@@ -439,17 +407,12 @@ impl RunState {
         if let Some(error) = &self.broken {
             return Err(HubError::Store(error.clone()));
         }
-        let covered = from_seq > self.persisted
-            || self.ring.front().is_some_and(|first| first.seq <= from_seq);
-        let backlog = covered.then(|| {
-            self.ring
-                .iter()
-                .filter(|e| e.seq >= from_seq)
-                .cloned()
-                .collect()
-        });
+        let ring = self.feed.ring();
+        let covered =
+            from_seq > self.persisted || ring.front().is_some_and(|first| first.seq <= from_seq);
+        let backlog = covered.then(|| ring.iter().filter(|e| e.seq >= from_seq).cloned().collect());
         Ok(RunAttach {
-            live: self.live.subscribe(),
+            live: self.feed.subscribe(),
             persisted_seq: self.persisted,
             ended: self.ended_persisted,
             backlog,

@@ -1,0 +1,98 @@
+//! A room's outgoing side, shared by run and fanout rooms: the live feed
+//! subscribers read (a broadcast ring, so a subscriber's queue is bounded by
+//! its capacity and a slow one only falls behind), the ring of recent
+//! envelopes, and the idle clock.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::broadcast;
+
+use super::{Delivery, RoomStats, Shared};
+use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
+
+pub(crate) struct Feed {
+    live: broadcast::Sender<Delivery>,
+    ring: VecDeque<Arc<RuntimeEventEnvelope>>,
+    shared: Arc<Shared>,
+    last_active: Instant,
+    fanned_out: u64,
+}
+
+impl Feed {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let (live, _) = broadcast::channel(shared.ring_capacity);
+        Self {
+            live,
+            ring: VecDeque::with_capacity(shared.ring_capacity.min(64)),
+            shared,
+            last_active: Instant::now(),
+            fanned_out: 0,
+        }
+    }
+
+    /// Fans out a persisted envelope and keeps it in the ring.
+    pub(crate) fn push(&mut self, envelope: Arc<RuntimeEventEnvelope>) {
+        if self.ring.len() == self.shared.ring_capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Arc::clone(&envelope));
+        self.fanned_out += 1;
+        let _ = self.live.send(Delivery {
+            envelope,
+            persisted: true,
+        });
+    }
+
+    /// Fans out an envelope published through the adapter, unless the room
+    /// already fanned it out (a host that appends, then publishes the same
+    /// envelope, in the seed's style, delivers it once).
+    pub(crate) fn live_publish(&mut self, envelope: RuntimeEventEnvelope) {
+        self.touch();
+        if !self.ring.iter().any(|e| e.event_id == envelope.event_id) {
+            let _ = self.live.send(Delivery {
+                envelope: Arc::new(envelope),
+                persisted: false,
+            });
+        }
+    }
+
+    /// A new receiver of everything fanned out from now on.
+    pub(crate) fn subscribe(&mut self) -> broadcast::Receiver<Delivery> {
+        self.touch();
+        self.live.subscribe()
+    }
+
+    pub(crate) fn touch(&mut self) {
+        self.last_active = Instant::now();
+    }
+
+    /// The recent envelopes, oldest first.
+    pub(crate) fn ring(&self) -> &VecDeque<Arc<RuntimeEventEnvelope>> {
+        &self.ring
+    }
+
+    /// No subscriber, and no activity for the idle timeout. (A run room also
+    /// requires nothing in flight.)
+    pub(crate) fn is_idle(&self) -> bool {
+        self.live.receiver_count() == 0 && self.last_active.elapsed() >= self.shared.idle_timeout
+    }
+
+    pub(crate) fn stats(
+        &self,
+        room: RuntimeRoom,
+        in_flight: usize,
+        last_seq: Option<u64>,
+    ) -> RoomStats {
+        RoomStats {
+            room,
+            subscribers: self.live.receiver_count(),
+            ring_len: self.ring.len(),
+            ring_capacity: self.shared.ring_capacity,
+            in_flight,
+            last_seq,
+            fanned_out: self.fanned_out,
+        }
+    }
+}
