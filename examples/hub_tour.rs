@@ -10,12 +10,12 @@
 
 use std::error::Error;
 
-use behest_stream::{
-    AgentEvent, Config, Cursor, EventHub, ModelStarted, ProviderId, Resume, RunCompleted,
-    RunFailed, RunId, RunStarted, RuntimeRoom, TextDelta, TokenUsage, UsageRecorded,
-};
-use chrono::Utc;
+#[path = "support/script.rs"]
+mod support;
+
+use behest_stream::{Config, Cursor, EventHub, Resume, RunId, RuntimeRoom};
 use futures_util::StreamExt;
+use support::{SCRIPT_LEN, script};
 use uuid::Uuid;
 
 #[tokio::main]
@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .subscribe(RuntimeRoom::Session(session), Resume::FromStart)
         .await?;
     let session_watcher = tokio::spawn(async move {
-        let mut seen = 0;
+        let mut seen = 0u64;
         while let Some(item) = session_stream.next().await {
             let envelope = item?;
             seen += 1;
@@ -41,11 +41,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 envelope.seq,
                 envelope.event.kind()
             );
-            if envelope.is_terminal() && seen >= 3 * 8 {
+            if envelope.is_terminal() && seen >= 3 * SCRIPT_LEN {
                 break;
             }
         }
-        Ok::<usize, behest_stream::RuntimeStreamError>(seen)
+        Ok::<u64, behest_stream::RuntimeStreamError>(seen)
     });
 
     // A run subscriber that drops its connection after four events and
@@ -114,58 +114,4 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     hub.shutdown().await?;
     Ok(())
-}
-
-/// Eight events: start, model call, four text deltas, usage, and the end
-/// (a failure for `fail`).
-fn script(run_id: RunId, session: Uuid, fail: bool) -> Vec<AgentEvent> {
-    let now = Utc::now;
-    let provider = ProviderId::new("acme");
-    let mut events = vec![
-        AgentEvent::RunStarted(RunStarted {
-            run_id,
-            timestamp: now(),
-            session_id: Some(session),
-            provider: provider.clone(),
-            model: "acme-large".into(),
-        }),
-        AgentEvent::ModelStarted(ModelStarted {
-            run_id,
-            timestamp: now(),
-            provider,
-            model: "acme-large".into(),
-            iteration: 1,
-        }),
-    ];
-    for token in ["The ", "answer ", "is ", "42."] {
-        events.push(AgentEvent::TextDelta(TextDelta {
-            run_id,
-            timestamp: now(),
-            delta: token.into(),
-        }));
-    }
-    events.push(AgentEvent::UsageRecorded(UsageRecorded {
-        run_id,
-        timestamp: now(),
-        usage: TokenUsage {
-            input_tokens: 120,
-            output_tokens: 4,
-            total_tokens: 124,
-        },
-    }));
-    events.push(if fail {
-        AgentEvent::RunFailed(RunFailed {
-            run_id,
-            timestamp: now(),
-            error: "provider timed out".into(),
-        })
-    } else {
-        AgentEvent::RunCompleted(RunCompleted {
-            run_id,
-            timestamp: now(),
-            finish_reason: "stop".into(),
-            iterations: 1,
-        })
-    });
-    events
 }

@@ -12,13 +12,15 @@
 
 use std::error::Error;
 
+#[path = "support/script.rs"]
+mod support;
+
 use behest_stream::codec;
 use behest_stream::{
-    AgentEvent, Config, ModelStarted, ProviderId, RunCompleted, RunFailed, RunId, RunStarted,
-    RuntimeEventEnvelope, RuntimeEventId, Store, TextDelta, TokenUsage, ToolCall,
-    ToolCallCompleted, ToolExecutionFinished, ToolResult, UsageRecorded,
+    AgentEvent, Config, RunId, RuntimeEventEnvelope, RuntimeEventId, Store, ToolResult,
 };
 use chrono::Utc;
+use support::script;
 use uuid::Uuid;
 
 #[tokio::main]
@@ -30,7 +32,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let store = Store::open(Config::new(&dir)).await?;
     println!("opened store {dir} (epoch {})", store.epoch());
     for (i, run) in runs.iter().enumerate() {
-        let log = script(*run, session, i == 2);
+        let log = envelopes(*run, session, i == 2);
         // A run's events in two appends, as a producer would send them.
         let (head, tail) = log.split_at(log.len() / 2);
         store.append(head.to_vec()).await?;
@@ -79,77 +81,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// A plausible run: start, a model call streaming text, a tool call and its
-/// result, usage, and the end (a failure for `fail`).
-fn script(run_id: RunId, session: Uuid, fail: bool) -> Vec<RuntimeEventEnvelope> {
-    let now = Utc::now;
-    let provider = ProviderId::new("acme");
-    let mut events = vec![
-        AgentEvent::RunStarted(RunStarted {
-            run_id,
-            timestamp: now(),
-            session_id: Some(session),
-            provider: provider.clone(),
-            model: "acme-large".into(),
-        }),
-        AgentEvent::ModelStarted(ModelStarted {
-            run_id,
-            timestamp: now(),
-            provider,
-            model: "acme-large".into(),
-            iteration: 1,
-        }),
-    ];
-    for token in ["Let me ", "look that ", "up."] {
-        events.push(AgentEvent::TextDelta(TextDelta {
-            run_id,
-            timestamp: now(),
-            delta: token.into(),
-        }));
-    }
-    events.push(AgentEvent::ToolCallCompleted(ToolCallCompleted {
-        run_id,
-        timestamp: now(),
-        call: ToolCall {
-            id: "call_1".into(),
-            name: "search".into(),
-            arguments: serde_json::json!({"query": "weather in Lisbon"}),
-        },
-    }));
-    events.push(AgentEvent::ToolExecutionFinished(ToolExecutionFinished {
-        run_id,
-        timestamp: now(),
-        call_id: "call_1".into(),
-        tool_name: "search".into(),
-        result: ToolResult::Success {
-            output: serde_json::json!({"forecast": "sunny", "high_c": 24}),
-        },
-        duration_ms: 120,
-    }));
-    events.push(AgentEvent::UsageRecorded(UsageRecorded {
-        run_id,
-        timestamp: now(),
-        usage: TokenUsage {
-            input_tokens: 812,
-            output_tokens: 64,
-            total_tokens: 876,
-        },
-    }));
-    events.push(if fail {
-        AgentEvent::RunFailed(RunFailed {
-            run_id,
-            timestamp: now(),
-            error: "provider timed out".into(),
-        })
-    } else {
-        AgentEvent::RunCompleted(RunCompleted {
-            run_id,
-            timestamp: now(),
-            finish_reason: "stop".into(),
-            iterations: 1,
-        })
-    });
-    events
+/// The script's events as envelopes with seqs 1, 2, 3, …
+fn envelopes(run_id: RunId, session: Uuid, fail: bool) -> Vec<RuntimeEventEnvelope> {
+    script(run_id, session, fail)
         .into_iter()
         .zip(1..)
         .map(|(event, seq)| RuntimeEventEnvelope {
