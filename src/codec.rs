@@ -129,7 +129,8 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<RuntimeEventEnvelope>, (usize,
         ));
     }
     let mut decoder = Decoder::new(cursor);
-    let mut out = Vec::with_capacity(count);
+    // Sized by the claim only up to a point: the claim is unverified.
+    let mut out = Vec::with_capacity(count.min(1024));
     for index in 0..count {
         out.push(decoder.next().map_err(|e| (index, e))?);
     }

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use super::feed::Feed;
 use super::router::RouterMsg;
 use super::{Delivery, RoomStats, Shared};
+use crate::error::HubError;
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 /// Every message a session or provider room takes.
@@ -21,11 +22,11 @@ pub(crate) enum FanoutMsg {
     /// A persisted envelope from a run room (through the router).
     Fanout(Arc<RuntimeEventEnvelope>),
     /// Attach a live subscriber.
-    Attach(RpcReplyPort<broadcast::Receiver<Delivery>>),
+    Attach(RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`.
     LivePublish {
         envelope: RuntimeEventEnvelope,
-        reply: RpcReplyPort<()>,
+        reply: RpcReplyPort<Result<(), HubError>>,
     },
     /// Periodic check for idleness.
     Tick,
@@ -76,11 +77,11 @@ impl Actor for FanoutRoom {
         match message {
             FanoutMsg::Fanout(envelope) => state.feed.push(envelope),
             FanoutMsg::Attach(reply) => {
-                let _ = reply.send(state.feed.subscribe());
+                let _ = reply.send(Ok(state.feed.subscribe()));
             }
             FanoutMsg::LivePublish { envelope, reply } => {
                 state.feed.live_publish(envelope);
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             FanoutMsg::Tick => {
                 if state.feed.is_idle() {

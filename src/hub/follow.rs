@@ -134,7 +134,8 @@ struct RunFollower {
     from_live_edge: bool,
     /// The store holds everything up to here that the follower still owes.
     catch_up_to: u64,
-    backlog: VecDeque<RuntimeEventEnvelope>,
+    /// Envelopes owed next, shared with the room's ring until delivered.
+    backlog: VecDeque<Arc<RuntimeEventEnvelope>>,
     live: Option<broadcast::Receiver<Delivery>>,
     done: bool,
 }
@@ -144,7 +145,7 @@ impl RunFollower {
         &mut self,
         envelope: RuntimeEventEnvelope,
     ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
-        self.next_seq = envelope.seq + 1;
+        self.next_seq = envelope.seq.saturating_add(1);
         self.done = envelope.is_terminal();
         Ok(Some(envelope))
     }
@@ -161,7 +162,7 @@ impl RunFollower {
             .await??;
         if self.from_live_edge {
             self.from_live_edge = false;
-            self.next_seq = attach.persisted_seq + 1;
+            self.next_seq = attach.persisted_seq.saturating_add(1);
         }
         // Nothing more will come of an ended run this subscriber has seen
         // to the end (a live subscription to an ended run ends at once).
@@ -175,7 +176,7 @@ impl RunFollower {
                 if !backlog.is_empty() {
                     self.link.shared.counters.record_ring_catch_up();
                 }
-                self.backlog = backlog.into_iter().map(Arc::unwrap_or_clone).collect();
+                self.backlog = backlog.into();
             }
             None => {
                 self.link.shared.counters.record_store_catch_up();
@@ -195,7 +196,9 @@ impl Follower for RunFollower {
             if let Some(envelope) = self.backlog.pop_front() {
                 match envelope.seq.cmp(&self.next_seq) {
                     std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => return self.deliver(envelope),
+                    std::cmp::Ordering::Equal => {
+                        return self.deliver(Arc::unwrap_or_clone(envelope));
+                    }
                     // The backlog is contiguous; this cannot follow. Start
                     // over from a fresh attach rather than skip.
                     std::cmp::Ordering::Greater => {
@@ -208,7 +211,7 @@ impl Follower for RunFollower {
             if self.next_seq <= self.catch_up_to {
                 let page = self.link.shared.catch_up_page;
                 match self.link.page(self.run_id, self.next_seq - 1, page).await {
-                    Ok(page) => self.backlog.extend(page),
+                    Ok(page) => self.backlog.extend(page.into_iter().map(Arc::new)),
                     Err(error) => return Err(error),
                 }
                 continue;
@@ -222,7 +225,9 @@ impl Follower for RunFollower {
                     persisted: true,
                     envelope,
                 }) => match envelope.seq.cmp(&self.next_seq) {
-                    std::cmp::Ordering::Less => {}
+                    // A terminal event already behind the cursor: the run
+                    // has ended and nothing more will come.
+                    std::cmp::Ordering::Less => self.done = envelope.is_terminal(),
                     std::cmp::Ordering::Equal => {
                         return self.deliver(Arc::unwrap_or_clone(envelope));
                     }

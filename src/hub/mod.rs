@@ -464,7 +464,7 @@ impl EventHub {
                 follow::follow_run(link, run_id, Some(1)).await
             }
             (RuntimeRoom::Run(run_id), Resume::After(cursor)) => {
-                follow::follow_run(link, run_id, Some(cursor.seq(run_id) + 1)).await
+                follow::follow_run(link, run_id, Some(cursor.seq(run_id).saturating_add(1))).await
             }
             (RuntimeRoom::Session(session), Resume::Live) => {
                 follow::follow_session(link, session, Cursor::new(self.epoch()), true).await

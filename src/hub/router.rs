@@ -165,22 +165,23 @@ impl Actor for Router {
                     }
                 }
             }
-            RouterMsg::AttachLive { room, reply } => {
-                let result = match state.room(&myself, &room).await {
-                    Ok(RoomRef::Run(r)) => forward_call(&r, |reply| RunMsg::Attach {
-                        from_seq: u64::MAX,
-                        reply,
-                    })
-                    .await
-                    .and_then(|attach| attach.map(|a| a.live)),
-                    Ok(RoomRef::Fanout(r)) => forward_call(&r, FanoutMsg::Attach).await,
-                    Err(error) => Err(error),
-                };
-                if result.is_err() {
-                    state.forget(&room);
+            RouterMsg::AttachLive { room, reply } => match state.room(&myself, &room).await {
+                // The room answers the caller itself: the router never waits
+                // on a room here, and never forgets a room that is merely slow.
+                Ok(RoomRef::Run(r)) => {
+                    if r.send_message(RunMsg::AttachLive(reply)).is_err() {
+                        state.forget(&room);
+                    }
                 }
-                let _ = reply.send(result);
-            }
+                Ok(RoomRef::Fanout(r)) => {
+                    if r.send_message(FanoutMsg::Attach(reply)).is_err() {
+                        state.forget(&room);
+                    }
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
             RouterMsg::Fanout { room, envelope } => {
                 if let Some(RoomRef::Fanout(r)) = state.rooms.get(&room)
                     && r.send_message(FanoutMsg::Fanout(envelope)).is_err()
@@ -192,18 +193,25 @@ impl Actor for Router {
                 room,
                 envelope,
                 reply,
-            } => {
-                let result = match state.room(&myself, &room).await {
-                    Ok(RoomRef::Run(r)) => {
-                        forward_call(&r, |reply| RunMsg::LivePublish { envelope, reply }).await
+            } => match state.room(&myself, &room).await {
+                Ok(RoomRef::Run(r)) => {
+                    if r.send_message(RunMsg::LivePublish { envelope, reply })
+                        .is_err()
+                    {
+                        state.forget(&room);
                     }
-                    Ok(RoomRef::Fanout(r)) => {
-                        forward_call(&r, |reply| FanoutMsg::LivePublish { envelope, reply }).await
+                }
+                Ok(RoomRef::Fanout(r)) => {
+                    if r.send_message(FanoutMsg::LivePublish { envelope, reply })
+                        .is_err()
+                    {
+                        state.forget(&room);
                     }
-                    Err(error) => Err(error),
-                };
-                let _ = reply.send(result);
-            }
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
             RouterMsg::Idle { room, id } => {
                 let Some(room_ref) = state.rooms.get(&room).cloned() else {
                     return Ok(());
@@ -225,15 +233,18 @@ impl Actor for Router {
                 }
             }
             RouterMsg::Stats(reply) => {
-                let mut all = Vec::with_capacity(state.rooms.len());
-                for room_ref in state.rooms.values() {
-                    let stats = match room_ref {
-                        RoomRef::Run(r) => ask(r, RunMsg::Stats).await,
-                        RoomRef::Fanout(r) => ask(r, FanoutMsg::Stats).await,
-                    };
-                    all.extend(stats);
-                }
-                let _ = reply.send(all);
+                // Asked concurrently, off the router's own loop.
+                let rooms: Vec<RoomRef> = state.rooms.values().cloned().collect();
+                tokio::spawn(async move {
+                    let answers = rooms.iter().map(|room_ref| async move {
+                        match room_ref {
+                            RoomRef::Run(r) => ask(r, RunMsg::Stats).await,
+                            RoomRef::Fanout(r) => ask(r, FanoutMsg::Stats).await,
+                        }
+                    });
+                    let all = futures_util::future::join_all(answers).await;
+                    let _ = reply.send(all.into_iter().flatten().collect());
+                });
             }
             RouterMsg::Shutdown(reply) => {
                 state.rooms.clear();
@@ -350,17 +361,4 @@ async fn ask<M: ractor::Message, T: Send + 'static>(
         Ok(ractor::rpc::CallResult::Success(answer)) => Some(answer),
         _ => None,
     }
-}
-
-/// Forwards a request to a room and waits for its answer.
-async fn forward_call<M: ractor::Message, T: Send + 'static>(
-    room: &ActorRef<M>,
-    message: impl FnOnce(RpcReplyPort<T>) -> M,
-) -> Result<T, HubError> {
-    ask(room, message)
-        .await
-        .ok_or_else(|| HubError::RoomUnavailable {
-            room: room.get_name().unwrap_or_default(),
-            reason: "room did not answer".into(),
-        })
 }

@@ -65,11 +65,13 @@ pub(crate) enum RunMsg {
         from_seq: u64,
         reply: RpcReplyPort<Result<RunAttach, HubError>>,
     },
+    /// Attach a live-only subscriber (the adapter's subscribe).
+    AttachLive(RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`: live
     /// only, not sequenced, not stored.
     LivePublish {
         envelope: RuntimeEventEnvelope,
-        reply: RpcReplyPort<()>,
+        reply: RpcReplyPort<Result<(), HubError>>,
     },
     /// Periodic check for idleness.
     Tick,
@@ -109,6 +111,10 @@ pub(crate) struct RunState {
     persisted: u64,
     session_id: Option<Uuid>,
     provider: Option<ProviderId>,
+    /// Session and provider as of the last fanned-out event, restored when a
+    /// failed append rewinds the room.
+    session_persisted: Option<Uuid>,
+    provider_persisted: Option<ProviderId>,
     ended_assigned: bool,
     ended_persisted: bool,
     /// Bumped when a failed append rewinds `assigned`, so that the failures
@@ -141,6 +147,8 @@ impl Actor for RunRoom {
             persisted: 0,
             session_id: None,
             provider: None,
+            session_persisted: None,
+            provider_persisted: None,
             ended_assigned: false,
             ended_persisted: false,
             generation: 0,
@@ -160,6 +168,8 @@ impl Actor for RunRoom {
                 state.assigned = info.last_seq;
                 state.persisted = info.last_seq;
                 state.session_id = info.session_id;
+                state.session_persisted = info.session_id;
+                state.provider_persisted.clone_from(&info.provider);
                 state.provider = info.provider;
                 state.ended_assigned = info.ended_at.is_some();
                 state.ended_persisted = state.ended_assigned;
@@ -194,9 +204,12 @@ impl Actor for RunRoom {
             RunMsg::Attach { from_seq, reply } => {
                 let _ = reply.send(state.attach(from_seq));
             }
+            RunMsg::AttachLive(reply) => {
+                let _ = reply.send(Ok(state.feed.subscribe()));
+            }
             RunMsg::LivePublish { envelope, reply } => {
                 state.feed.live_publish(envelope);
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             RunMsg::Tick => {
                 if state.is_idle() {
@@ -242,7 +255,7 @@ impl RunState {
             }));
             return;
         }
-        let seq = self.assigned + 1;
+        let seq = self.assigned.saturating_add(1);
         let session_id = self.session_id.or_else(|| request.event.session_id());
         let envelope = RuntimeEventEnvelope {
             event_id: RuntimeEventId::new(),
@@ -335,6 +348,10 @@ impl RunState {
     ) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
+        self.session_persisted = envelope.session_id;
+        if self.provider_persisted.is_none() {
+            self.provider_persisted = envelope.event.provider().cloned();
+        }
         self.feed.push(Arc::clone(&envelope));
         if let Some(session) = envelope.session_id {
             let _ = self.router.send_message(RouterMsg::Fanout {
@@ -358,49 +375,61 @@ impl RunState {
     /// its own last seq any more: it stops, and its next start recovers it
     /// from the store.
     fn failed(&mut self, done: InFlight, error: StoreError) -> Result<(), ActorProcessingErr> {
+        let seq = done.envelope.seq;
+        let current = done.generation == self.generation;
+        // Failures that leave the store exactly as it was.
         let surely_not_stored = matches!(
             error,
             StoreError::WriteFailed { .. }
-                | StoreError::SeqConflict { .. }
                 | StoreError::TooLarge { .. }
                 | StoreError::Encode { .. }
                 | StoreError::CorruptRunRecord { .. }
         );
-        let seq = done.envelope.seq;
-        if !surely_not_stored {
-            tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
-            let room = RuntimeRoom::Run(self.run_id).to_string();
-            let reason = format!("append of seq {seq} in doubt: {error}");
-            let _ = done.reply.send(Err(HubError::RoomUnavailable {
-                room: room.clone(),
-                reason: reason.clone(),
-            }));
-            for rest in self.in_flight.drain(..) {
-                let _ = rest.reply.send(Err(HubError::RoomUnavailable {
-                    room: room.clone(),
-                    reason: reason.clone(),
-                }));
+        match (&error, current) {
+            // A later append of a pipeline whose earlier append failed: the
+            // store refused it for the gap.
+            (StoreError::SeqConflict { .. }, false) => {
+                let _ = done
+                    .reply
+                    .send(Err(HubError::Store(StoreError::WriteFailed {
+                        message: format!(
+                            "an earlier event of run {} failed; nothing stored",
+                            self.run_id
+                        ),
+                    })));
+                Ok(())
             }
-            return Err(reason.into());
+            (_, true) if surely_not_stored => {
+                tracing::warn!(run_id = %self.run_id, seq, %error, "append failed; nothing stored, seq reused");
+                self.assigned = seq - 1;
+                self.ended_assigned = self.ended_persisted;
+                self.session_id = self.session_persisted;
+                self.provider.clone_from(&self.provider_persisted);
+                self.generation += 1;
+                let _ = done.reply.send(Err(error.into()));
+                Ok(())
+            }
+            (_, false) if surely_not_stored => {
+                let _ = done.reply.send(Err(error.into()));
+                Ok(())
+            }
+            // The outcome is in doubt, or the store disagrees with the room
+            // about the run (a seq conflict of the room's own pipeline): the
+            // room cannot know its last seq any more. It answers everyone
+            // and stops; its next start recovers the run from the store.
+            _ => {
+                tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
+                let room = RuntimeRoom::Run(self.run_id).to_string();
+                let reason = format!("append of seq {seq} in doubt: {error}");
+                for f in std::iter::once(done).chain(self.in_flight.drain(..)) {
+                    let _ = f.reply.send(Err(HubError::RoomUnavailable {
+                        room: room.clone(),
+                        reason: reason.clone(),
+                    }));
+                }
+                Err(reason.into())
+            }
         }
-        if done.generation == self.generation {
-            tracing::warn!(run_id = %self.run_id, seq, %error, "append failed; nothing stored, seq reused");
-            self.assigned = seq - 1;
-            self.ended_assigned = self.ended_persisted;
-            self.generation += 1;
-            let _ = done.reply.send(Err(error.into()));
-        } else {
-            // A consequence of an earlier failure in the same pipeline.
-            let _ = done
-                .reply
-                .send(Err(HubError::Store(StoreError::WriteFailed {
-                    message: format!(
-                        "an earlier event of run {} failed; nothing stored",
-                        self.run_id
-                    ),
-                })));
-        }
-        Ok(())
     }
 
     fn attach(&mut self, from_seq: u64) -> Result<RunAttach, HubError> {

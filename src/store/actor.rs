@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::engine::{self, AppendRequest, SegmentLimits};
 use super::{Counters, RunInfo, StoreStats};
@@ -73,6 +73,18 @@ pub(crate) struct StoreState {
     committing: bool,
     closing: Option<RpcReplyPort<Result<(), StoreError>>>,
     counters: Arc<Counters>,
+    /// Held for writing while a batch is applied and flushed, for reading by
+    /// every read: a reader never sees a `Flushed` batch before its flush, so
+    /// nothing is served that a crash could still take back.
+    gate: Arc<RwLock<()>>,
+    /// Appends received, and appends whose commit has finished (in order).
+    received: u64,
+    committed: u64,
+    /// `received` when the commit in flight took its batch.
+    batch_end: u64,
+    /// Reads waiting for the appends received before them to be committed.
+    /// Bounded by the read permits each holds.
+    waiting: Vec<(u64, ReadJob)>,
     #[cfg(feature = "fault-injection")]
     held: bool,
 }
@@ -95,6 +107,11 @@ impl Actor for StoreActor {
             committing: false,
             closing: None,
             counters: args.counters,
+            gate: Arc::default(),
+            received: 0,
+            committed: 0,
+            batch_end: 0,
+            waiting: Vec::new(),
             #[cfg(feature = "fault-injection")]
             held: false,
         })
@@ -112,6 +129,7 @@ impl Actor for StoreActor {
                     let _ = request.reply.send(Err(StoreError::Closed));
                     return Ok(());
                 }
+                state.received += 1;
                 state.pending.push(request);
                 state.start_commit(&myself);
             }
@@ -128,7 +146,15 @@ impl Actor for StoreActor {
                 run_id,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| engine::run_info(db, run_id)),
+            } => {
+                // Recovery must see every append handed over before it (a
+                // room that restarts while its predecessor's appends are
+                // still pending would otherwise read a stale last seq).
+                let barrier = state.received;
+                state.read_after(barrier, permit, reply, move |db| {
+                    engine::run_info(db, run_id)
+                });
+            }
             StoreMsg::SessionRuns {
                 session_id,
                 permit,
@@ -149,6 +175,8 @@ impl Actor for StoreActor {
             }
             StoreMsg::CommitDone(outcome) => {
                 state.committing = false;
+                state.committed = state.batch_end;
+                state.run_waiting_reads();
                 state.next_ordinal = outcome.map_err(|panic| {
                     // The batch may or may not have been applied; the actor
                     // cannot know its ordinal counter any more. Stop, and let
@@ -185,6 +213,32 @@ impl Actor for StoreActor {
     }
 }
 
+/// A read, ready to start on the blocking pool given the database (or
+/// `None` once closed) and the gate.
+type ReadJob = Box<dyn FnOnce(Option<sled::Db>, Arc<RwLock<()>>) + Send>;
+
+fn read_job<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    reply: RpcReplyPort<Result<T, StoreError>>,
+    read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+) -> ReadJob {
+    Box::new(move |db, gate| {
+        let Some(db) = db else {
+            let _ = reply.send(Err(StoreError::Closed));
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = {
+                let _shared = gate.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                read(&db)
+            };
+            drop(db);
+            drop(permit);
+            let _ = reply.send(result);
+        });
+    })
+}
+
 impl StoreState {
     /// Starts a commit of everything pending, unless one is in flight.
     fn start_commit(&mut self, myself: &ActorRef<StoreMsg>) {
@@ -197,14 +251,16 @@ impl StoreState {
             return;
         }
         self.committing = true;
+        self.batch_end = self.received;
         let requests = std::mem::take(&mut self.pending);
+        let gate = Arc::clone(&self.gate);
         let mut next_ordinal = self.next_ordinal;
         let limits = self.limits;
         let counters = Arc::clone(&self.counters);
         let myself = myself.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
-                engine::commit(&db, requests, &mut next_ordinal, limits, &counters);
+                engine::commit(&db, &gate, requests, &mut next_ordinal, limits, &counters);
                 drop(db);
                 next_ordinal
             })
@@ -224,16 +280,35 @@ impl StoreState {
         reply: RpcReplyPort<Result<T, StoreError>>,
         read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
     ) {
-        let Some(db) = self.db.clone() else {
-            let _ = reply.send(Err(StoreError::Closed));
-            return;
-        };
-        tokio::task::spawn_blocking(move || {
-            let result = read(&db);
-            drop(db);
-            drop(permit);
-            let _ = reply.send(result);
-        });
+        let job = read_job(permit, reply, read);
+        job(self.db.clone(), Arc::clone(&self.gate));
+    }
+
+    /// As `read`, once every append received before `barrier` is committed.
+    fn read_after<T: Send + 'static>(
+        &mut self,
+        barrier: u64,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<T, StoreError>>,
+        read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+    ) {
+        let job = read_job(permit, reply, read);
+        if self.committed >= barrier {
+            job(self.db.clone(), Arc::clone(&self.gate));
+        } else {
+            self.waiting.push((barrier, job));
+        }
+    }
+
+    fn run_waiting_reads(&mut self) {
+        let committed = self.committed;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(barrier, _)| *barrier <= committed);
+        self.waiting = waiting;
+        for (_, job) in ready {
+            job(self.db.clone(), Arc::clone(&self.gate));
+        }
     }
 
     /// Once closing and nothing is pending or in flight: flush, release the

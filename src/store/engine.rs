@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::Path;
+use std::sync::RwLock;
 
 use chrono::Utc;
 use ractor::RpcReplyPort;
@@ -146,6 +147,7 @@ pub(crate) struct SegmentLimits {
 /// before the answers go out, so a caller that has its answer sees them.
 pub(crate) fn commit(
     db: &sled::Db,
+    gate: &RwLock<()>,
     requests: Vec<AppendRequest>,
     next_ordinal: &mut u64,
     limits: SegmentLimits,
@@ -222,6 +224,11 @@ pub(crate) fn commit(
         }
     }
 
+    // Readers wait while the batch is applied and, if any append asked for
+    // it, flushed: they see it whole and durable, or not at all.
+    let exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(e) = db.apply_batch(batch) {
         *next_ordinal = ordinal_before;
         let message = e.to_string();
@@ -236,13 +243,19 @@ pub(crate) fn commit(
     let (flushed, buffered): (Vec<_>, Vec<_>) = accepted
         .into_iter()
         .partition(|r| r.durability == Durability::Flushed);
+    if flushed.is_empty() {
+        drop(exclusive);
+        for request in buffered {
+            let _ = request.reply.send(Ok(()));
+        }
+        return;
+    }
+    let flush = db.flush();
+    drop(exclusive);
     for request in buffered {
         let _ = request.reply.send(Ok(()));
     }
-    if flushed.is_empty() {
-        return;
-    }
-    match db.flush() {
+    match flush {
         Ok(_) => {
             counters.record_flush();
             for request in flushed {
@@ -310,7 +323,7 @@ fn stage(
                 run_id: item.run_id,
             });
         }
-        let expected = record.last_seq + 1;
+        let expected = record.last_seq.saturating_add(1);
         if item.seq != expected {
             return Err(StoreError::SeqConflict {
                 run_id: item.run_id,
@@ -416,9 +429,21 @@ pub(crate) fn list_after(
                 )),
             });
         }
-        expected = Some(first_seq + envelopes.len() as u64);
+        expected = Some(first_seq.saturating_add(envelopes.len() as u64));
         for envelope in envelopes {
             if envelope.seq >= wanted {
+                // The first event served must be the one asked for: a
+                // missing segment below it is damage, not a shorter log.
+                if out.is_empty() && envelope.seq != wanted {
+                    return Err(StoreError::Corrupt {
+                        run_id,
+                        seq: wanted,
+                        source: CodecError::Malformed(format!(
+                            "seq {wanted} is missing; the log resumes at seq {}",
+                            envelope.seq
+                        )),
+                    });
+                }
                 out.push(envelope);
                 if out.len() == limit {
                     return Ok(out);
