@@ -197,3 +197,60 @@ async fn live_subscriptions_start_at_the_live_edge() {
     assert!(next_within(&mut ended, DEADLINE).await.is_none());
     hub.shutdown().await.unwrap();
 }
+
+/// A room that is busy (here: waiting for store budget while commits are
+/// held) is not mistaken for a dead one: a subscribe routed to it waits for
+/// it, no second room is started for the run, and every publish gets the
+/// next seq. (Before the fix, the router gave up on the room after 5 s,
+/// started a second one, and the run was wedged with seq conflicts.)
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_room_is_not_replaced() {
+    use behest_stream::RuntimeStreamAdapter;
+
+    let hub = EventHub::open(Config::temporary().max_in_flight_bytes(2000))
+        .await
+        .unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    hub.store().hold_commits(true).unwrap();
+    let mut pending = Vec::new();
+    for _ in 0..30 {
+        pending.push(hub.submit(delta(run, "x")).await.unwrap());
+    }
+    let adapter = hub.clone();
+    let live = tokio::spawn(async move {
+        RuntimeStreamAdapter::subscribe(&adapter, &RuntimeRoom::Run(run))
+            .await
+            .map(|_| ())
+    });
+    let ordered = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            hub.subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+                .await
+        })
+    };
+    // Longer than the old router's 5 s wait for a room's answer. This pause
+    // makes the old bug show; the test passes however long it is.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    hub.store().hold_commits(false).unwrap();
+    let mut stream = ordered.await.unwrap().unwrap();
+    live.await.unwrap().unwrap();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.await.unwrap().seq, i as u64 + 2);
+    }
+    assert_eq!(hub.publish(delta(run, "after")).await.unwrap().seq, 32);
+    for seq in 1..=32 {
+        assert_eq!(
+            next_within(&mut stream, DEADLINE)
+                .await
+                .unwrap()
+                .unwrap()
+                .seq,
+            seq
+        );
+    }
+    assert_eq!(hub.stats().await.unwrap().rooms_started, 1);
+    hub.shutdown().await.unwrap();
+}
