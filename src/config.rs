@@ -50,6 +50,7 @@ pub struct Config {
     pub(crate) idle_timeout: Duration,
     pub(crate) max_in_flight_publishes: usize,
     pub(crate) catch_up_page: usize,
+    pub(crate) max_rooms: usize,
 }
 
 /// Default largest encoded envelope: 1 MiB.
@@ -83,6 +84,7 @@ impl Config {
             idle_timeout: Duration::from_secs(30),
             max_in_flight_publishes: 4096,
             catch_up_page: 256,
+            max_rooms: 100_000,
         }
     }
 
@@ -172,6 +174,16 @@ impl Config {
     #[must_use]
     pub fn max_in_flight_publishes(mut self, publishes: usize) -> Self {
         self.max_in_flight_publishes = publishes.clamp(1, u32::MAX as usize);
+        self
+    }
+
+    /// Most rooms running at once (default 100,000). A publish or subscribe
+    /// that needs another room beyond it fails with `HubError::TooManyRooms`
+    /// until idle rooms are stopped. Each room holds at most `ring_capacity`
+    /// envelopes, so this with the ring bounds the hub's memory.
+    #[must_use]
+    pub fn max_rooms(mut self, rooms: usize) -> Self {
+        self.max_rooms = rooms.max(1);
         self
     }
 

@@ -223,6 +223,15 @@ pub enum HubError {
         /// The store's last seq of the run.
         last_seq: u64,
     },
+    /// The hub runs `Config::max_rooms` rooms already; nothing was stored.
+    /// Retry once idle rooms have stopped, or raise the limit.
+    #[error("too many rooms running (limit {limit}); room {room} was not started")]
+    TooManyRooms {
+        /// The room that could not be started, as displayed.
+        room: String,
+        /// The limit.
+        limit: usize,
+    },
     /// Provider rooms are live-only: subscribe with `Resume::Live`.
     #[error("room {room} is live-only; subscribe with Resume::Live")]
     LiveOnly {
@@ -237,7 +246,7 @@ impl HubError {
     pub fn is_retryable(&self) -> bool {
         match self {
             HubError::Store(e) => e.is_retryable(),
-            HubError::RoomUnavailable { .. } => true,
+            HubError::RoomUnavailable { .. } | HubError::TooManyRooms { .. } => true,
             _ => false,
         }
     }

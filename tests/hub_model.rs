@@ -36,6 +36,8 @@ enum From {
 #[derive(Debug, Clone)]
 enum Op {
     Publish(usize),
+    /// `n` events submitted back to back, then all awaited.
+    Pipeline(usize, u8),
     End(usize),
     Subscribe(Target, From),
     Read(usize, u8),
@@ -53,7 +55,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..=8).prop_map(From::After)
     ];
     prop_oneof![
-        10 => (0..RUNS).prop_map(Op::Publish),
+        8 => (0..RUNS).prop_map(Op::Publish),
+        3 => (0..RUNS, 2u8..20).prop_map(|(r, n)| Op::Pipeline(r, n)),
         1 => (0..RUNS).prop_map(Op::End),
         3 => (target, start).prop_map(|(t, s)| Op::Subscribe(t, s)),
         4 => (0..8usize, 1u8..12).prop_map(|(s, n)| Op::Read(s, n)),
@@ -174,6 +177,33 @@ async fn run_case(ops: Vec<Op>) {
                     }
                     Err(HubError::RunClosed { .. }) => assert!(model.ended[r]),
                     Err(other) => panic!("publish failed: {other:?}"),
+                }
+            }
+            Op::Pipeline(r, n) => {
+                let run = model.runs[r];
+                let mut pending = Vec::new();
+                for i in 0..n {
+                    let event = if model.logs[r].is_empty() && i == 0 {
+                        started(run, Some(model.sessions[Model::session_of(r)]))
+                    } else {
+                        delta(run, "p")
+                    };
+                    pending.push(hub.submit(event).await.unwrap());
+                }
+                for p in pending {
+                    match p.await {
+                        Ok(envelope) => {
+                            assert!(!model.ended[r], "published after the terminal event");
+                            assert_eq!(
+                                envelope.seq,
+                                model.logs[r].len() as u64 + 1,
+                                "pipelined order"
+                            );
+                            model.logs[r].push(envelope);
+                        }
+                        Err(HubError::RunClosed { .. }) => assert!(model.ended[r]),
+                        Err(other) => panic!("publish failed: {other:?}"),
+                    }
                 }
             }
             Op::Subscribe(target, start) => {

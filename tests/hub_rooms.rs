@@ -254,3 +254,31 @@ async fn a_busy_room_is_not_replaced() {
     assert_eq!(hub.stats().await.unwrap().rooms_started, 1);
     hub.shutdown().await.unwrap();
 }
+
+/// The number of running rooms is bounded: beyond `max_rooms` a publish that
+/// needs a new room is refused (nothing stored) until idle rooms stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_beyond_the_limit_are_refused_until_idle_ones_stop() {
+    let hub = EventHub::open(
+        Config::temporary()
+            .max_rooms(2)
+            .idle_timeout(Duration::from_millis(40)),
+    )
+    .await
+    .unwrap();
+    let runs: Vec<RunId> = (0..3).map(|_| RunId::new()).collect();
+    hub.publish(started(runs[0], None)).await.unwrap();
+    hub.publish(started(runs[1], None)).await.unwrap();
+    let refused = hub.publish(started(runs[2], None)).await;
+    assert!(
+        matches!(refused, Err(HubError::TooManyRooms { limit: 2, .. })),
+        "{refused:?}"
+    );
+    assert!(hub.replay(runs[2], 0, 10).await.unwrap().is_empty());
+    wait_for("idle rooms to stop", DEADLINE, async || {
+        hub.stats().await.unwrap().rooms.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(hub.publish(started(runs[2], None)).await.unwrap().seq, 1);
+    hub.shutdown().await.unwrap();
+}

@@ -67,9 +67,12 @@
 //! }
 //! // Fanout to the provider room is asynchronous: wait until it has all five.
 //! let room = RuntimeRoom::Provider(ProviderId::new("acme"));
-//! while !hub.stats().await?.rooms.iter().any(|r| r.room == room && r.fanned_out == 5) {
-//!     tokio::task::yield_now().await;
-//! }
+//! tokio::time::timeout(std::time::Duration::from_secs(30), async {
+//!     while !hub.stats().await.unwrap().rooms.iter().any(|r| r.room == room && r.fanned_out == 5) {
+//!         tokio::task::yield_now().await;
+//!     }
+//! })
+//! .await?;
 //! assert!(matches!(stream.next().await, Some(Err(RuntimeStreamError::Lagged { skipped: 3 }))));
 //! assert_eq!(stream.next().await.unwrap()?.seq, 4);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -131,6 +134,7 @@ pub(crate) struct Shared {
     pub(crate) ring_capacity: usize,
     pub(crate) idle_timeout: Duration,
     pub(crate) catch_up_page: usize,
+    pub(crate) max_rooms: usize,
     pub(crate) counters: Counters,
 }
 
@@ -282,6 +286,7 @@ impl EventHub {
             ring_capacity: config.ring_capacity,
             idle_timeout: config.idle_timeout,
             catch_up_page: config.catch_up_page,
+            max_rooms: config.max_rooms,
             counters: Counters::default(),
         });
         let args = RouterArgs {

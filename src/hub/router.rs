@@ -312,6 +312,12 @@ impl RouterState {
         if let Some(room_ref) = self.rooms.get(room) {
             return Ok(room_ref.clone());
         }
+        if self.rooms.len() >= self.shared.max_rooms {
+            return Err(HubError::TooManyRooms {
+                room: room.to_string(),
+                limit: self.shared.max_rooms,
+            });
+        }
         let room_ref = match room {
             RuntimeRoom::Run(run_id) => {
                 let args = RunRoomArgs {
