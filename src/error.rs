@@ -191,9 +191,10 @@ pub enum HubError {
     /// The store failed; see [`StoreError`] (and its `is_retryable`).
     #[error(transparent)]
     Store(StoreError),
-    /// The room stopped before it answered (it crashed, or the hub is
-    /// shutting down). The event may or may not have been stored; a
-    /// subscriber re-reads the run to know.
+    /// The room stopped (it crashed, or the hub is shutting down) before it
+    /// took the request. For a publish: nothing was stored, and a retry is
+    /// safe. (A publish the room took is always answered with the store's
+    /// own outcome, even if the room dies afterwards.)
     #[error("room {room} stopped before answering: {reason}")]
     RoomUnavailable {
         /// The room, as displayed (`run:…`).

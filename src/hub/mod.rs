@@ -262,8 +262,7 @@ impl Future for PendingPublish {
             answer.unwrap_or_else(|_| {
                 Err(HubError::RoomUnavailable {
                     room: "run".into(),
-                    reason: "the room stopped before answering; the event may or may not be stored"
-                        .into(),
+                    reason: "the room stopped before it took the event; nothing was stored".into(),
                 })
             })
         })

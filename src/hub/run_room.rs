@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
 use uuid::Uuid;
 
 use super::feed::Feed;
@@ -59,6 +59,7 @@ pub(crate) enum RunMsg {
         seq: u64,
         generation: u64,
         result: Result<(), StoreError>,
+        verdict: Verdict,
     },
     /// Attach a subscriber that wants everything from `from_seq` on.
     Attach {
@@ -90,13 +91,19 @@ pub(crate) struct RunRoomArgs {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// An append handed to the store. The publisher's reply is owned by the
+/// append's waiter task, not by the room: if the room dies, the waiter still
+/// answers with the store's word, so a publisher hears `Ok` exactly when its
+/// event is stored.
 struct InFlight {
     envelope: Arc<RuntimeEventEnvelope>,
     generation: u64,
     result: Option<Result<(), StoreError>>,
-    reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
-    _permit: OwnedSemaphorePermit,
+    /// Where the room sends its verdict once it has the store's answer.
+    verdict: Option<Verdict>,
 }
+
+type Verdict = oneshot::Sender<Result<RuntimeEventEnvelope, HubError>>;
 
 pub(crate) struct RunState {
     run_id: RunId,
@@ -200,7 +207,8 @@ impl Actor for RunRoom {
                 seq,
                 generation,
                 result,
-            } => state.persisted(seq, generation, result)?,
+                verdict,
+            } => state.persisted(seq, generation, result, verdict)?,
             RunMsg::Attach { from_seq, reply } => {
                 let _ = reply.send(state.attach(from_seq));
             }
@@ -295,21 +303,39 @@ impl RunState {
         }
         self.ended_assigned = envelope.is_terminal();
         let generation = self.generation;
+        let envelope = Arc::new(envelope);
         self.in_flight.push_back(InFlight {
-            envelope: Arc::new(envelope),
+            envelope: Arc::clone(&envelope),
             generation,
             result: None,
-            reply: request.reply,
-            _permit: request.permit,
+            verdict: None,
         });
         let myself = myself.clone();
+        let (reply, permit) = (request.reply, request.permit);
         tokio::spawn(async move {
-            let result = ack.await.unwrap_or(Err(StoreError::Closed));
+            let result = ack.await.unwrap_or_else(|_| {
+                Err(StoreError::FlushFailed {
+                    message: "the store stopped before answering; the append is in doubt".into(),
+                })
+            });
+            let (verdict, room_answer) = oneshot::channel();
             let _ = myself.send_message(RunMsg::Persisted {
                 seq,
                 generation,
-                result,
+                result: result.clone(),
+                verdict,
             });
+            // The room answers after fanning out. If it died first, the
+            // store's word stands: the restarted room serves the event from
+            // the store.
+            let answer = match room_answer.await {
+                Ok(answer) => answer,
+                Err(_) => result
+                    .map(|()| RuntimeEventEnvelope::clone(&envelope))
+                    .map_err(HubError::from),
+            };
+            let _ = reply.send(answer);
+            drop(permit);
         });
     }
 
@@ -320,6 +346,7 @@ impl RunState {
         seq: u64,
         generation: u64,
         result: Result<(), StoreError>,
+        verdict: Verdict,
     ) -> Result<(), ActorProcessingErr> {
         let slot = self
             .in_flight
@@ -327,13 +354,14 @@ impl RunState {
             .find(|f| f.envelope.seq == seq && f.generation == generation);
         if let Some(slot) = slot {
             slot.result = Some(result);
+            slot.verdict = Some(verdict);
         }
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
             let Some(mut done) = self.in_flight.pop_front() else {
                 break;
             };
             match done.result.take() {
-                Some(Ok(())) => self.fan_out(done.envelope, done.reply),
+                Some(Ok(())) => self.fan_out(done.envelope, done.verdict),
                 Some(Err(error)) => self.failed(done, error)?,
                 None => {}
             }
@@ -341,11 +369,7 @@ impl RunState {
         Ok(())
     }
 
-    fn fan_out(
-        &mut self,
-        envelope: Arc<RuntimeEventEnvelope>,
-        reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
-    ) {
+    fn fan_out(&mut self, envelope: Arc<RuntimeEventEnvelope>, verdict: Option<Verdict>) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
         self.session_persisted = envelope.session_id;
@@ -365,7 +389,9 @@ impl RunState {
                 envelope: Arc::clone(&envelope),
             });
         }
-        let _ = reply.send(Ok(RuntimeEventEnvelope::clone(&envelope)));
+        if let Some(verdict) = verdict {
+            let _ = verdict.send(Ok(RuntimeEventEnvelope::clone(&envelope)));
+        }
     }
 
     /// An append failed. If the store surely holds nothing of it, rewind so
@@ -385,18 +411,23 @@ impl RunState {
                 | StoreError::Encode { .. }
                 | StoreError::CorruptRunRecord { .. }
         );
+        let answer = |verdict: Option<Verdict>, answer: Result<RuntimeEventEnvelope, HubError>| {
+            if let Some(verdict) = verdict {
+                let _ = verdict.send(answer);
+            }
+        };
         match (&error, current) {
             // A later append of a pipeline whose earlier append failed: the
             // store refused it for the gap.
             (StoreError::SeqConflict { .. }, false) => {
-                let _ = done
-                    .reply
-                    .send(Err(HubError::Store(StoreError::WriteFailed {
-                        message: format!(
-                            "an earlier event of run {} failed; nothing stored",
-                            self.run_id
-                        ),
-                    })));
+                let message = format!(
+                    "an earlier event of run {} failed; nothing stored",
+                    self.run_id
+                );
+                answer(
+                    done.verdict,
+                    Err(HubError::Store(StoreError::WriteFailed { message })),
+                );
                 Ok(())
             }
             (_, true) if surely_not_stored => {
@@ -406,28 +437,31 @@ impl RunState {
                 self.session_id = self.session_persisted;
                 self.provider.clone_from(&self.provider_persisted);
                 self.generation += 1;
-                let _ = done.reply.send(Err(error.into()));
+                answer(done.verdict, Err(error.into()));
                 Ok(())
             }
             (_, false) if surely_not_stored => {
-                let _ = done.reply.send(Err(error.into()));
+                answer(done.verdict, Err(error.into()));
                 Ok(())
             }
             // The outcome is in doubt, or the store disagrees with the room
             // about the run (a seq conflict of the room's own pipeline): the
-            // room cannot know its last seq any more. It answers everyone
-            // and stops; its next start recovers the run from the store.
+            // room cannot know its last seq any more. It stops; its next
+            // start recovers the run from the store. Every publisher still
+            // hears the store's own answer (from here, or from its waiter).
             _ => {
                 tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
-                let room = RuntimeRoom::Run(self.run_id).to_string();
-                let reason = format!("append of seq {seq} in doubt: {error}");
-                for f in std::iter::once(done).chain(self.in_flight.drain(..)) {
-                    let _ = f.reply.send(Err(HubError::RoomUnavailable {
-                        room: room.clone(),
-                        reason: reason.clone(),
-                    }));
+                answer(done.verdict, Err(error.clone().into()));
+                for rest in self.in_flight.drain(..) {
+                    if let Some(result) = rest.result {
+                        let envelope = RuntimeEventEnvelope::clone(&rest.envelope);
+                        answer(
+                            rest.verdict,
+                            result.map(|()| envelope).map_err(HubError::from),
+                        );
+                    }
                 }
-                Err(reason.into())
+                Err(format!("append of seq {seq} in doubt: {error}").into())
             }
         }
     }
