@@ -136,6 +136,28 @@ pub(crate) struct Shared {
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
     pub(crate) counters: Counters,
+    /// Test hook: rooms told to panic at their n-th publish from now.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) panics: std::sync::Mutex<std::collections::HashMap<RuntimeRoom, u64>>,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Shared {
+    /// Counts a publish for `room`; true when the room must panic now.
+    pub(crate) fn should_panic(&self, room: &RuntimeRoom) -> bool {
+        let mut panics = self.panics.lock().unwrap_or_else(|p| p.into_inner());
+        match panics.get_mut(room) {
+            Some(1) => {
+                panics.remove(room);
+                true
+            }
+            Some(left) => {
+                *left -= 1;
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -287,6 +309,8 @@ impl EventHub {
             catch_up_page: config.catch_up_page,
             max_rooms: config.max_rooms,
             counters: Counters::default(),
+            #[cfg(feature = "fault-injection")]
+            panics: std::sync::Mutex::default(),
         });
         let args = RouterArgs {
             store: store.clone(),
@@ -602,6 +626,21 @@ impl EventHub {
         let _ = join.await;
         self.inner.link.store.close().await?;
         Ok(())
+    }
+
+    /// Test hook: the run room `room` panics when it takes its `nth`
+    /// publish from now on (1 = the next). The router restarts it from the
+    /// store on next use.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_room_panic(&self, room: RuntimeRoom, nth: u64) {
+        let mut panics = self
+            .inner
+            .link
+            .shared
+            .panics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        panics.insert(room, nth.max(1));
     }
 
     /// The live-only stream of a room, as the seed's adapter subscribes.

@@ -267,10 +267,12 @@ impl Actor for Router {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
+                // Every child is a room; the map may have forgotten this one
+                // already (a send to it failed first).
+                state.shared.counters.record_failure();
                 if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
                     tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
                     state.forget(&room);
-                    state.shared.counters.record_failure();
                 }
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {

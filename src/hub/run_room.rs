@@ -200,6 +200,10 @@ impl Actor for RunRoom {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             RunMsg::Publish(request) => {
+                #[cfg(feature = "fault-injection")]
+                if state.shared.should_panic(&RuntimeRoom::Run(state.run_id)) {
+                    panic!("injected panic in room run:{}", state.run_id);
+                }
                 state.feed.touch();
                 state.publish(&myself, request).await;
             }
