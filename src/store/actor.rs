@@ -50,6 +50,9 @@ pub(crate) enum StoreMsg {
     /// Test hook: while held, appends wait in `pending` and no commit starts.
     #[cfg(feature = "fault-injection")]
     HoldCommits(bool),
+    /// Test hook: the `n`-th commit from now fails before it writes anything.
+    #[cfg(feature = "fault-injection")]
+    FailCommit(u64),
 }
 
 pub(crate) struct StoreActor;
@@ -87,6 +90,8 @@ pub(crate) struct StoreState {
     waiting: Vec<(u64, ReadJob)>,
     #[cfg(feature = "fault-injection")]
     held: bool,
+    #[cfg(feature = "fault-injection")]
+    fail_commit: Option<u64>,
 }
 
 impl Actor for StoreActor {
@@ -114,6 +119,8 @@ impl Actor for StoreActor {
             waiting: Vec::new(),
             #[cfg(feature = "fault-injection")]
             held: false,
+            #[cfg(feature = "fault-injection")]
+            fail_commit: None,
         })
     }
 
@@ -187,6 +194,8 @@ impl Actor for StoreActor {
                 state.finish_if_drained(&myself).await;
             }
             #[cfg(feature = "fault-injection")]
+            StoreMsg::FailCommit(nth) => state.fail_commit = Some(nth.max(1)),
+            #[cfg(feature = "fault-injection")]
             StoreMsg::HoldCommits(held) => {
                 state.held = held;
                 state.start_commit(&myself);
@@ -254,13 +263,31 @@ impl StoreState {
         self.batch_end = self.received;
         let requests = std::mem::take(&mut self.pending);
         let gate = Arc::clone(&self.gate);
+        #[cfg(feature = "fault-injection")]
+        let fail = match self.fail_commit {
+            Some(1) => {
+                self.fail_commit = None;
+                true
+            }
+            Some(n) => {
+                self.fail_commit = Some(n - 1);
+                false
+            }
+            None => false,
+        };
+        #[cfg(not(feature = "fault-injection"))]
+        let fail = false;
         let mut next_ordinal = self.next_ordinal;
         let limits = self.limits;
         let counters = Arc::clone(&self.counters);
         let myself = myself.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
-                engine::commit(&db, &gate, requests, &mut next_ordinal, limits, &counters);
+                if fail {
+                    engine::fail_injected(requests);
+                } else {
+                    engine::commit(&db, &gate, requests, &mut next_ordinal, limits, &counters);
+                }
                 drop(db);
                 next_ordinal
             })

@@ -366,6 +366,15 @@ fn segments(items: &[StoredEnvelope], limits: SegmentLimits) -> Vec<&[StoredEnve
     out
 }
 
+/// Test hook: fails a whole batch as a sled write failure would, before
+/// anything is written.
+pub(crate) fn fail_injected(requests: Vec<AppendRequest>) {
+    tracing::warn!(appends = requests.len(), "injected commit failure");
+    fail_all(requests, || StoreError::WriteFailed {
+        message: "injected commit failure".into(),
+    });
+}
+
 fn fail_all(requests: Vec<AppendRequest>, error: impl Fn() -> StoreError) {
     for request in requests {
         let _ = request.reply.send(Err(error()));

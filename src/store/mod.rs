@@ -540,6 +540,21 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
+    /// Test hook: the `nth` commit from now (1 = the next) fails before it
+    /// writes anything, answering each of its appends with
+    /// [`StoreError::WriteFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Closed`].
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_commit_failure(&self, nth: u64) -> Result<(), StoreError> {
+        self.inner
+            .actor
+            .send_message(StoreMsg::FailCommit(nth))
+            .map_err(|_| StoreError::Closed)
+    }
+
     async fn read_permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
         Arc::clone(&self.inner.reads)
             .acquire_owned()
