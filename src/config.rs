@@ -51,6 +51,8 @@ pub struct Config {
     pub(crate) max_in_flight_publishes: usize,
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
+    pub(crate) max_restarts: usize,
+    pub(crate) restart_window: Duration,
 }
 
 /// Default largest encoded envelope: 1 MiB.
@@ -85,6 +87,8 @@ impl Config {
             max_in_flight_publishes: 4096,
             catch_up_page: 256,
             max_rooms: 100_000,
+            max_restarts: 5,
+            restart_window: Duration::from_secs(10),
         }
     }
 
@@ -184,6 +188,17 @@ impl Config {
     #[must_use]
     pub fn max_rooms(mut self, rooms: usize) -> Self {
         self.max_rooms = rooms.max(1);
+        self
+    }
+
+    /// Restart intensity: a room that fails more than `max_restarts` times
+    /// within `window` is not started again until its failures age out of
+    /// the window; meanwhile its callers get `HubError::RoomFailed` naming
+    /// it. Other rooms are untouched. (Default: 5 within 10 s.)
+    #[must_use]
+    pub fn restart_intensity(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.max_restarts = max_restarts;
+        self.restart_window = window;
         self
     }
 

@@ -233,6 +233,18 @@ pub enum HubError {
         /// The limit.
         limit: usize,
     },
+    /// The room failed more often than the restart intensity allows
+    /// (`Config::restart_intensity`) and is not restarted until its failures
+    /// age out. Nothing was stored. Other rooms are unaffected.
+    #[error("room {room} failed {failures} times within {window:?}; not restarted for now")]
+    RoomFailed {
+        /// The room, as displayed.
+        room: String,
+        /// Failures within the window.
+        failures: usize,
+        /// The window.
+        window: std::time::Duration,
+    },
     /// Provider rooms are live-only: subscribe with `Resume::Live`.
     #[error("room {room} is live-only; subscribe with Resume::Live")]
     LiveOnly {

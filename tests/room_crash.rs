@@ -94,3 +94,47 @@ async fn room_panic_mid_stream_loses_and_repeats_nothing() {
     assert_eq!(stats.rooms_failed, 2, "{stats:?}");
     hub.shutdown().await.unwrap();
 }
+
+/// A room that keeps failing is given up on once it exceeds the restart
+/// intensity: its callers get `RoomFailed` naming it, nothing of theirs is
+/// stored, and other rooms keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_intensity_exceeded_fails_callers_and_spares_other_rooms() {
+    let hub = EventHub::open(Config::temporary().restart_intensity(2, Duration::from_secs(600)))
+        .await
+        .unwrap();
+    let (doomed, healthy) = (RunId::new(), RunId::new());
+    hub.publish(started(doomed, None)).await.unwrap();
+    hub.publish(started(healthy, None)).await.unwrap();
+    let mut given_up = None;
+    // Each attempt makes the room panic at the publish; the router sees the
+    // failures (asynchronously) and gives up after the third.
+    for _ in 0..50 {
+        hub.inject_room_panic(RuntimeRoom::Run(doomed), 1);
+        match hub.publish(delta(doomed, "doomed")).await {
+            Err(HubError::RoomUnavailable { .. }) => continue,
+            Err(error @ HubError::RoomFailed { .. }) => {
+                given_up = Some(error);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let error = given_up.expect("the room must be given up on");
+    assert!(
+        error.to_string().contains(&format!("run:{doomed}")),
+        "{error}"
+    );
+    assert!(
+        matches!(error, HubError::RoomFailed { failures: 3, .. }),
+        "{error:?}"
+    );
+    // Still refused, without a panic armed; nothing of the failures stored.
+    assert!(matches!(
+        hub.publish(delta(doomed, "again")).await,
+        Err(HubError::RoomFailed { .. })
+    ));
+    assert_eq!(hub.replay(doomed, 0, 100).await.unwrap().len(), 1);
+    assert_eq!(hub.publish(delta(healthy, "fine")).await.unwrap().seq, 2);
+    hub.shutdown().await.unwrap();
+}

@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) idle_timeout: Duration,
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
+    pub(crate) max_restarts: usize,
+    pub(crate) restart_window: Duration,
     pub(crate) counters: Counters,
     /// Test hook: rooms told to panic at their n-th publish from now.
     #[cfg(feature = "fault-injection")]
@@ -308,6 +310,8 @@ impl EventHub {
             idle_timeout: config.idle_timeout,
             catch_up_page: config.catch_up_page,
             max_rooms: config.max_rooms,
+            max_restarts: config.max_restarts,
+            restart_window: config.restart_window,
             counters: Counters::default(),
             #[cfg(feature = "fault-injection")]
             panics: std::sync::Mutex::default(),

@@ -6,9 +6,9 @@
 //! for a room that does not exist has nobody to reach, and its subscribers
 //! to come read it from the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::broadcast;
@@ -87,6 +87,10 @@ pub(crate) struct RouterState {
     shared: Arc<Shared>,
     rooms: HashMap<RuntimeRoom, RoomRef>,
     by_id: HashMap<ActorId, RuntimeRoom>,
+    /// Recent failures of rooms, for the restart intensity. Entries older
+    /// than the window are pruned whenever a failure is recorded, so the map
+    /// holds only rooms that failed within the window.
+    failures: HashMap<RuntimeRoom, VecDeque<Instant>>,
 }
 
 impl Actor for Router {
@@ -104,6 +108,7 @@ impl Actor for Router {
             shared: args.shared,
             rooms: HashMap::new(),
             by_id: HashMap::new(),
+            failures: HashMap::new(),
         })
     }
 
@@ -273,6 +278,9 @@ impl Actor for Router {
                 if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
                     tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
                     state.forget(&room);
+                    state.record_failure(room);
+                } else {
+                    tracing::warn!(%error, "a room failed after it was replaced");
                 }
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
@@ -288,6 +296,19 @@ impl Actor for Router {
 }
 
 impl RouterState {
+    fn record_failure(&mut self, room: RuntimeRoom) {
+        let window = self.shared.restart_window;
+        self.failures.retain(|_, times| {
+            times.retain(|t| t.elapsed() < window);
+            !times.is_empty()
+        });
+        let times = self.failures.entry(room.clone()).or_default();
+        times.push_back(Instant::now());
+        if times.len() > self.shared.max_restarts {
+            tracing::error!(%room, failures = times.len(), ?window, "room exceeded its restart intensity");
+        }
+    }
+
     fn forget(&mut self, room: &RuntimeRoom) {
         if let Some(room_ref) = self.rooms.remove(room) {
             self.by_id.remove(&room_ref.id());
@@ -313,6 +334,17 @@ impl RouterState {
     ) -> Result<RoomRef, HubError> {
         if let Some(room_ref) = self.rooms.get(room) {
             return Ok(room_ref.clone());
+        }
+        if let Some(failures) = self.failures.get(room) {
+            let window = self.shared.restart_window;
+            let recent = failures.iter().filter(|t| t.elapsed() < window).count();
+            if recent > self.shared.max_restarts {
+                return Err(HubError::RoomFailed {
+                    room: room.to_string(),
+                    failures: recent,
+                    window,
+                });
+            }
         }
         if self.rooms.len() >= self.shared.max_rooms {
             return Err(HubError::TooManyRooms {
