@@ -27,6 +27,10 @@ use crate::ids::RunId;
 use crate::store::Store;
 use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
+/// How often a follower tries to attach to a room that dies before it
+/// answers.
+const ATTACH_TRIES: usize = 100;
+
 /// What a follower needs of the hub.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -40,6 +44,8 @@ impl Link {
         &self,
         message: impl FnOnce(RpcReplyPort<T>) -> RouterMsg,
     ) -> Result<T, HubError> {
+        // `RoomUnavailable` below means the reply port was dropped unanswered:
+        // the room it was forwarded to died first.
         let (tx, rx) = oneshot::channel();
         self.router
             .send_message(message(tx.into()))
@@ -47,6 +53,27 @@ impl Link {
         rx.await.map_err(|_| HubError::RoomUnavailable {
             room: "router".into(),
             reason: "no answer".into(),
+        })
+    }
+
+    /// Attaches through the router, trying again when the room dies before it
+    /// answers (it restarts from the store on the next try). A room that
+    /// keeps dying is given up on by the router (`RoomFailed`), which ends
+    /// the tries; so does a closed hub.
+    async fn attach<T: Send + 'static>(
+        &self,
+        message: impl Fn(RpcReplyPort<Result<T, HubError>>) -> RouterMsg,
+    ) -> Result<T, HubError> {
+        for _ in 0..ATTACH_TRIES {
+            match self.call(&message).await {
+                Err(HubError::RoomUnavailable { .. }) => tokio::task::yield_now().await,
+                Ok(answer) => return answer,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(HubError::RoomUnavailable {
+            room: "attach".into(),
+            reason: format!("the room died before answering {ATTACH_TRIES} times"),
         })
     }
 
@@ -154,12 +181,12 @@ impl RunFollower {
         let (run_id, from_seq) = (self.run_id, self.next_seq);
         let attach: RunAttach = self
             .link
-            .call(|reply| RouterMsg::AttachRun {
+            .attach(|reply| RouterMsg::AttachRun {
                 run_id,
                 from_seq,
                 reply,
             })
-            .await??;
+            .await?;
         if self.from_live_edge {
             self.from_live_edge = false;
             self.next_seq = attach.persisted_seq.saturating_add(1);
@@ -291,8 +318,11 @@ impl SessionFollower {
         let room = RuntimeRoom::Session(self.session_id);
         let live = self
             .link
-            .call(|reply| RouterMsg::AttachLive { room, reply })
-            .await??;
+            .attach(|reply| RouterMsg::AttachLive {
+                room: room.clone(),
+                reply,
+            })
+            .await?;
         self.live = Some(live);
         self.sweep_all().await
     }
@@ -408,8 +438,11 @@ impl LiveFollower {
         let room = self.room.clone();
         self.live = Some(
             self.link
-                .call(|reply| RouterMsg::AttachLive { room, reply })
-                .await??,
+                .attach(|reply| RouterMsg::AttachLive {
+                    room: room.clone(),
+                    reply,
+                })
+                .await?,
         );
         Ok(())
     }

@@ -141,12 +141,29 @@ pub(crate) struct Shared {
     /// Test hook: rooms told to panic at their n-th publish from now.
     #[cfg(feature = "fault-injection")]
     pub(crate) panics: std::sync::Mutex<std::collections::HashMap<RuntimeRoom, u64>>,
+    /// Test hook: every run room panics at a publish with this probability,
+    /// in parts per million, drawn from a seeded generator.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) random_panics: std::sync::Mutex<(u32, u64)>,
 }
 
 #[cfg(feature = "fault-injection")]
 impl Shared {
     /// Counts a publish for `room`; true when the room must panic now.
     pub(crate) fn should_panic(&self, room: &RuntimeRoom) -> bool {
+        {
+            let mut random = self.random_panics.lock().unwrap_or_else(|p| p.into_inner());
+            let (per_million, state) = &mut *random;
+            if *per_million > 0 {
+                // xorshift64: cheap, seeded, good enough to spread faults.
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                if *state % 1_000_000 < u64::from(*per_million) {
+                    return true;
+                }
+            }
+        }
         let mut panics = self.panics.lock().unwrap_or_else(|p| p.into_inner());
         match panics.get_mut(room) {
             Some(1) => {
@@ -315,6 +332,8 @@ impl EventHub {
             counters: Counters::default(),
             #[cfg(feature = "fault-injection")]
             panics: std::sync::Mutex::default(),
+            #[cfg(feature = "fault-injection")]
+            random_panics: std::sync::Mutex::new((0, 1)),
         });
         let args = RouterArgs {
             store: store.clone(),
@@ -645,6 +664,21 @@ impl EventHub {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         panics.insert(room, nth.max(1));
+    }
+
+    /// Test hook: from now on every run room panics at a publish with
+    /// probability `per_million` / 1,000,000, drawn from a generator seeded
+    /// with `seed` (0 turns it off).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_random_room_panics(&self, per_million: u32, seed: u64) {
+        let mut random = self
+            .inner
+            .link
+            .shared
+            .random_panics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *random = (per_million, seed | 1);
     }
 
     /// The live-only stream of a room, as the seed's adapter subscribes.
