@@ -290,6 +290,7 @@ impl Drop for HubInner {
 #[must_use = "the envelope, or the error, arrives through this future"]
 pub struct PendingPublish {
     reply: oneshot::Receiver<Result<RuntimeEventEnvelope, HubError>>,
+    run_id: RunId,
 }
 
 impl Future for PendingPublish {
@@ -302,7 +303,7 @@ impl Future for PendingPublish {
         std::pin::Pin::new(&mut self.reply).poll(cx).map(|answer| {
             answer.unwrap_or_else(|_| {
                 Err(HubError::RoomUnavailable {
-                    room: "run".into(),
+                    room: RuntimeRoom::Run(self.run_id).to_string(),
                     reason: "the room stopped before it took the event; nothing was stored".into(),
                 })
             })
@@ -464,6 +465,7 @@ impl EventHub {
             .await
             .map_err(|_| HubError::Closed)?;
         let (tx, rx) = oneshot::channel();
+        let run_id = event.run_id();
         self.inner
             .link
             .router
@@ -474,7 +476,7 @@ impl EventHub {
                 reply: tx.into(),
             }))
             .map_err(|_| HubError::Closed)?;
-        Ok(PendingPublish { reply: rx })
+        Ok(PendingPublish { reply: rx, run_id })
     }
 
     /// Subscribes to `room` from `resume`.
