@@ -144,6 +144,13 @@ pub enum StoreError {
         /// sled's error.
         message: String,
     },
+    /// The store actor stopped (it is restarted by its supervisor) before it
+    /// wrote the append: nothing was stored. Retry.
+    #[error("store interrupted, nothing stored: {message}")]
+    Interrupted {
+        /// What happened.
+        message: String,
+    },
     /// sled failed to read. Retrying may succeed.
     #[error("store read failed: {message}")]
     ReadFailed {
@@ -158,7 +165,9 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::WriteFailed { .. } | StoreError::ReadFailed { .. }
+            StoreError::WriteFailed { .. }
+                | StoreError::ReadFailed { .. }
+                | StoreError::Interrupted { .. }
         )
     }
 }

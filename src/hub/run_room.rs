@@ -411,6 +411,7 @@ impl RunState {
         let surely_not_stored = matches!(
             error,
             StoreError::WriteFailed { .. }
+                | StoreError::Interrupted { .. }
                 | StoreError::TooLarge { .. }
                 | StoreError::Encode { .. }
                 | StoreError::CorruptRunRecord { .. }

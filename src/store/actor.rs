@@ -53,6 +53,9 @@ pub(crate) enum StoreMsg {
     /// Test hook: the `n`-th commit from now fails before it writes anything.
     #[cfg(feature = "fault-injection")]
     FailCommit(u64),
+    /// Test hook: the actor panics (its supervisor restarts it).
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 pub(crate) struct StoreActor;
@@ -62,6 +65,9 @@ pub(crate) struct StoreArgs {
     pub(crate) next_ordinal: u64,
     pub(crate) limits: SegmentLimits,
     pub(crate) counters: Arc<Counters>,
+    /// Shared across restarts, so that an old actor's last commit and its
+    /// successor's never overlap.
+    pub(crate) gate: Arc<RwLock<()>>,
 }
 
 pub(crate) struct StoreState {
@@ -112,7 +118,7 @@ impl Actor for StoreActor {
             committing: false,
             closing: None,
             counters: args.counters,
-            gate: Arc::default(),
+            gate: args.gate,
             received: 0,
             committed: 0,
             batch_end: 0,
@@ -131,9 +137,9 @@ impl Actor for StoreActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            StoreMsg::Append(request) => {
+            StoreMsg::Append(mut request) => {
                 if state.closing.is_some() || state.db.is_none() {
-                    let _ = request.reply.send(Err(StoreError::Closed));
+                    request.answer(Err(StoreError::Closed));
                     return Ok(());
                 }
                 state.received += 1;
@@ -195,6 +201,8 @@ impl Actor for StoreActor {
             }
             #[cfg(feature = "fault-injection")]
             StoreMsg::FailCommit(nth) => state.fail_commit = Some(nth.max(1)),
+            #[cfg(feature = "fault-injection")]
+            StoreMsg::Panic => panic!("injected panic in the store actor"),
             #[cfg(feature = "fault-injection")]
             StoreMsg::HoldCommits(held) => {
                 state.held = held;

@@ -20,13 +20,42 @@ use crate::ids::RunId;
 use crate::stream::RuntimeEventEnvelope;
 
 /// One caller's append: all its envelopes are stored in one batch, or none.
+///
+/// It is always answered: a request dropped unanswered (its store actor
+/// panicked) answers on its own, with `Interrupted` if it never reached sled
+/// and `FlushFailed` (in doubt) if it was being written.
 pub(crate) struct AppendRequest {
     pub(crate) items: Vec<StoredEnvelope>,
     pub(crate) durability: Durability,
-    pub(crate) reply: RpcReplyPort<Result<(), StoreError>>,
+    pub(crate) reply: Option<RpcReplyPort<Result<(), StoreError>>>,
+    /// Set once the request's batch is handed to sled.
+    pub(crate) written: bool,
     /// Returned to the in-flight budget when the request is dropped, which
     /// happens after it has been answered.
     pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+impl AppendRequest {
+    pub(crate) fn answer(&mut self, result: Result<(), StoreError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+impl Drop for AppendRequest {
+    fn drop(&mut self) {
+        let error = if self.written {
+            StoreError::FlushFailed {
+                message: "the store actor stopped while writing this append; it is in doubt".into(),
+            }
+        } else {
+            StoreError::Interrupted {
+                message: "the store actor stopped before writing this append".into(),
+            }
+        };
+        self.answer(Err(error));
+    }
 }
 
 /// What [`open`] found.
@@ -153,6 +182,12 @@ pub(crate) fn commit(
     limits: SegmentLimits,
     counters: &Counters,
 ) {
+    // Exclusive for the whole commit: readers see a batch whole and durable
+    // or not at all, and two commits (an old actor's, finishing after it
+    // died, and its successor's) never validate against the same state.
+    let exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut runs: HashMap<RunId, TouchedRun> = HashMap::new();
     let mut accepted: Vec<AppendRequest> = Vec::with_capacity(requests.len());
     let ordinal_before = *next_ordinal;
@@ -180,7 +215,7 @@ pub(crate) fn commit(
                 accepted.push(request);
             }
             Err(error) => {
-                let _ = request.reply.send(Err(error));
+                request.answer(Err(error));
             }
         }
     }
@@ -224,11 +259,9 @@ pub(crate) fn commit(
         }
     }
 
-    // Readers wait while the batch is applied and, if any append asked for
-    // it, flushed: they see it whole and durable, or not at all.
-    let exclusive = gate
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for request in &mut accepted {
+        request.written = true;
+    }
     if let Err(e) = db.apply_batch(batch) {
         *next_ordinal = ordinal_before;
         let message = e.to_string();
@@ -245,21 +278,21 @@ pub(crate) fn commit(
         .partition(|r| r.durability == Durability::Flushed);
     if flushed.is_empty() {
         drop(exclusive);
-        for request in buffered {
-            let _ = request.reply.send(Ok(()));
+        for mut request in buffered {
+            request.answer(Ok(()));
         }
         return;
     }
     let flush = db.flush();
     drop(exclusive);
-    for request in buffered {
-        let _ = request.reply.send(Ok(()));
+    for mut request in buffered {
+        request.answer(Ok(()));
     }
     match flush {
         Ok(_) => {
             counters.record_flush();
-            for request in flushed {
-                let _ = request.reply.send(Ok(()));
+            for mut request in flushed {
+                request.answer(Ok(()));
             }
         }
         Err(e) => {
@@ -369,6 +402,7 @@ fn segments(items: &[StoredEnvelope], limits: SegmentLimits) -> Vec<&[StoredEnve
 /// Test hook: fails a whole batch as a sled write failure would, before
 /// anything is written.
 pub(crate) fn fail_injected(requests: Vec<AppendRequest>) {
+    // (Answered as written-and-failed would be: WriteFailed, nothing stored.)
     tracing::warn!(appends = requests.len(), "injected commit failure");
     fail_all(requests, || StoreError::WriteFailed {
         message: "injected commit failure".into(),
@@ -376,8 +410,8 @@ pub(crate) fn fail_injected(requests: Vec<AppendRequest>) {
 }
 
 fn fail_all(requests: Vec<AppendRequest>, error: impl Fn() -> StoreError) {
-    for request in requests {
-        let _ = request.reply.send(Err(error()));
+    for mut request in requests {
+        request.answer(Err(error()));
     }
 }
 
@@ -514,6 +548,16 @@ pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, S
             })
         })
         .collect()
+}
+
+/// The next run ordinal, as stored (for a restarted store actor).
+pub(crate) fn read_ordinal(db: &sled::Db) -> Result<u64, StoreError> {
+    match db.get(layout::META_ORDINAL).map_err(read_failed)? {
+        Some(bytes) => codec::decode_value(&bytes).map_err(|e| StoreError::ReadFailed {
+            message: format!("run ordinal: {e}"),
+        }),
+        None => Ok(1),
+    }
 }
 
 /// Flushes whatever sled still buffers.

@@ -36,6 +36,7 @@
 mod actor;
 mod engine;
 mod layout;
+mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,8 +47,9 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
 
-use self::actor::{StoreActor, StoreArgs, StoreMsg};
+use self::actor::StoreMsg;
 use self::engine::{AppendRequest, SegmentLimits};
+use self::supervisor::{ActorSlot, StoreSupervisor, SupervisorArgs};
 use crate::codec;
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -215,7 +217,8 @@ pub struct Store {
 
 #[derive(Debug)]
 struct Inner {
-    actor: ActorRef<StoreMsg>,
+    /// The current store actor (replaced when its supervisor restarts it).
+    slot: ActorSlot,
     join: Mutex<Option<tokio::task::JoinHandle<()>>>,
     epoch: Uuid,
     path: Option<PathBuf>,
@@ -227,10 +230,51 @@ struct Inner {
     reads_total: u32,
 }
 
+impl Inner {
+    fn actor(&self) -> Option<ActorRef<StoreMsg>> {
+        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends to the current store actor. A dead actor still in the slot is
+    /// being restarted by its supervisor: `Interrupted`, retry.
+    fn send(&self, message: StoreMsg) -> Result<(), StoreError> {
+        self.actor()
+            .ok_or(StoreError::Closed)?
+            .send_message(message)
+            .map_err(|_| StoreError::Interrupted {
+                message: "the store actor is restarting".into(),
+            })
+    }
+}
+
+impl Inner {
+    /// As `send`, but waits (up to 2 s) for a restarting store actor to be
+    /// replaced, so that async callers do not see the restart at all.
+    async fn send_when_ready(&self, mut message: StoreMsg) -> Result<(), StoreError> {
+        for _ in 0..2000 {
+            let actor = self.actor().ok_or(StoreError::Closed)?;
+            match actor.send_message(message) {
+                Ok(()) => return Ok(()),
+                Err(ractor::MessagingErr::SendErr(back)) => {
+                    message = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(_) => break,
+            }
+        }
+        Err(StoreError::Interrupted {
+            message: "the store actor did not come back within 2 s".into(),
+        })
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The last handle is gone: stop the actor, which releases sled.
-        self.actor.stop(None);
+        // The last handle is gone: stop the actor (its supervisor follows),
+        // which releases sled.
+        if let Some(actor) = self.actor() {
+            actor.stop(None);
+        }
     }
 }
 
@@ -264,7 +308,8 @@ impl Store {
                 })??
         };
         let epoch = opened.epoch;
-        let args = StoreArgs {
+        let slot = ActorSlot::default();
+        let args = SupervisorArgs {
             db: opened.db,
             next_ordinal: opened.next_ordinal,
             limits: SegmentLimits {
@@ -272,20 +317,20 @@ impl Store {
                 max_bytes: config.segment_max_bytes,
             },
             counters: Arc::default(),
+            slot: Arc::clone(&slot),
         };
-        let (actor, join) =
-            Actor::spawn(None, StoreActor, args)
-                .await
-                .map_err(|e| OpenError::Storage {
-                    path: path_for_errors.clone(),
-                    message: format!("store actor failed to start: {e}"),
-                })?;
+        let (_, join) = Actor::spawn(None, StoreSupervisor, args)
+            .await
+            .map_err(|e| OpenError::Storage {
+                path: path_for_errors.clone(),
+                message: format!("store actor failed to start: {e}"),
+            })?;
         let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
         let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
         tracing::debug!(epoch = %epoch, path = ?config.path, "store open");
         Ok(Self {
             inner: Arc::new(Inner {
-                actor,
+                slot,
                 join: Mutex::new(Some(join)),
                 epoch,
                 path: config.path.clone(),
@@ -374,8 +419,17 @@ impl Store {
             return Ok(());
         }
         let permit = self.reserve(encoded_len(&items)).await?;
-        let ack = self.enqueue(items, durability, permit)?;
-        ack.await.map_err(|_| StoreError::Closed)?
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .send_when_ready(StoreMsg::Append(AppendRequest {
+                items,
+                durability,
+                reply: Some(tx.into()),
+                written: false,
+                _permit: permit,
+            }))
+            .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Waits for `bytes` of the in-flight budget (clamped to the whole
@@ -400,15 +454,13 @@ impl Store {
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .actor
-            .send_message(StoreMsg::Append(AppendRequest {
-                items,
-                durability,
-                reply: tx.into(),
-                _permit: permit,
-            }))
-            .map_err(|_| StoreError::Closed)?;
+        self.inner.send(StoreMsg::Append(AppendRequest {
+            items,
+            durability,
+            reply: Some(tx.into()),
+            written: false,
+            _permit: permit,
+        }))?;
         Ok(rx)
     }
 
@@ -534,10 +586,18 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn hold_commits(&self, held: bool) -> Result<(), StoreError> {
-        self.inner
-            .actor
-            .send_message(StoreMsg::HoldCommits(held))
-            .map_err(|_| StoreError::Closed)
+        self.inner.send(StoreMsg::HoldCommits(held))
+    }
+
+    /// Test hook: the store actor panics at this message; its supervisor
+    /// restarts it on the same database.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Closed`].
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_actor_panic(&self) -> Result<(), StoreError> {
+        self.inner.send(StoreMsg::Panic)
     }
 
     /// Test hook: the `nth` commit from now (1 = the next) fails before it
@@ -549,10 +609,7 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn inject_commit_failure(&self, nth: u64) -> Result<(), StoreError> {
-        self.inner
-            .actor
-            .send_message(StoreMsg::FailCommit(nth))
-            .map_err(|_| StoreError::Closed)
+        self.inner.send(StoreMsg::FailCommit(nth))
     }
 
     async fn read_permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
@@ -567,10 +624,9 @@ impl Store {
         message: impl FnOnce(RpcReplyPort<T>) -> StoreMsg,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .actor
-            .send_message(message(tx.into()))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
+        self.inner.send_when_ready(message(tx.into())).await?;
+        rx.await.map_err(|_| StoreError::Interrupted {
+            message: "the store actor stopped before answering".into(),
+        })
     }
 }
