@@ -79,6 +79,24 @@
 //! # }).unwrap();
 //! ```
 //!
+//! ## Crash recovery
+//!
+//! The router supervises every room. A room that fails (a panic, or a store
+//! answer it cannot reconcile) is restarted on its next use and recovers its
+//! run from the store (last seq, session, provider, whether it ended) before
+//! it takes a message; the store serves that recovery read only after every
+//! append handed to it before. A publish the dead room never took fails with
+//! [`HubError::RoomUnavailable`]: nothing was stored, retry. A publish it did
+//! take is answered with the store's own outcome even after the room died,
+//! so `Ok` means stored and a retry never stores an event twice.
+//! Subscriptions re-attach by themselves and continue with no gap and no
+//! duplicate. A room that fails more than [`Config::restart_intensity`]
+//! allows is not restarted until its failures age out; its callers get
+//! [`HubError::RoomFailed`] naming it. The store actor has a supervisor of
+//! its own that restarts it on the same database; appends it had not written
+//! are answered [`StoreError::Interrupted`](crate::StoreError::Interrupted)
+//! (nothing stored, retry).
+//!
 //! ## Durability
 //!
 //! A publish is acknowledged, and fanned out, only once the store has it as
