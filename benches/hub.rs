@@ -9,7 +9,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use behest_stream::codec;
+mod support;
+
 use behest_stream::{
     AgentEvent, Config, Durability, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeEventId,
     RuntimeRoom, Store, TextDelta,
@@ -127,24 +128,8 @@ fn room_throughput(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let run = RunId::new();
-                let encoded: Vec<(Vec<u8>, Vec<u8>)> = (1..=EVENTS)
-                    .map(|seq| {
-                        let e = envelope(run, seq);
-                        let mut key = run.as_uuid().as_bytes().to_vec();
-                        key.extend_from_slice(&seq.to_be_bytes());
-                        (key, codec::encode_envelope(&e).unwrap())
-                    })
-                    .collect();
-                let start = Instant::now();
-                for chunk in encoded.chunks(256) {
-                    let mut batch = sled::Batch::default();
-                    for (key, value) in chunk {
-                        batch.insert(key.as_slice(), value.as_slice());
-                    }
-                    db.apply_batch(batch).unwrap();
-                    db.flush().unwrap();
-                }
-                total += start.elapsed();
+                let log: Vec<_> = (1..=EVENTS).map(|seq| envelope(run, seq)).collect();
+                total += support::raw_sled_append(&db, &support::keyed(&log), true);
             }
             total
         })

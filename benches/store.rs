@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use behest_stream::codec;
+mod support;
+
 use behest_stream::{
     AgentEvent, Config, Durability, RunId, RuntimeEventEnvelope, RuntimeEventId, Store, TextDelta,
 };
@@ -102,27 +103,8 @@ fn store_append(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let encoded: Vec<(Vec<u8>, Vec<u8>)> = workload(1)
-                        .concat()
-                        .iter()
-                        .map(|e| {
-                            let mut key = e.run_id.as_uuid().as_bytes().to_vec();
-                            key.extend_from_slice(&e.seq.to_be_bytes());
-                            (key, codec::encode_envelope(e).unwrap())
-                        })
-                        .collect();
-                    let start = Instant::now();
-                    for chunk in encoded.chunks(256) {
-                        let mut batch = sled::Batch::default();
-                        for (key, value) in chunk {
-                            batch.insert(key.as_slice(), value.as_slice());
-                        }
-                        db.apply_batch(batch).unwrap();
-                        if flush {
-                            db.flush().unwrap();
-                        }
-                    }
-                    total += start.elapsed();
+                    let encoded = support::keyed(&workload(1).concat());
+                    total += support::raw_sled_append(&db, &encoded, flush);
                 }
                 total
             })
