@@ -68,11 +68,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut work: VecDeque<usize> = (0..60).collect();
     let mut in_flight: VecDeque<(usize, PendingPublish)> = VecDeque::new();
     let mut streak: Vec<usize> = Vec::new();
+    let mut second_crash_armed = false;
     while !work.is_empty() || !in_flight.is_empty() {
         if in_flight.len() < 16
             && let Some(i) = work.pop_front()
         {
-            if i == 40 {
+            if i == 40 && !second_crash_armed {
+                second_crash_armed = true;
                 hub.inject_room_panic(room.clone(), 10);
             }
             in_flight.push_back((i, hub.submit(delta(i)).await?));

@@ -70,13 +70,15 @@ async fn room_panic_mid_stream_loses_and_repeats_nothing() {
     let mut in_flight: VecDeque<(usize, PendingPublish)> = VecDeque::new();
     let mut next = 0;
     let mut failures = 0;
+    let mut second_panic_armed = false;
     while next < EVENTS || !retries.is_empty() || !in_flight.is_empty() {
         if in_flight.len() < 64 && (next < EVENTS || !retries.is_empty()) {
             let i = retries.pop_front().unwrap_or_else(|| {
                 next += 1;
                 next - 1
             });
-            if i == 250 {
+            if i == 250 && !second_panic_armed {
+                second_panic_armed = true;
                 hub.inject_room_panic(room.clone(), 50);
             }
             in_flight.push_back((i, hub.submit(event(i)).await.unwrap()));

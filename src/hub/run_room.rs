@@ -54,12 +54,12 @@ pub(crate) struct RunAttach {
 pub(crate) enum RunMsg {
     /// Sequence, store and fan out an event.
     Publish(PublishRequest),
-    /// The store answered the append of `seq` (sent by the room's own waiter).
+    /// The store answered one of the room's appends (sent by the append's
+    /// waiter): its seqs, each with where to send the room's verdict.
     Persisted {
-        seq: u64,
+        verdicts: Vec<(u64, Verdict)>,
         generation: u64,
         result: Result<(), StoreError>,
-        verdict: Verdict,
     },
     /// Attach a subscriber that wants everything from `from_seq` on.
     Attach {
@@ -105,6 +105,14 @@ struct InFlight {
 
 type Verdict = oneshot::Sender<Result<RuntimeEventEnvelope, HubError>>;
 
+/// A sequenced, encoded event waiting for the room's next append.
+struct Gathered {
+    stored: StoredEnvelope,
+    envelope: Arc<RuntimeEventEnvelope>,
+    reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+    permit: OwnedSemaphorePermit,
+}
+
 pub(crate) struct RunState {
     run_id: RunId,
     store: Store,
@@ -128,8 +136,16 @@ pub(crate) struct RunState {
     /// that follow from it (later appends of the same pipeline) do not rewind
     /// again.
     generation: u64,
-    /// Appends handed to the store, in seq order.
+    /// Events with a seq and not yet answered, in seq order: those in an
+    /// append at the store, then those gathering for the next append.
     in_flight: VecDeque<InFlight>,
+    /// Events gathering while an append of this room is at the store; they
+    /// go as one append when it returns, so one store request (and one
+    /// waiter) serves many events.
+    gathering: Vec<Gathered>,
+    gathering_durability: Durability,
+    /// Appends of this room at the store.
+    outstanding: usize,
     feed: Feed,
 }
 
@@ -160,6 +176,9 @@ impl Actor for RunRoom {
             ended_persisted: false,
             generation: 0,
             in_flight: VecDeque::new(),
+            gathering: Vec::new(),
+            gathering_durability: Durability::Flushed,
+            outstanding: 0,
         })
     }
 
@@ -208,11 +227,14 @@ impl Actor for RunRoom {
                 state.publish(&myself, request).await;
             }
             RunMsg::Persisted {
-                seq,
+                verdicts,
                 generation,
                 result,
-                verdict,
-            } => state.persisted(seq, generation, result, verdict)?,
+            } => {
+                state
+                    .persisted(&myself, verdicts, generation, result)
+                    .await?
+            }
             RunMsg::Attach { from_seq, reply } => {
                 let _ = reply.send(state.attach(from_seq));
             }
@@ -285,80 +307,120 @@ impl RunState {
                 return;
             }
         };
-        let items = vec![stored];
-        // Waits only when the store's in-flight budget is spent: the store,
-        // not this room, is then the bottleneck, and waiting here is the
-        // backpressure.
-        let ack = match self.store.reserve(encoded_len(&items)).await {
-            Ok(permit) => self.store.enqueue(items, request.durability, permit),
-            Err(error) => Err(error),
-        };
-        let ack = match ack {
-            Ok(ack) => ack,
-            Err(error) => {
-                let _ = request.reply.send(Err(error.into()));
-                return;
-            }
-        };
+        // A batch has one durability: a publish asking for another sends
+        // what has gathered first.
+        if !self.gathering.is_empty() && self.gathering_durability != request.durability {
+            self.send_gathered(myself).await;
+        }
         self.assigned = seq;
         self.session_id = session_id;
         if self.provider.is_none() {
             self.provider = envelope.event.provider().cloned();
         }
         self.ended_assigned = envelope.is_terminal();
-        let generation = self.generation;
         let envelope = Arc::new(envelope);
         self.in_flight.push_back(InFlight {
             envelope: Arc::clone(&envelope),
-            generation,
+            generation: self.generation,
             result: None,
             verdict: None,
         });
+        self.gathering_durability = request.durability;
+        self.gathering.push(Gathered {
+            stored,
+            envelope,
+            reply: request.reply,
+            permit: request.permit,
+        });
+        if self.outstanding == 0 {
+            self.send_gathered(myself).await;
+        }
+    }
+
+    /// Hands everything gathered to the store as one append, and spawns its
+    /// waiter. The waiter owns the publishers' replies: if the room dies, it
+    /// still answers each with the store's own outcome.
+    async fn send_gathered(&mut self, myself: &ActorRef<RunMsg>) {
+        let batch = std::mem::take(&mut self.gathering);
+        if batch.is_empty() {
+            return;
+        }
+        let mut items = Vec::with_capacity(batch.len());
+        let mut publishers = Vec::with_capacity(batch.len());
+        for gathered in batch {
+            items.push(gathered.stored);
+            publishers.push((gathered.envelope, gathered.reply, gathered.permit));
+        }
+        // Waits only when the store's in-flight budget is spent: the store,
+        // not this room, is then the bottleneck, and waiting here is the
+        // backpressure.
+        let ack = match self.store.reserve(encoded_len(&items)).await {
+            Ok(permit) => self.store.enqueue(items, self.gathering_durability, permit),
+            Err(error) => Err(error),
+        };
+        self.outstanding += 1;
+        let generation = self.generation;
         let myself = myself.clone();
-        let (reply, permit) = (request.reply, request.permit);
         tokio::spawn(async move {
-            let result = ack.await.unwrap_or_else(|_| {
-                Err(StoreError::FlushFailed {
-                    message: "the store stopped before answering; the append is in doubt".into(),
-                })
-            });
-            let (verdict, room_answer) = oneshot::channel();
+            let result = match ack {
+                Ok(ack) => ack.await.unwrap_or_else(|_| {
+                    Err(StoreError::FlushFailed {
+                        message: "the store stopped before answering; the append is in doubt"
+                            .into(),
+                    })
+                }),
+                // Not handed to the store: nothing stored.
+                Err(error) => Err(error),
+            };
+            let mut verdicts = Vec::with_capacity(publishers.len());
+            let mut answers = Vec::with_capacity(publishers.len());
+            for (envelope, _, _) in &publishers {
+                let (verdict, answer) = oneshot::channel();
+                verdicts.push((envelope.seq, verdict));
+                answers.push(answer);
+            }
             let _ = myself.send_message(RunMsg::Persisted {
-                seq,
+                verdicts,
                 generation,
                 result: result.clone(),
-                verdict,
             });
             // The room answers after fanning out. If it died first, the
-            // store's word stands: the restarted room serves the event from
+            // store's word stands: the restarted room serves the events from
             // the store.
-            let answer = match room_answer.await {
-                Ok(answer) => answer,
-                Err(_) => result
-                    .map(|()| RuntimeEventEnvelope::clone(&envelope))
-                    .map_err(HubError::from),
-            };
-            let _ = reply.send(answer);
-            drop(permit);
+            for ((envelope, reply, permit), room_answer) in publishers.into_iter().zip(answers) {
+                let answer = match room_answer.await {
+                    Ok(answer) => answer,
+                    Err(_) => result
+                        .clone()
+                        .map(|()| RuntimeEventEnvelope::clone(&envelope))
+                        .map_err(HubError::from),
+                };
+                let _ = reply.send(answer);
+                drop(permit);
+            }
         });
     }
 
-    /// Records the store's answer for `seq`, then answers and fans out, in
-    /// seq order, every append at the front that has its answer.
-    fn persisted(
+    /// Records the store's answer for one append, answers and fans out, in
+    /// seq order, every event at the front that has its answer, then sends
+    /// what gathered meanwhile.
+    async fn persisted(
         &mut self,
-        seq: u64,
+        myself: &ActorRef<RunMsg>,
+        verdicts: Vec<(u64, Verdict)>,
         generation: u64,
         result: Result<(), StoreError>,
-        verdict: Verdict,
     ) -> Result<(), ActorProcessingErr> {
-        let slot = self
-            .in_flight
-            .iter_mut()
-            .find(|f| f.envelope.seq == seq && f.generation == generation);
-        if let Some(slot) = slot {
-            slot.result = Some(result);
-            slot.verdict = Some(verdict);
+        self.outstanding = self.outstanding.saturating_sub(1);
+        for (seq, verdict) in verdicts {
+            let slot = self
+                .in_flight
+                .iter_mut()
+                .find(|f| f.envelope.seq == seq && f.generation == generation);
+            if let Some(slot) = slot {
+                slot.result = Some(result.clone());
+                slot.verdict = Some(verdict);
+            }
         }
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
             let Some(mut done) = self.in_flight.pop_front() else {
@@ -369,6 +431,9 @@ impl RunState {
                 Some(Err(error)) => self.failed(done, error)?,
                 None => {}
             }
+        }
+        if self.outstanding == 0 {
+            self.send_gathered(myself).await;
         }
         Ok(())
     }
@@ -442,6 +507,20 @@ impl RunState {
                 self.session_id = self.session_persisted;
                 self.provider.clone_from(&self.provider_persisted);
                 self.generation += 1;
+                // Events gathered after it took later seqs: withdraw them,
+                // nothing of theirs was sent.
+                let withdrawn = self.gathering.len();
+                self.in_flight
+                    .truncate(self.in_flight.len().saturating_sub(withdrawn));
+                for gathered in self.gathering.drain(..) {
+                    let message = format!(
+                        "an earlier event of run {} failed; nothing stored",
+                        self.run_id
+                    );
+                    let _ = gathered
+                        .reply
+                        .send(Err(HubError::Store(StoreError::WriteFailed { message })));
+                }
                 answer(done.verdict, Err(error.into()));
                 Ok(())
             }
