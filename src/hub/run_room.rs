@@ -4,10 +4,11 @@
 //! `event_id`, carries the `session_id` learned from `RunStarted`, hands the
 //! envelope to the store, and only once the store has it (acknowledged as the
 //! publisher's durability asks) answers the publisher and fans it out: to its
-//! subscribers and to the run's session and provider rooms. Appends are
-//! pipelined: the room does not wait for one to be stored before taking the
-//! next, and it fans out in seq order whatever order the store's answers come
-//! back in.
+//! subscribers and to the run's session and provider rooms. Publishing is
+//! pipelined: the room does not wait for the store before taking the next
+//! publish; the publishes that arrive while one of its appends is at the
+//! store gather into its next append, so one store request serves many
+//! events. It fans out in seq order whatever order answers come back in.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
