@@ -11,35 +11,14 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use behest_stream::{
-    AgentEvent, Config, Durability, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeEventId,
-    RuntimeRoom, Store, TextDelta,
-};
-use chrono::Utc;
+use support::{delta, envelope};
+
+use behest_stream::{Config, Durability, EventHub, Resume, RunId, RuntimeRoom, Store};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 
 const EVENTS: u64 = 1024;
 const IN_FLIGHT: usize = 256;
-
-fn delta(run_id: RunId) -> AgentEvent {
-    AgentEvent::TextDelta(TextDelta {
-        run_id,
-        timestamp: Utc::now(),
-        delta: "Hello, wor".into(),
-    })
-}
-
-fn envelope(run_id: RunId, seq: u64) -> RuntimeEventEnvelope {
-    RuntimeEventEnvelope {
-        event_id: RuntimeEventId::new(),
-        seq,
-        run_id,
-        session_id: None,
-        event: delta(run_id),
-        emitted_at: Utc::now(),
-    }
-}
 
 /// Publishes `EVENTS` to a fresh run, pipelined, while one subscriber reads
 /// them all; returns the time until the subscriber has the last one.
@@ -70,11 +49,7 @@ async fn one_room(hub: &EventHub, durability: Durability) -> Duration {
 }
 
 fn room_throughput(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let mut group = c.benchmark_group("one_room_one_subscriber");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));

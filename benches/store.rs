@@ -10,29 +10,13 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use behest_stream::{
-    AgentEvent, Config, Durability, RunId, RuntimeEventEnvelope, RuntimeEventId, Store, TextDelta,
-};
-use chrono::Utc;
+use support::envelope;
+
+use behest_stream::{Config, Durability, RunId, RuntimeEventEnvelope, Store};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 /// Events appended per timed iteration.
 const EVENTS: u64 = 256;
-
-fn envelope(run_id: RunId, seq: u64) -> RuntimeEventEnvelope {
-    RuntimeEventEnvelope {
-        event_id: RuntimeEventId::new(),
-        seq,
-        run_id,
-        session_id: None,
-        event: AgentEvent::TextDelta(TextDelta {
-            run_id,
-            timestamp: Utc::now(),
-            delta: "Hello, wor".into(),
-        }),
-        emitted_at: Utc::now(),
-    }
-}
 
 /// `EVENTS` envelopes split over `appenders` fresh runs.
 fn workload(appenders: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
@@ -46,11 +30,7 @@ fn workload(appenders: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
 }
 
 fn store_append(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let mut group = c.benchmark_group("store_append");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));

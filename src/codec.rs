@@ -81,10 +81,7 @@ pub fn encode_envelope(envelope: &RuntimeEventEnvelope) -> Result<Vec<u8>, Codec
 ///
 /// [`CodecError::Malformed`] or [`CodecError::TrailingBytes`].
 pub fn decode_envelope(bytes: &[u8]) -> Result<RuntimeEventEnvelope, CodecError> {
-    let mut decoder = Decoder::new(bytes);
-    let envelope = decoder.next()?;
-    decoder.finish()?;
-    Ok(envelope)
+    decode_one(bytes)
 }
 
 /// Builds a segment value from envelopes already encoded by
@@ -156,8 +153,12 @@ pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 ///
 /// Any [`CodecError`] but `Encode` and `TooDeep`.
 pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let body = strip_version(bytes)?;
-    let mut decoder = Decoder::new(body);
+    decode_one(strip_version(bytes)?)
+}
+
+/// Exactly one MessagePack value, nothing left over.
+fn decode_one<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let mut decoder = Decoder::new(bytes);
     let value = decoder.next()?;
     decoder.finish()?;
     Ok(value)

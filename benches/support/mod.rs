@@ -6,8 +6,40 @@
 
 use std::time::{Duration, Instant};
 
-use behest_stream::RuntimeEventEnvelope;
 use behest_stream::codec;
+use behest_stream::{AgentEvent, RunId, RuntimeEventEnvelope, RuntimeEventId, TextDelta};
+use chrono::Utc;
+
+/// The runtime every bench drives the actors on: two workers, like the
+/// machine.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A short text delta of `run_id`, the benches' common event.
+pub fn delta(run_id: RunId) -> AgentEvent {
+    AgentEvent::TextDelta(TextDelta {
+        run_id,
+        timestamp: Utc::now(),
+        delta: "Hello, wor".into(),
+    })
+}
+
+/// [`delta`] as the envelope at `seq`.
+pub fn envelope(run_id: RunId, seq: u64) -> RuntimeEventEnvelope {
+    RuntimeEventEnvelope {
+        event_id: RuntimeEventId::new(),
+        seq,
+        run_id,
+        session_id: None,
+        event: delta(run_id),
+        emitted_at: Utc::now(),
+    }
+}
 
 /// Keys (run, seq big-endian) and encoded values, prepared outside the timing.
 pub fn keyed(log: &[RuntimeEventEnvelope]) -> Vec<(Vec<u8>, Vec<u8>)> {

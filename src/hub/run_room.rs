@@ -491,14 +491,7 @@ impl RunState {
             // A later append of a pipeline whose earlier append failed: the
             // store refused it for the gap.
             (StoreError::SeqConflict { .. }, false) => {
-                let message = format!(
-                    "an earlier event of run {} failed; nothing stored",
-                    self.run_id
-                );
-                answer(
-                    done.verdict,
-                    Err(HubError::Store(StoreError::WriteFailed { message })),
-                );
+                answer(done.verdict, Err(earlier_failed(self.run_id)));
                 Ok(())
             }
             (_, true) if surely_not_stored => {
@@ -514,13 +507,7 @@ impl RunState {
                 self.in_flight
                     .truncate(self.in_flight.len().saturating_sub(withdrawn));
                 for gathered in self.gathering.drain(..) {
-                    let message = format!(
-                        "an earlier event of run {} failed; nothing stored",
-                        self.run_id
-                    );
-                    let _ = gathered
-                        .reply
-                        .send(Err(HubError::Store(StoreError::WriteFailed { message })));
+                    let _ = gathered.reply.send(Err(earlier_failed(self.run_id)));
                 }
                 answer(done.verdict, Err(error.into()));
                 Ok(())
@@ -566,4 +553,12 @@ impl RunState {
             backlog,
         })
     }
+}
+
+/// The answer to an event that followed a failed one in the same run: the
+/// store refused it, or the room withdrew it, so nothing of it was stored.
+fn earlier_failed(run_id: RunId) -> HubError {
+    HubError::Store(StoreError::WriteFailed {
+        message: format!("an earlier event of run {run_id} failed; nothing stored"),
+    })
 }

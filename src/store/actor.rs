@@ -220,11 +220,7 @@ impl Actor for StoreActor {
         // Stopped without a Close (every handle dropped): still release the
         // database off the async workers.
         if let Some(db) = state.db.take() {
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = engine::flush(&db);
-                drop(db);
-            })
-            .await;
+            let _ = engine::release(db).await;
         }
         Ok(())
     }
@@ -353,17 +349,7 @@ impl StoreState {
             return;
         }
         let result = match self.db.take() {
-            Some(db) => tokio::task::spawn_blocking(move || {
-                let result = engine::flush(&db);
-                drop(db);
-                result
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::FlushFailed {
-                    message: e.to_string(),
-                })
-            }),
+            Some(db) => engine::release(db).await,
             None => Ok(()),
         };
         if let Some(reply) = self.closing.take() {

@@ -36,6 +36,23 @@ pub(crate) struct AppendRequest {
 }
 
 impl AppendRequest {
+    /// A request, and where its answer arrives.
+    pub(crate) fn new(
+        items: Vec<StoredEnvelope>,
+        durability: Durability,
+        permit: OwnedSemaphorePermit,
+    ) -> (Self, tokio::sync::oneshot::Receiver<Result<(), StoreError>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = Self {
+            items,
+            durability,
+            reply: Some(tx.into()),
+            written: false,
+            _permit: permit,
+        };
+        (request, rx)
+    }
+
     pub(crate) fn answer(&mut self, result: Result<(), StoreError>) {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
@@ -129,13 +146,10 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
             });
         }
     };
-    let next_ordinal = match db.get(layout::META_ORDINAL).map_err(storage)? {
-        Some(bytes) => codec::decode_value(&bytes).map_err(|e| OpenError::NotAStore {
-            path: path.to_path_buf(),
-            reason: format!("run ordinal: {e}"),
-        })?,
-        None => 1,
-    };
+    let next_ordinal = read_ordinal(&db).map_err(|e| OpenError::NotAStore {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     Ok(Opened {
         db,
         epoch,
@@ -558,6 +572,22 @@ pub(crate) fn read_ordinal(db: &sled::Db) -> Result<u64, StoreError> {
         }),
         None => Ok(1),
     }
+}
+
+/// Flushes and drops the database (sled's drop blocks, so this runs on the
+/// blocking pool, never on an async worker).
+pub(crate) async fn release(db: sled::Db) -> Result<(), StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let result = flush(&db);
+        drop(db);
+        result
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::FlushFailed {
+            message: e.to_string(),
+        })
+    })
 }
 
 /// Flushes whatever sled still buffers.

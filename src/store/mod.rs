@@ -419,15 +419,9 @@ impl Store {
             return Ok(());
         }
         let permit = self.reserve(encoded_len(&items)).await?;
-        let (tx, rx) = oneshot::channel();
+        let (request, rx) = AppendRequest::new(items, durability, permit);
         self.inner
-            .send_when_ready(StoreMsg::Append(AppendRequest {
-                items,
-                durability,
-                reply: Some(tx.into()),
-                written: false,
-                _permit: permit,
-            }))
+            .send_when_ready(StoreMsg::Append(request))
             .await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -453,14 +447,8 @@ impl Store {
         durability: Durability,
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.send(StoreMsg::Append(AppendRequest {
-            items,
-            durability,
-            reply: Some(tx.into()),
-            written: false,
-            _permit: permit,
-        }))?;
+        let (request, rx) = AppendRequest::new(items, durability, permit);
+        self.inner.send(StoreMsg::Append(request))?;
         Ok(rx)
     }
 

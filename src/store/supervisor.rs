@@ -137,11 +137,7 @@ impl Actor for StoreSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         state.clear_slot();
         if let Some(db) = state.db.take() {
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = engine::flush(&db);
-                drop(db);
-            })
-            .await;
+            let _ = engine::release(db).await;
         }
         Ok(())
     }
