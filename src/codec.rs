@@ -31,6 +31,10 @@ pub const FORMAT_VERSION: u8 = 1;
 /// that everything stored can be decoded again.
 pub const MAX_JSON_DEPTH: usize = 128;
 
+/// Initial buffer for one encoded envelope: a text delta takes about 250
+/// bytes.
+const ENCODE_CAPACITY_HINT: usize = 384;
+
 /// Nesting depth the decoder allows: the JSON limit plus the envelope's own
 /// structure. Bounds recursion (and so stack use) on hostile input.
 const MAX_DECODE_DEPTH: usize = MAX_JSON_DEPTH + 16;
@@ -72,7 +76,11 @@ pub fn encode_envelope(envelope: &RuntimeEventEnvelope) -> Result<Vec<u8>, Codec
     if event_json_depth(&envelope.event) > MAX_JSON_DEPTH {
         return Err(CodecError::TooDeep);
     }
-    rmp_serde::to_vec_named(envelope).map_err(|e| CodecError::Encode(e.to_string()))
+    // Sized for a typical small event, so the common case never regrows.
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY_HINT);
+    rmp_serde::encode::write_named(&mut out, envelope)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(out)
 }
 
 /// Decodes one envelope encoded by [`encode_envelope`].

@@ -129,7 +129,7 @@ use uuid::Uuid;
 pub use self::cursor::{Cursor, CursorParseError, Resume};
 use self::follow::Link;
 use self::router::{Router, RouterArgs, RouterMsg};
-use self::run_room::PublishRequest;
+use self::run_room::{PublishAnswer, PublishRequest};
 use crate::config::{Config, Durability};
 use crate::error::{HubError, OpenError};
 use crate::event::AgentEvent;
@@ -307,7 +307,7 @@ impl Drop for HubInner {
 #[derive(Debug)]
 #[must_use = "the envelope, or the error, arrives through this future"]
 pub struct PendingPublish {
-    reply: oneshot::Receiver<Result<RuntimeEventEnvelope, HubError>>,
+    reply: oneshot::Receiver<PublishAnswer>,
     run_id: RunId,
 }
 
@@ -319,12 +319,15 @@ impl Future for PendingPublish {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.reply).poll(cx).map(|answer| {
-            answer.unwrap_or_else(|_| {
-                Err(HubError::RoomUnavailable {
+            match answer {
+                // The copy is made here, on the publisher's task, not by
+                // the room.
+                Ok(answer) => answer.map(Arc::unwrap_or_clone),
+                Err(_) => Err(HubError::RoomUnavailable {
                     room: RuntimeRoom::Run(self.run_id).to_string(),
                     reason: "the room stopped before it took the event; nothing was stored".into(),
-                })
-            })
+                }),
+            }
         })
     }
 }
@@ -491,7 +494,7 @@ impl EventHub {
                 event,
                 durability,
                 permit,
-                reply: tx.into(),
+                reply: tx,
             }))
             .map_err(|_| HubError::Closed)?;
         Ok(PendingPublish { reply: rx, run_id })

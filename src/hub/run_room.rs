@@ -28,6 +28,11 @@ use crate::ids::{ProviderId, RunId};
 use crate::store::{Store, StoredEnvelope, encoded_len};
 use crate::stream::{RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom};
 
+/// The answer to one publish: its envelope once stored and fanned out. An
+/// `Arc`, so that the room and the append's waiter never copy an envelope;
+/// the publisher's own task makes the copy it returns.
+pub(crate) type PublishAnswer = Result<Arc<RuntimeEventEnvelope>, HubError>;
+
 /// A publish on its way to a run room.
 pub(crate) struct PublishRequest {
     pub(crate) event: AgentEvent,
@@ -35,7 +40,7 @@ pub(crate) struct PublishRequest {
     /// The publisher's share of the hub's in-flight bound, returned when the
     /// request is answered.
     pub(crate) permit: OwnedSemaphorePermit,
-    pub(crate) reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+    pub(crate) reply: oneshot::Sender<PublishAnswer>,
 }
 
 /// What a subscriber gets when it attaches to a run room.
@@ -55,11 +60,10 @@ pub(crate) struct RunAttach {
 pub(crate) enum RunMsg {
     /// Sequence, store and fan out an event.
     Publish(PublishRequest),
-    /// The store answered one of the room's appends (sent by the append's
-    /// waiter): its seqs, each with where to send the room's verdict.
+    /// The store answered the room's append `batch` (sent by the append's
+    /// waiter).
     Persisted {
-        verdicts: Vec<(u64, Verdict)>,
-        generation: u64,
+        batch: u64,
         result: Result<(), StoreError>,
     },
     /// Attach a subscriber that wants everything from `from_seq` on.
@@ -92,25 +96,34 @@ pub(crate) struct RunRoomArgs {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// An append handed to the store. The publisher's reply is owned by the
-/// append's waiter task, not by the room: if the room dies, the waiter still
-/// answers with the store's word, so a publisher hears `Ok` exactly when its
-/// event is stored.
+/// A sequenced event not yet answered. Once its append is at the store, the
+/// publisher's reply is owned by the append's waiter task, not by the room:
+/// if the room dies, the waiter still answers with the store's word, so a
+/// publisher hears `Ok` exactly when its event is stored.
 struct InFlight {
     envelope: Arc<RuntimeEventEnvelope>,
     generation: u64,
+    /// The append that carries it; `None` while it is gathering.
+    batch: Option<u64>,
     result: Option<Result<(), StoreError>>,
-    /// Where the room sends its verdict once it has the store's answer.
-    verdict: Option<Verdict>,
 }
 
-type Verdict = oneshot::Sender<Result<RuntimeEventEnvelope, HubError>>;
+/// The room's verdicts on one append, in seq order, sent to its waiter once
+/// every event of the append has one: one message per append, not per
+/// event.
+struct Verdicts {
+    batch: u64,
+    /// How many events the append carries.
+    len: usize,
+    answers: Vec<PublishAnswer>,
+    to_waiter: oneshot::Sender<Vec<PublishAnswer>>,
+}
 
 /// A sequenced, encoded event waiting for the room's next append.
 struct Gathered {
     stored: StoredEnvelope,
     envelope: Arc<RuntimeEventEnvelope>,
-    reply: RpcReplyPort<Result<RuntimeEventEnvelope, HubError>>,
+    reply: oneshot::Sender<PublishAnswer>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -147,6 +160,11 @@ pub(crate) struct RunState {
     gathering_durability: Durability,
     /// Appends of this room at the store.
     outstanding: usize,
+    /// Appends not yet answered by the room, each with the verdicts gathered
+    /// for its waiter so far, in the order they were sent.
+    verdicts: VecDeque<Verdicts>,
+    /// Numbers the room's appends.
+    next_batch: u64,
     feed: Feed,
 }
 
@@ -180,6 +198,8 @@ impl Actor for RunRoom {
             gathering: Vec::new(),
             gathering_durability: Durability::Flushed,
             outstanding: 0,
+            verdicts: VecDeque::new(),
+            next_batch: 0,
         })
     }
 
@@ -227,15 +247,7 @@ impl Actor for RunRoom {
                 state.feed.touch();
                 state.publish(&myself, request).await;
             }
-            RunMsg::Persisted {
-                verdicts,
-                generation,
-                result,
-            } => {
-                state
-                    .persisted(&myself, verdicts, generation, result)
-                    .await?
-            }
+            RunMsg::Persisted { batch, result } => state.persisted(&myself, batch, result).await?,
             RunMsg::Attach { from_seq, reply } => {
                 let _ = reply.send(state.attach(from_seq));
             }
@@ -323,8 +335,8 @@ impl RunState {
         self.in_flight.push_back(InFlight {
             envelope: Arc::clone(&envelope),
             generation: self.generation,
+            batch: None,
             result: None,
-            verdict: None,
         });
         self.gathering_durability = request.durability;
         self.gathering.push(Gathered {
@@ -342,15 +354,22 @@ impl RunState {
     /// waiter. The waiter owns the publishers' replies: if the room dies, it
     /// still answers each with the store's own outcome.
     async fn send_gathered(&mut self, myself: &ActorRef<RunMsg>) {
-        let batch = std::mem::take(&mut self.gathering);
-        if batch.is_empty() {
+        let gathered = std::mem::take(&mut self.gathering);
+        if gathered.is_empty() {
             return;
         }
-        let mut items = Vec::with_capacity(batch.len());
-        let mut publishers = Vec::with_capacity(batch.len());
-        for gathered in batch {
-            items.push(gathered.stored);
-            publishers.push((gathered.envelope, gathered.reply, gathered.permit));
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        // What gathered is always the tail of `in_flight`.
+        let first = self.in_flight.len() - gathered.len();
+        for f in self.in_flight.range_mut(first..) {
+            f.batch = Some(batch);
+        }
+        let mut items = Vec::with_capacity(gathered.len());
+        let mut publishers = Vec::with_capacity(gathered.len());
+        for g in gathered {
+            items.push(g.stored);
+            publishers.push((g.envelope, g.reply, g.permit));
         }
         // Waits only when the store's in-flight budget is spent: the store,
         // not this room, is then the bottleneck, and waiting here is the
@@ -360,7 +379,13 @@ impl RunState {
             Err(error) => Err(error),
         };
         self.outstanding += 1;
-        let generation = self.generation;
+        let (to_waiter, verdicts) = oneshot::channel();
+        self.verdicts.push_back(Verdicts {
+            batch,
+            len: publishers.len(),
+            answers: Vec::with_capacity(publishers.len()),
+            to_waiter,
+        });
         let myself = myself.clone();
         tokio::spawn(async move {
             let result = match ack {
@@ -373,31 +398,25 @@ impl RunState {
                 // Not handed to the store: nothing stored.
                 Err(error) => Err(error),
             };
-            let mut verdicts = Vec::with_capacity(publishers.len());
-            let mut answers = Vec::with_capacity(publishers.len());
-            for (envelope, _, _) in &publishers {
-                let (verdict, answer) = oneshot::channel();
-                verdicts.push((envelope.seq, verdict));
-                answers.push(answer);
-            }
             let _ = myself.send_message(RunMsg::Persisted {
-                verdicts,
-                generation,
+                batch,
                 result: result.clone(),
             });
             // The room answers after fanning out. If it died first, the
             // store's word stands: the restarted room serves the events from
             // the store.
-            for ((envelope, reply, permit), room_answer) in publishers.into_iter().zip(answers) {
-                let answer = match room_answer.await {
-                    Ok(answer) => answer,
-                    Err(_) => result
-                        .clone()
-                        .map(|()| RuntimeEventEnvelope::clone(&envelope))
-                        .map_err(HubError::from),
-                };
-                let _ = reply.send(answer);
-                drop(permit);
+            match verdicts.await {
+                Ok(answers) => {
+                    for ((_, reply, _permit), answer) in publishers.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                }
+                Err(_) => {
+                    for (envelope, reply, _permit) in publishers {
+                        let _ =
+                            reply.send(result.clone().map(|()| envelope).map_err(HubError::from));
+                    }
+                }
             }
         });
     }
@@ -408,19 +427,17 @@ impl RunState {
     async fn persisted(
         &mut self,
         myself: &ActorRef<RunMsg>,
-        verdicts: Vec<(u64, Verdict)>,
-        generation: u64,
+        batch: u64,
         result: Result<(), StoreError>,
     ) -> Result<(), ActorProcessingErr> {
         self.outstanding = self.outstanding.saturating_sub(1);
-        for (seq, verdict) in verdicts {
-            let slot = self
-                .in_flight
-                .iter_mut()
-                .find(|f| f.envelope.seq == seq && f.generation == generation);
-            if let Some(slot) = slot {
+        // An append's events are contiguous in `in_flight`.
+        if let Some(first) = self.in_flight.iter().position(|f| f.batch == Some(batch)) {
+            for slot in self.in_flight.range_mut(first..) {
+                if slot.batch != Some(batch) {
+                    break;
+                }
                 slot.result = Some(result.clone());
-                slot.verdict = Some(verdict);
             }
         }
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
@@ -428,7 +445,7 @@ impl RunState {
                 break;
             };
             match done.result.take() {
-                Some(Ok(())) => self.fan_out(done.envelope, done.verdict),
+                Some(Ok(())) => self.fan_out(done.envelope, done.batch),
                 Some(Err(error)) => self.failed(done, error)?,
                 None => {}
             }
@@ -439,7 +456,23 @@ impl RunState {
         Ok(())
     }
 
-    fn fan_out(&mut self, envelope: Arc<RuntimeEventEnvelope>, verdict: Option<Verdict>) {
+    /// Adds the room's verdict on one event of append `batch`; once the
+    /// append has all of them, they go to its waiter.
+    fn answer(&mut self, batch: Option<u64>, answer: PublishAnswer) {
+        let Some(batch) = batch else { return };
+        let Some(index) = self.verdicts.iter().position(|v| v.batch == batch) else {
+            return;
+        };
+        let verdicts = &mut self.verdicts[index];
+        verdicts.answers.push(answer);
+        if verdicts.answers.len() == verdicts.len
+            && let Some(done) = self.verdicts.remove(index)
+        {
+            let _ = done.to_waiter.send(done.answers);
+        }
+    }
+
+    fn fan_out(&mut self, envelope: Arc<RuntimeEventEnvelope>, batch: Option<u64>) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
         self.session_persisted = envelope.session_id;
@@ -459,9 +492,7 @@ impl RunState {
                 envelope: Arc::clone(&envelope),
             });
         }
-        if let Some(verdict) = verdict {
-            let _ = verdict.send(Ok(RuntimeEventEnvelope::clone(&envelope)));
-        }
+        self.answer(batch, Ok(envelope));
     }
 
     /// An append failed. If the store surely holds nothing of it, rewind so
@@ -482,16 +513,11 @@ impl RunState {
                 | StoreError::Encode { .. }
                 | StoreError::CorruptRunRecord { .. }
         );
-        let answer = |verdict: Option<Verdict>, answer: Result<RuntimeEventEnvelope, HubError>| {
-            if let Some(verdict) = verdict {
-                let _ = verdict.send(answer);
-            }
-        };
         match (&error, current) {
             // A later append of a pipeline whose earlier append failed: the
             // store refused it for the gap.
             (StoreError::SeqConflict { .. }, false) => {
-                answer(done.verdict, Err(earlier_failed(self.run_id)));
+                self.answer(done.batch, Err(earlier_failed(self.run_id)));
                 Ok(())
             }
             (_, true) if surely_not_stored => {
@@ -509,11 +535,11 @@ impl RunState {
                 for gathered in self.gathering.drain(..) {
                     let _ = gathered.reply.send(Err(earlier_failed(self.run_id)));
                 }
-                answer(done.verdict, Err(error.into()));
+                self.answer(done.batch, Err(error.into()));
                 Ok(())
             }
             (_, false) if surely_not_stored => {
-                answer(done.verdict, Err(error.into()));
+                self.answer(done.batch, Err(error.into()));
                 Ok(())
             }
             // The outcome is in doubt, or the store disagrees with the room
@@ -523,12 +549,12 @@ impl RunState {
             // hears the store's own answer (from here, or from its waiter).
             _ => {
                 tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
-                answer(done.verdict, Err(error.clone().into()));
-                for rest in self.in_flight.drain(..) {
+                self.answer(done.batch, Err(error.clone().into()));
+                for rest in std::mem::take(&mut self.in_flight) {
                     if let Some(result) = rest.result {
-                        let envelope = RuntimeEventEnvelope::clone(&rest.envelope);
-                        answer(
-                            rest.verdict,
+                        let envelope = rest.envelope;
+                        self.answer(
+                            rest.batch,
                             result.map(|()| envelope).map_err(HubError::from),
                         );
                     }
