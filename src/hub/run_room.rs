@@ -422,8 +422,9 @@ impl RunState {
     }
 
     /// Records the store's answer for one append, answers and fans out, in
-    /// seq order, every event at the front that has its answer, then sends
-    /// what gathered meanwhile.
+    /// seq order, every event at the front that has its answer, and sends
+    /// what gathered meanwhile: first, when nothing has failed, so that the
+    /// store writes the next append while the room fans out this one.
     async fn persisted(
         &mut self,
         myself: &ActorRef<RunMsg>,
@@ -439,6 +440,14 @@ impl RunState {
                 }
                 slot.result = Some(result.clone());
             }
+        }
+        let nothing_failed = || {
+            self.in_flight
+                .iter()
+                .all(|f| f.result.as_ref().is_none_or(Result::is_ok))
+        };
+        if self.outstanding == 0 && nothing_failed() {
+            self.send_gathered(myself).await;
         }
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
             let Some(mut done) = self.in_flight.pop_front() else {
