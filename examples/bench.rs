@@ -1,0 +1,688 @@
+//! The hub under load, beside what it is built from, in one run: how many
+//! events per second `EventHub` sequences, stores and fans out across many
+//! rooms and subscribers, the publish-to-delivery latency, the memory one
+//! active room costs (and whether an evicted one costs nothing), and the
+//! same work done by raw sled and by tokio broadcast, as ratios.
+//!
+//! ```text
+//! cargo run --release --example bench -- [options]
+//! cargo run --release --example bench -- --rooms 1 --subscribers 1 --events 20000
+//! cargo run --release --example bench -- --rooms 1 --subscribers 100 --events 5000 --durability buffered
+//! cargo run --release --example bench -- --rooms 10000 --subscribers 1 --events 10 --durability buffered --evict
+//! cargo run --release --example bench -- --half-load --json
+//! ```
+//!
+//! The workload and the baselines are `examples/support/workload.rs`, shared
+//! with `benches/rooms.rs`. Timed: first submit to last delivery; opening
+//! the hub and starting its rooms (every subscriber subscribes from the
+//! start first) are not. Memory comes from a counting global allocator (this
+//! binary only; it adds two atomic operations per allocation) and from
+//! `/proc/self/status`.
+//!
+//! Exits with status 1 if any subscriber lost or got a duplicate delivery,
+//! and 2 if the run failed.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use behest_stream::{Config, Durability, EventHub};
+use clap::Parser;
+use serde::Serialize;
+
+#[path = "support/workload.rs"]
+mod workload;
+
+use workload::{
+    Broadcast, EventMaker, FlushTimes, HeapProbe, HubRun, Probes, RawSled, Size, Workload,
+};
+
+/// Bytes allocated and not yet freed.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Highest [`LIVE`] since the last reset.
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting live bytes and their peak.
+struct Counting;
+
+impl Counting {
+    fn added(bytes: usize) {
+        let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if live > PEAK.load(Ordering::Relaxed) {
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+    }
+
+    fn removed(bytes: usize) {
+        LIVE.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees are this allocator's; the counting
+// around it only touches atomics and never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract (non-zero size),
+        // which is `System.alloc`'s.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            Self::added(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            Self::added(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller passes a block this allocator (so `System`)
+        // allocated with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        Self::removed(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller passes a block `System` allocated with
+        // `layout` and a valid `new_size`, as `System.realloc` requires.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            // On failure the old block stays allocated: count nothing.
+            Self::removed(layout.size());
+            Self::added(new_size);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The counting allocator, as the workload reads it.
+const HEAP: HeapProbe = HeapProbe {
+    live: || LIVE.load(Ordering::Relaxed),
+    peak: || PEAK.load(Ordering::Relaxed),
+    reset_peak: || PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed),
+};
+
+/// Durability of the publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DurabilityArg {
+    /// Acknowledged after the flush.
+    Flushed,
+    /// Acknowledged once in sled's buffer.
+    Buffered,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(value: DurabilityArg) -> Self {
+        match value {
+            DurabilityArg::Flushed => Durability::Flushed,
+            DurabilityArg::Buffered => Durability::Buffered,
+        }
+    }
+}
+
+/// Load the hub with rooms, subscribers and pipelined publishers, and
+/// measure it beside raw sled and tokio broadcast.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench", about)]
+struct Args {
+    /// Rooms (fresh runs), each with its own publisher.
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Subscribers per room, each from the start.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Events per room, the terminal `RunCompleted` included.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+    /// Size of the events.
+    #[arg(long, value_enum, default_value_t = Size::Delta)]
+    size: Size,
+    /// Durability of every publish.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Flushed)]
+    durability: DurabilityArg,
+    /// Open the hub with `Config::temporary()` (sled in /dev/shm) instead of
+    /// a fresh temporary directory.
+    #[arg(long)]
+    temporary: bool,
+    /// Publishes in flight per room.
+    #[arg(long, default_value_t = 256)]
+    in_flight: usize,
+    /// Total events per second across rooms; 0 for as fast as it goes.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Run at full speed, then again at half the events/s measured, and
+    /// report that run's latency too.
+    #[arg(long)]
+    half_load: bool,
+    /// Open the hub with a 1 s idle timeout and, after the run, wait until
+    /// every room is evicted; report the heap then.
+    #[arg(long)]
+    evict: bool,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// The hub's ring per room (`Config::ring_capacity`); the hub's default
+    /// (1024) if not given.
+    #[arg(long)]
+    ring_capacity: Option<usize>,
+    /// Seconds a run may take before it counts as failed.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// The configuration, as reported.
+#[derive(Debug, Serialize)]
+struct ConfigReport {
+    rooms: usize,
+    subscribers: usize,
+    events_per_room: u64,
+    size: Size,
+    encoded_bytes: usize,
+    durability: &'static str,
+    storage: &'static str,
+    in_flight: usize,
+    ring_capacity: Option<usize>,
+    rate: f64,
+    half_load: bool,
+    evict: bool,
+}
+
+/// The machine, as reported.
+#[derive(Debug, Serialize)]
+struct Machine {
+    cores: usize,
+    cpu: Option<String>,
+}
+
+/// Memory readings of the full-speed run.
+#[derive(Debug, Serialize)]
+struct Memory {
+    /// `VmHWM` after the full-speed run.
+    peak_rss_bytes: Option<u64>,
+    /// `VmRSS` after the full-speed run.
+    rss_bytes: Option<u64>,
+    /// Live heap before the rooms started.
+    heap_before_rooms: Option<usize>,
+    /// Live heap per room with every room active (room and subscribers).
+    heap_per_room: Option<f64>,
+    /// Highest live heap while running, over `heap_before_rooms`.
+    heap_peak_over_before: Option<i64>,
+}
+
+/// Eviction after the full-speed run.
+#[derive(Debug, Serialize)]
+struct EvictionReport {
+    /// Rooms of the run live when it ended (the rest were evicted already).
+    rooms_live_before: usize,
+    /// Rooms of the run live after the wait.
+    rooms_live_after: usize,
+    /// Rooms evicted from the run's start to its end.
+    evicted_during_run: u64,
+    /// Rooms evicted from the run's start to the end of the wait.
+    evicted_total: u64,
+    waited_s: f64,
+    heap_before_rooms: Option<usize>,
+    heap_end_of_run: Option<usize>,
+    heap_after_eviction: Option<usize>,
+    /// Heap after eviction minus heap before the rooms started.
+    heap_after_minus_before: Option<i64>,
+    /// (Heap at the end of the run − heap after eviction) ÷ the rooms the
+    /// wait saw evicted.
+    freed_per_room: Option<f64>,
+}
+
+/// The baselines, measured after the hub runs.
+#[derive(Debug, Serialize)]
+struct Baselines {
+    raw_sled: RawSled,
+    broadcast: Broadcast,
+    sled_flush: FlushTimes,
+}
+
+/// The hub's figures over the baselines'.
+#[derive(Debug, Serialize)]
+struct Ratios {
+    hub_events_over_raw_sled: f64,
+    hub_deliveries_over_broadcast: f64,
+    hub_p99_over_flush_p50: f64,
+}
+
+/// Everything one invocation measured.
+#[derive(Debug, Serialize)]
+struct Report {
+    /// Lost deliveries, over every hub run (must be 0).
+    lost: u64,
+    /// Duplicated deliveries, over every hub run (must be 0).
+    duplicated: u64,
+    /// Acknowledgements out of submit order, stream errors and missing
+    /// deliveries, over every hub run (must be 0).
+    other_faults: u64,
+    config: ConfigReport,
+    machine: Machine,
+    hub: HubRun,
+    half_load: Option<HubRun>,
+    memory: Memory,
+    eviction: Option<EvictionReport>,
+    baselines: Baselines,
+    ratios: Ratios,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("bench: cannot build the runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match measure(&args, cores, &runtime) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("bench failed: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => {
+                eprintln!("bench: cannot write JSON: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print_table(&report);
+    }
+    if report.lost != 0 || report.duplicated != 0 || report.other_faults != 0 {
+        eprintln!(
+            "bench: FAILED: {} lost, {} duplicated, {} other faults (see the report)",
+            report.lost, report.duplicated, report.other_faults
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs the hub (full speed, then half load if asked), then the baselines.
+fn measure(
+    args: &Args,
+    cores: usize,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Report, workload::Error> {
+    let timeout = Duration::from_secs(args.timeout);
+    let mut work = Workload::new(args.rooms, args.subscribers, args.events)
+        .size(args.size)
+        .durability(args.durability.into());
+    work.in_flight = args.in_flight;
+    work.rate = args.rate;
+    work.timeout = timeout;
+    work.evict_within = args.evict.then_some(Duration::from_secs(60));
+    let maker = EventMaker::new(args.size);
+    let config = ConfigReport {
+        rooms: args.rooms,
+        subscribers: args.subscribers,
+        events_per_room: args.events,
+        size: args.size,
+        encoded_bytes: maker.encoded_len(),
+        durability: match args.durability {
+            DurabilityArg::Flushed => "flushed",
+            DurabilityArg::Buffered => "buffered",
+        },
+        storage: if args.temporary {
+            "temporary (/dev/shm)"
+        } else {
+            "tempdir"
+        },
+        in_flight: args.in_flight,
+        ring_capacity: args.ring_capacity,
+        rate: args.rate,
+        half_load: args.half_load,
+        evict: args.evict,
+    };
+
+    // The hub runs.
+    let dir = tempfile::tempdir()?;
+    let base = if args.temporary {
+        Config::temporary()
+    } else {
+        Config::new(dir.path().join("hub"))
+    };
+    let mut hub_config = work.config(base);
+    if args.evict {
+        hub_config = hub_config.idle_timeout(Duration::from_secs(1));
+    }
+    if let Some(ring) = args.ring_capacity {
+        hub_config = hub_config.ring_capacity(ring);
+    }
+    let probes = Probes {
+        heap: Some(HEAP),
+        progress: true,
+    };
+    let (hub, half_load, peak_rss, rss) = runtime.block_on(async {
+        let hub_handle = EventHub::open(hub_config).await?;
+        eprintln!("bench: full speed");
+        let hub = workload::run_hub(&hub_handle, &work, &probes).await?;
+        let (peak_rss, rss) = (proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS"));
+        let half_load = if args.half_load {
+            let mut half = work.clone();
+            half.rate = hub.events_per_s / 2.0;
+            half.evict_within = None;
+            eprintln!("bench: half load, {:.0} events/s", half.rate);
+            Some(workload::run_hub(&hub_handle, &half, &probes).await?)
+        } else {
+            None
+        };
+        hub_handle.shutdown().await?;
+        Ok::<_, workload::Error>((hub, half_load, peak_rss, rss))
+    })?;
+
+    // The baselines, with the same events and fan-out.
+    eprintln!("bench: baselines");
+    let count = work.total_events().min(args.size.baseline_cap());
+    let keyed = workload::raw_sled_keyed(&maker, args.rooms, count)?;
+    let sled_dir = dir.path().join("raw-sled");
+    let db = workload::open_sled((!args.temporary).then_some(sled_dir.as_path()))?;
+    let flush = work.durability == Durability::Flushed;
+    let raw_sled = workload::raw_sled_append(&db, &keyed, flush)?;
+    drop(keyed);
+    let sled_flush = workload::flush_latency(&db, 200)?;
+    drop(db);
+    let per_room = workload::broadcast_events_per_room(args.size, args.rooms, args.events);
+    let broadcast = runtime.block_on(workload::broadcast_baseline(
+        &maker,
+        args.rooms,
+        args.subscribers,
+        per_room,
+        timeout,
+    ))?;
+
+    let heap = hub.heap;
+    let memory = Memory {
+        peak_rss_bytes: peak_rss,
+        rss_bytes: rss,
+        heap_before_rooms: heap.map(|h| h.before_rooms),
+        heap_per_room: heap.map(|h| h.per_room),
+        heap_peak_over_before: heap.map(|h| signed(h.peak_while_running) - signed(h.before_rooms)),
+    };
+    let eviction = hub.eviction.map(|e| EvictionReport {
+        rooms_live_before: e.rooms_live_before,
+        rooms_live_after: e.rooms_live_after,
+        evicted_during_run: e.evicted_during_run,
+        evicted_total: e.evicted_total,
+        waited_s: e.waited_s,
+        heap_before_rooms: heap.map(|h| h.before_rooms),
+        heap_end_of_run: heap.map(|h| h.end_of_run),
+        heap_after_eviction: e.heap_after,
+        heap_after_minus_before: heap
+            .zip(e.heap_after)
+            .map(|(h, after)| signed(after) - signed(h.before_rooms)),
+        freed_per_room: heap
+            .zip(e.heap_after)
+            .filter(|_| e.rooms_live_before > 0)
+            .map(|(h, after)| (h.end_of_run as f64 - after as f64) / e.rooms_live_before as f64),
+    });
+    let ratios = Ratios {
+        hub_events_over_raw_sled: hub.events_per_s / raw_sled.events_per_s,
+        hub_deliveries_over_broadcast: hub.deliveries_per_s / broadcast.deliveries_per_s,
+        hub_p99_over_flush_p50: hub.latency.p99_ms / sled_flush.p50_ms,
+    };
+    let runs = std::iter::once(&hub).chain(half_load.as_ref());
+    let (mut lost, mut duplicated, mut other_faults) = (0, 0, 0);
+    for run in runs {
+        lost += run.lost;
+        duplicated += run.duplicated;
+        other_faults += run.seq_mismatches
+            + run.stream_errors
+            + run.expected_deliveries.abs_diff(run.deliveries);
+    }
+    Ok(Report {
+        lost,
+        duplicated,
+        other_faults,
+        config,
+        machine: Machine {
+            cores,
+            cpu: cpu_model(),
+        },
+        hub,
+        half_load,
+        memory,
+        eviction,
+        baselines: Baselines {
+            raw_sled,
+            broadcast,
+            sled_flush,
+        },
+        ratios,
+    })
+}
+
+/// `bytes` as a signed number, for differences.
+fn signed(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// A `/proc/self/status` field given in kB (`VmHWM`, `VmRSS`), in bytes.
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| {
+        line.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The CPU model from `/proc/cpuinfo`, where there is one.
+fn cpu_model() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo
+        .lines()
+        .find(|line| line.starts_with("model name"))
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, model)| model.trim().to_owned())
+}
+
+/// Bytes for people: B, KiB, MiB or GiB.
+fn bytes(value: f64) -> String {
+    let magnitude = value.abs();
+    let sign = if value < 0.0 { "-" } else { "" };
+    if magnitude >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{sign}{:.2} GiB", magnitude / (1024.0 * 1024.0 * 1024.0))
+    } else if magnitude >= 1024.0 * 1024.0 {
+        format!("{sign}{:.1} MiB", magnitude / (1024.0 * 1024.0))
+    } else if magnitude >= 1024.0 {
+        format!("{sign}{:.1} KiB", magnitude / 1024.0)
+    } else {
+        format!("{sign}{magnitude:.0} B")
+    }
+}
+
+/// A rate for people, with thousands separators.
+fn per_s(value: f64) -> String {
+    let digits = (value.round() as u64).to_string();
+    let mut groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .map(|group| std::str::from_utf8(group).unwrap_or("?"))
+        .collect();
+    groups.reverse();
+    groups.join(",")
+}
+
+/// An optional byte count for the table.
+fn maybe_bytes<T: Into<f64>>(value: Option<T>) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| bytes(v.into()))
+}
+
+/// The latency line of a run.
+fn latency_line(run: &HubRun) -> String {
+    format!(
+        "p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        run.latency.p50_ms, run.latency.p99_ms, run.latency.max_ms
+    )
+}
+
+/// The report as a table on stdout.
+fn print_table(report: &Report) {
+    let c = &report.config;
+    let hub = &report.hub;
+    let rate = if c.rate > 0.0 {
+        format!("{} events/s", per_s(c.rate))
+    } else {
+        "unlimited".to_owned()
+    };
+    println!("behest-stream hub bench");
+    println!(
+        "config     {} room(s) x {} subscriber(s), {} events/room, {} ({} B encoded), {}, {}, {} in flight/room, ring {}, rate {}",
+        c.rooms,
+        c.subscribers,
+        c.events_per_room,
+        c.size.name(),
+        c.encoded_bytes,
+        c.durability,
+        c.storage,
+        c.in_flight,
+        c.ring_capacity
+            .map_or_else(|| "default".to_owned(), |ring| ring.to_string()),
+        rate
+    );
+    println!(
+        "machine    {} cores, {}",
+        report.machine.cores,
+        report.machine.cpu.as_deref().unwrap_or("CPU model unknown")
+    );
+    println!();
+    println!(
+        "hub        {:>12} events/s total   {:>12} events/s per room   {} events in {:.3} s (subscribing took {:.3} s, untimed)",
+        per_s(hub.events_per_s),
+        per_s(hub.events_per_s_per_room),
+        hub.events,
+        hub.elapsed_s,
+        hub.subscribe_s
+    );
+    println!(
+        "           {:>12} deliveries/s     {} deliveries",
+        per_s(hub.deliveries_per_s),
+        hub.deliveries
+    );
+    println!("latency    {}", latency_line(hub));
+    if let Some(half) = &report.half_load {
+        println!(
+            "half load  {}   at {} events/s target, {} achieved",
+            latency_line(half),
+            per_s(half.target_rate.unwrap_or(0.0)),
+            per_s(half.events_per_s)
+        );
+    }
+    let m = &report.memory;
+    println!(
+        "memory     peak RSS {}   RSS {}   heap before rooms {}   heap per active room {} (room + {} subscriber(s))   peak heap while running +{}",
+        maybe_bytes(m.peak_rss_bytes.map(|v| v as f64)),
+        maybe_bytes(m.rss_bytes.map(|v| v as f64)),
+        maybe_bytes(m.heap_before_rooms.map(|v| v as f64)),
+        maybe_bytes(m.heap_per_room),
+        c.subscribers,
+        maybe_bytes(m.heap_peak_over_before.map(|v| v as f64)),
+    );
+    println!(
+        "checks     lost {}   duplicated {}   other faults {}{}",
+        report.lost,
+        report.duplicated,
+        report.other_faults,
+        hub.first_stream_error
+            .as_deref()
+            .map(|e| format!("   first stream error: {e}"))
+            .unwrap_or_default()
+    );
+    println!();
+    let b = &report.baselines;
+    let r = &report.ratios;
+    println!("baselines (same process, after the hub runs)");
+    println!(
+        "  raw sled, {} events, batches of 256, {:<9} {:>12} events/s       hub / raw sled   {:.2}",
+        b.raw_sled.events,
+        if b.raw_sled.flushed {
+            "flushed"
+        } else {
+            "no flush"
+        },
+        per_s(b.raw_sled.events_per_s),
+        r.hub_events_over_raw_sled
+    );
+    println!(
+        "  tokio broadcast, {} x {} x {} events          {:>12} deliveries/s   hub / broadcast  {:.2}{}",
+        b.broadcast.rooms,
+        b.broadcast.subscribers,
+        b.broadcast.events_per_room,
+        per_s(b.broadcast.deliveries_per_s),
+        r.hub_deliveries_over_broadcast,
+        if b.broadcast.lagged > 0 || b.broadcast.out_of_order > 0 {
+            format!(
+                " ({} lagged, {} out of order)",
+                b.broadcast.lagged, b.broadcast.out_of_order
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  one sled flush, {} samples      p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   hub p99 / flush p50  {:.2}",
+        b.sled_flush.samples,
+        b.sled_flush.p50_ms,
+        b.sled_flush.p99_ms,
+        b.sled_flush.max_ms,
+        r.hub_p99_over_flush_p50
+    );
+    if let Some(e) = &report.eviction {
+        println!();
+        println!(
+            "eviction   rooms live at the end of the run {} -> {} after {:.1} s ({} of {} rooms evicted during the run, {} in all)",
+            e.rooms_live_before,
+            e.rooms_live_after,
+            e.waited_s,
+            e.evicted_during_run,
+            c.rooms,
+            e.evicted_total
+        );
+        println!(
+            "           heap before rooms {}   end of run {}   after eviction {} ({} vs before; the wait freed {} per evicted room)",
+            maybe_bytes(e.heap_before_rooms.map(|v| v as f64)),
+            maybe_bytes(e.heap_end_of_run.map(|v| v as f64)),
+            maybe_bytes(e.heap_after_eviction.map(|v| v as f64)),
+            e.heap_after_minus_before
+                .map_or_else(|| "n/a".to_owned(), |v| format!("{:+}", Bytes(v))),
+            maybe_bytes(e.freed_per_room),
+        );
+    }
+}
+
+/// A signed byte count that prints with its sign.
+struct Bytes(i64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = bytes(self.0 as f64);
+        if f.sign_plus() && self.0 >= 0 {
+            write!(f, "+{text}")
+        } else {
+            f.write_str(&text)
+        }
+    }
+}
