@@ -47,6 +47,7 @@ pub struct Config {
     pub(crate) segment_max_events: usize,
     pub(crate) segment_max_bytes: usize,
     pub(crate) ring_capacity: usize,
+    pub(crate) live_capacity: usize,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_in_flight_publishes: usize,
     pub(crate) catch_up_page: usize,
@@ -83,6 +84,7 @@ impl Config {
             segment_max_events: 256,
             segment_max_bytes: 256 * 1024,
             ring_capacity: 1024,
+            live_capacity: 128,
             idle_timeout: Duration::from_secs(30),
             max_in_flight_publishes: 4096,
             catch_up_page: 256,
@@ -161,6 +163,20 @@ impl Config {
     #[must_use]
     pub fn ring_capacity(mut self, envelopes: usize) -> Self {
         self.ring_capacity = envelopes.max(1);
+        self
+    }
+
+    /// How many deliveries each subscriber's live queue holds (default 128):
+    /// a delivery is what a room fans out at once (for a run room, every
+    /// event one append acknowledged), so the queue holds at least this many
+    /// envelopes. A subscriber that falls further behind catches up from the
+    /// ring or the store (run and session rooms) or gets
+    /// [`RuntimeStreamError::Lagged`](crate::RuntimeStreamError::Lagged)
+    /// (live subscriptions). Each room allocates these slots (about 40 bytes
+    /// each) up front.
+    #[must_use]
+    pub fn live_capacity(mut self, deliveries: usize) -> Self {
+        self.live_capacity = deliveries.max(1);
         self
     }
 

@@ -19,9 +19,14 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// it reads, gets seqs 1..=N exactly once, in order, then the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscriber_catches_up_from_the_store_without_slowing_the_room() {
-    let hub = EventHub::open(Config::temporary().ring_capacity(RING).catch_up_page(64))
-        .await
-        .unwrap();
+    let hub = EventHub::open(
+        Config::temporary()
+            .ring_capacity(RING)
+            .live_capacity(RING / 4)
+            .catch_up_page(64),
+    )
+    .await
+    .unwrap();
     let run = RunId::new();
     let session = Uuid::now_v7();
     let room = RuntimeRoom::Run(run);

@@ -147,9 +147,14 @@ impl Sub {
 }
 
 async fn run_case(ops: Vec<Op>) {
-    let hub = EventHub::open(Config::temporary().ring_capacity(4).catch_up_page(3))
-        .await
-        .unwrap();
+    let hub = EventHub::open(
+        Config::temporary()
+            .ring_capacity(4)
+            .live_capacity(2)
+            .catch_up_page(3),
+    )
+    .await
+    .unwrap();
     let mut model = Model {
         runs: (0..RUNS).map(|_| RunId::new()).collect(),
         sessions: vec![Uuid::now_v7(), Uuid::now_v7()],

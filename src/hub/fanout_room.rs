@@ -9,20 +9,20 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::broadcast;
 
 use super::feed::Feed;
 use super::router::RouterMsg;
-use super::{Delivery, RoomStats, Shared};
+use super::{LiveFeed, RoomStats, Shared};
 use crate::error::HubError;
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 /// Every message a session or provider room takes.
 pub(crate) enum FanoutMsg {
-    /// A persisted envelope from a run room (through the router).
-    Fanout(Arc<RuntimeEventEnvelope>),
+    /// Persisted envelopes of one run from its room (through the router),
+    /// in seq order.
+    Fanout(Vec<Arc<RuntimeEventEnvelope>>),
     /// Attach a live subscriber.
-    Attach(RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>),
+    Attach(RpcReplyPort<Result<LiveFeed, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`.
     LivePublish {
         envelope: RuntimeEventEnvelope,
@@ -75,7 +75,7 @@ impl Actor for FanoutRoom {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            FanoutMsg::Fanout(envelope) => state.feed.push(envelope),
+            FanoutMsg::Fanout(envelopes) => state.feed.push(envelopes),
             FanoutMsg::Attach(reply) => {
                 let _ = reply.send(Ok(state.feed.subscribe()));
             }

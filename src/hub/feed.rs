@@ -1,7 +1,7 @@
 //! A room's outgoing side, shared by run and fanout rooms: the live feed
-//! subscribers read (a broadcast ring, so a subscriber's queue is bounded by
-//! its capacity and a slow one only falls behind), the ring of recent
-//! envelopes, and the idle clock.
+//! subscribers read (a broadcast channel of batches, so a subscriber's queue
+//! is bounded by its capacity and a slow one only falls behind), the ring of
+//! recent envelopes, and the idle clock.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::broadcast;
 
-use super::{Delivery, RoomStats, Shared};
+use super::{Delivery, LiveFeed, RoomStats, Shared};
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 pub(crate) struct Feed {
@@ -22,7 +22,7 @@ pub(crate) struct Feed {
 
 impl Feed {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let (live, _) = broadcast::channel(shared.ring_capacity);
+        let (live, _) = broadcast::channel(shared.live_capacity);
         Self {
             live,
             ring: VecDeque::with_capacity(shared.ring_capacity.min(64)),
@@ -32,16 +32,28 @@ impl Feed {
         }
     }
 
-    /// Fans out a persisted envelope and keeps it in the ring.
-    pub(crate) fn push(&mut self, envelope: Arc<RuntimeEventEnvelope>) {
-        if self.ring.len() == self.shared.ring_capacity {
-            self.ring.pop_front();
+    /// Fans out persisted envelopes, in seq order, as one delivery, and
+    /// keeps them in the ring.
+    pub(crate) fn push(&mut self, envelopes: Vec<Arc<RuntimeEventEnvelope>>) {
+        if envelopes.is_empty() {
+            return;
         }
-        self.ring.push_back(Arc::clone(&envelope));
-        self.fanned_out += 1;
+        for envelope in &envelopes {
+            if self.ring.len() == self.shared.ring_capacity {
+                self.ring.pop_front();
+            }
+            self.ring.push_back(Arc::clone(envelope));
+        }
+        self.send(envelopes.into(), true);
+    }
+
+    fn send(&mut self, envelopes: Arc<[Arc<RuntimeEventEnvelope>]>, persisted: bool) {
+        let first = self.fanned_out;
+        self.fanned_out += envelopes.len() as u64;
         let _ = self.live.send(Delivery {
-            envelope,
-            persisted: true,
+            first,
+            envelopes,
+            persisted,
         });
     }
 
@@ -51,17 +63,17 @@ impl Feed {
     pub(crate) fn live_publish(&mut self, envelope: RuntimeEventEnvelope) {
         self.touch();
         if !self.ring.iter().any(|e| e.event_id == envelope.event_id) {
-            let _ = self.live.send(Delivery {
-                envelope: Arc::new(envelope),
-                persisted: false,
-            });
+            self.send(Arc::new([Arc::new(envelope)]), false);
         }
     }
 
     /// A new receiver of everything fanned out from now on.
-    pub(crate) fn subscribe(&mut self) -> broadcast::Receiver<Delivery> {
+    pub(crate) fn subscribe(&mut self) -> LiveFeed {
         self.touch();
-        self.live.subscribe()
+        LiveFeed {
+            receiver: self.live.subscribe(),
+            next: self.fanned_out,
+        }
     }
 
     pub(crate) fn touch(&mut self) {

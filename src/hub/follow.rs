@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::cursor::Cursor;
 use super::router::RouterMsg;
 use super::run_room::RunAttach;
-use super::{Delivery, Shared};
+use super::{Delivery, LiveFeed, Shared};
 use crate::error::HubError;
 use crate::ids::RunId;
 use crate::store::Store;
@@ -124,6 +124,35 @@ fn into_stream<F: Follower>(follower: F) -> BoxRuntimeEventStream {
     }))
 }
 
+/// What is left of the last live delivery, read in place: a follower copies
+/// each envelope out of the shared batch without touching its reference
+/// count, which every subscriber of the room would otherwise contend on.
+#[derive(Default)]
+struct Unread {
+    envelopes: Option<Arc<[Arc<RuntimeEventEnvelope>]>>,
+    next: usize,
+}
+
+impl Unread {
+    fn set(&mut self, envelopes: Arc<[Arc<RuntimeEventEnvelope>]>) {
+        self.envelopes = Some(envelopes);
+        self.next = 0;
+    }
+
+    fn peek(&self) -> Option<&Arc<RuntimeEventEnvelope>> {
+        self.envelopes.as_ref()?.get(self.next)
+    }
+
+    fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    fn clear(&mut self) {
+        self.envelopes = None;
+        self.next = 0;
+    }
+}
+
 trait Follower: Send + 'static {
     /// The next envelope, `None` at the end, or the error that ends it.
     fn next(
@@ -147,6 +176,7 @@ pub(crate) async fn follow_run(
         catch_up_to: 0,
         backlog: VecDeque::new(),
         live: None,
+        unread: Unread::default(),
         done: false,
     };
     follower.attach().await?;
@@ -164,6 +194,8 @@ struct RunFollower {
     /// Envelopes owed next, shared with the room's ring until delivered.
     backlog: VecDeque<Arc<RuntimeEventEnvelope>>,
     live: Option<broadcast::Receiver<Delivery>>,
+    /// Live envelopes received and not yet gone through.
+    unread: Unread,
     done: bool,
 }
 
@@ -198,6 +230,7 @@ impl RunFollower {
             return Ok(());
         }
         self.live = Some(attach.live);
+        self.unread.clear();
         match attach.backlog {
             Some(backlog) => {
                 if !backlog.is_empty() {
@@ -243,6 +276,27 @@ impl Follower for RunFollower {
                 }
                 continue;
             }
+            if let Some(envelope) = self.unread.peek() {
+                match envelope.seq.cmp(&self.next_seq) {
+                    // A terminal event already behind the cursor: the run
+                    // has ended and nothing more will come.
+                    std::cmp::Ordering::Less => {
+                        self.done = envelope.is_terminal();
+                        self.unread.advance();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let envelope = RuntimeEventEnvelope::clone(envelope);
+                        self.unread.advance();
+                        return self.deliver(envelope);
+                    }
+                    // A gap: attach again and catch up.
+                    std::cmp::Ordering::Greater => {
+                        self.unread.clear();
+                        self.live = None;
+                    }
+                }
+                continue;
+            }
             let Some(live) = self.live.as_mut() else {
                 self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
@@ -250,16 +304,9 @@ impl Follower for RunFollower {
             match live.recv().await {
                 Ok(Delivery {
                     persisted: true,
-                    envelope,
-                }) => match envelope.seq.cmp(&self.next_seq) {
-                    // A terminal event already behind the cursor: the run
-                    // has ended and nothing more will come.
-                    std::cmp::Ordering::Less => self.done = envelope.is_terminal(),
-                    std::cmp::Ordering::Equal => {
-                        return self.deliver(Arc::unwrap_or_clone(envelope));
-                    }
-                    std::cmp::Ordering::Greater => self.live = None,
-                },
+                    envelopes,
+                    ..
+                }) => self.unread.set(envelopes),
                 Ok(_) => {}
                 Err(RecvError::Lagged(_) | RecvError::Closed) => self.live = None,
             }
@@ -285,6 +332,7 @@ pub(crate) async fn follow_session(
         pending: None,
         sweep: VecDeque::new(),
         live: None,
+        unread: Unread::default(),
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -303,6 +351,8 @@ struct SessionFollower {
     /// Runs still to be read from the store up to their end.
     sweep: VecDeque<RunId>,
     live: Option<broadcast::Receiver<Delivery>>,
+    /// Live envelopes received and not yet gone through.
+    unread: Unread,
 }
 
 impl SessionFollower {
@@ -323,7 +373,8 @@ impl SessionFollower {
                 reply,
             })
             .await?;
-        self.live = Some(live);
+        self.live = Some(live.receiver);
+        self.unread.clear();
         self.sweep_all().await
     }
 
@@ -390,6 +441,11 @@ impl Follower for SessionFollower {
                 }
                 continue;
             }
+            if let Some(envelope) = self.unread.peek() {
+                self.pending = Some(Arc::clone(envelope));
+                self.unread.advance();
+                continue;
+            }
             let Some(live) = self.live.as_mut() else {
                 self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
@@ -397,8 +453,9 @@ impl Follower for SessionFollower {
             match live.recv().await {
                 Ok(Delivery {
                     persisted: true,
-                    envelope,
-                }) => self.pending = Some(envelope),
+                    envelopes,
+                    ..
+                }) => self.unread.set(envelopes),
                 Ok(_) => {}
                 // Runs that ended while this subscriber lagged send nothing
                 // more to reveal their gap: sweep them all.
@@ -422,6 +479,8 @@ pub(crate) async fn follow_live(
         link,
         room,
         live: None,
+        next_index: 0,
+        unread: Unread::default(),
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -431,19 +490,26 @@ struct LiveFollower {
     link: Link,
     room: RuntimeRoom,
     live: Option<broadcast::Receiver<Delivery>>,
+    /// The feed index of the next envelope owed; a delivery that starts
+    /// past it says how many were skipped.
+    next_index: u64,
+    /// Envelopes received and not yet yielded.
+    unread: Unread,
 }
 
 impl LiveFollower {
     async fn attach(&mut self) -> Result<(), HubError> {
         let room = self.room.clone();
-        self.live = Some(
-            self.link
-                .attach(|reply| RouterMsg::AttachLive {
-                    room: room.clone(),
-                    reply,
-                })
-                .await?,
-        );
+        let feed: LiveFeed = self
+            .link
+            .attach(|reply| RouterMsg::AttachLive {
+                room: room.clone(),
+                reply,
+            })
+            .await?;
+        self.live = Some(feed.receiver);
+        self.next_index = feed.next;
+        self.unread.clear();
         Ok(())
     }
 }
@@ -451,16 +517,29 @@ impl LiveFollower {
 impl Follower for LiveFollower {
     async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         loop {
+            if let Some(envelope) = self.unread.peek() {
+                let envelope = RuntimeEventEnvelope::clone(envelope);
+                self.unread.advance();
+                self.next_index += 1;
+                return Ok(Some(envelope));
+            }
             let Some(live) = self.live.as_mut() else {
                 self.attach().await.map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
-                Ok(delivery) => return Ok(Some(Arc::unwrap_or_clone(delivery.envelope))),
-                // Reported, and the stream goes on (see `into_stream`).
-                Err(RecvError::Lagged(skipped)) => {
-                    return Err(RuntimeStreamError::Lagged { skipped });
+                Ok(delivery) => {
+                    let skipped = delivery.first.saturating_sub(self.next_index);
+                    self.next_index = delivery.first;
+                    self.unread.set(delivery.envelopes);
+                    // Reported, and the stream goes on (see `into_stream`).
+                    if skipped > 0 {
+                        return Err(RuntimeStreamError::Lagged { skipped });
+                    }
                 }
+                // The next delivery (the oldest the channel kept) tells how
+                // many envelopes were skipped.
+                Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => self.live = None,
             }
         }

@@ -42,20 +42,22 @@
 //!
 //! ## Lagging subscribers
 //!
-//! A room never waits for a subscriber. Each room keeps a ring of its last
-//! [`Config::ring_capacity`] envelopes; a run or session subscriber that falls
-//! behind it is not dropped: its stream catches up from the ring, or from the
-//! store when the ring has moved on, and rejoins the live feed, with no gap
-//! and no duplicate. A provider room is live-only: a subscriber that falls out
-//! of its ring gets [`RuntimeStreamError::Lagged`] with the count it skipped,
-//! and reads on:
+//! A room never waits for a subscriber. Each subscriber's live queue holds
+//! [`Config::live_capacity`] deliveries (batches of what the room fanned out
+//! at once), and each room keeps a ring of its last [`Config::ring_capacity`]
+//! envelopes; a run or session subscriber that overflows its queue is not
+//! dropped: its stream catches up from the ring, or from the store when the
+//! ring has moved on, and rejoins the live feed, with no gap and no
+//! duplicate. A provider room is live-only: a subscriber that overflows its
+//! queue gets [`RuntimeStreamError::Lagged`] with the count of envelopes it
+//! skipped, and reads on:
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use behest_stream::{AgentEvent, Config, EventHub, ProviderId, Resume, RunId, RunStarted, RuntimeRoom, RuntimeStreamError, TextDelta};
 //! use futures_util::StreamExt;
 //!
-//! let hub = EventHub::open(Config::temporary().ring_capacity(2)).await?;
+//! let hub = EventHub::open(Config::temporary().live_capacity(2)).await?;
 //! let (run_id, now) = (RunId::new(), chrono::Utc::now);
 //! let provider = ProviderId::new("acme");
 //! let mut stream = hub.subscribe(RuntimeRoom::Provider(provider.clone()), Resume::Live).await?;
@@ -137,19 +139,33 @@ use crate::ids::RunId;
 use crate::store::{Store, StoreStats};
 use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
-/// One item of a room's live feed.
+/// One item of a room's live feed: what the room fanned out at once (a run
+/// room fans out every event an append acknowledged in one go), so that
+/// subscribers pay one channel receive per batch, not per envelope.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
-    pub(crate) envelope: Arc<RuntimeEventEnvelope>,
+    /// The feed's index of the first envelope: how many envelopes the feed
+    /// sent before it. A live-only subscriber counts what it skipped by it.
+    pub(crate) first: u64,
+    pub(crate) envelopes: Arc<[Arc<RuntimeEventEnvelope>]>,
     /// False for envelopes published through `RuntimeStreamAdapter`, which
     /// are not sequenced by the hub; ordered subscriptions ignore them.
     pub(crate) persisted: bool,
+}
+
+/// A subscriber's end of a room's live feed.
+#[derive(Debug)]
+pub(crate) struct LiveFeed {
+    pub(crate) receiver: tokio::sync::broadcast::Receiver<Delivery>,
+    /// The feed index of the next envelope the room will send.
+    pub(crate) next: u64,
 }
 
 /// Settings and counters every actor of one hub shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) ring_capacity: usize,
+    pub(crate) live_capacity: usize,
     pub(crate) idle_timeout: Duration,
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
@@ -234,7 +250,7 @@ pub struct RoomStats {
     pub subscribers: usize,
     /// Envelopes in the room's ring (at most `ring_capacity`).
     pub ring_len: usize,
-    /// The ring's capacity; also the bound of every subscriber's live queue.
+    /// The ring's capacity (`Config::ring_capacity`).
     pub ring_capacity: usize,
     /// Publishes handed to the store and not yet acknowledged (run rooms).
     pub in_flight: usize,
@@ -346,6 +362,7 @@ impl EventHub {
         let store = Store::open(config.clone()).await?;
         let shared = Arc::new(Shared {
             ring_capacity: config.ring_capacity,
+            live_capacity: config.live_capacity,
             idle_timeout: config.idle_timeout,
             catch_up_page: config.catch_up_page,
             max_rooms: config.max_rooms,

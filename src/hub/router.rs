@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::sync::broadcast;
 
 use super::fanout_room::{FanoutMsg, FanoutRoom, FanoutRoomArgs};
 use super::run_room::{PublishRequest, RunAttach, RunMsg, RunRoom, RunRoomArgs};
-use super::{Delivery, RoomStats, Shared};
+use super::{LiveFeed, RoomStats, Shared};
 use crate::error::HubError;
 use crate::ids::RunId;
 use crate::store::Store;
@@ -39,12 +38,12 @@ pub(crate) enum RouterMsg {
     /// room's live feed).
     AttachLive {
         room: RuntimeRoom,
-        reply: RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>,
+        reply: RpcReplyPort<Result<LiveFeed, HubError>>,
     },
-    /// A persisted envelope for a session or provider room.
+    /// Persisted envelopes for a session or provider room, in seq order.
     Fanout {
         room: RuntimeRoom,
-        envelope: Arc<RuntimeEventEnvelope>,
+        envelopes: Vec<Arc<RuntimeEventEnvelope>>,
     },
     /// Live-only fanout of an envelope (the adapter's publish).
     LivePublish {
@@ -187,9 +186,9 @@ impl Actor for Router {
                     let _ = reply.send(Err(error));
                 }
             },
-            RouterMsg::Fanout { room, envelope } => {
+            RouterMsg::Fanout { room, envelopes } => {
                 if let Some(RoomRef::Fanout(r)) = state.rooms.get(&room)
-                    && r.send_message(FanoutMsg::Fanout(envelope)).is_err()
+                    && r.send_message(FanoutMsg::Fanout(envelopes)).is_err()
                 {
                     state.forget(&room);
                 }

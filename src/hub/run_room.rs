@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::feed::Feed;
 use super::router::RouterMsg;
-use super::{Delivery, RoomStats, Shared};
+use super::{Delivery, LiveFeed, RoomStats, Shared};
 use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
@@ -72,7 +72,7 @@ pub(crate) enum RunMsg {
         reply: RpcReplyPort<Result<RunAttach, HubError>>,
     },
     /// Attach a live-only subscriber (the adapter's subscribe).
-    AttachLive(RpcReplyPort<Result<broadcast::Receiver<Delivery>, HubError>>),
+    AttachLive(RpcReplyPort<Result<LiveFeed, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`: live
     /// only, not sequenced, not stored.
     LivePublish {
@@ -449,16 +449,30 @@ impl RunState {
         if self.outstanding == 0 && nothing_failed() {
             self.send_gathered(myself).await;
         }
+        // Fanned out as one delivery once the loop is done, even if a
+        // failure stops the room partway.
+        let mut fanned = Vec::new();
+        let mut stop = Ok(());
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
             let Some(mut done) = self.in_flight.pop_front() else {
                 break;
             };
             match done.result.take() {
-                Some(Ok(())) => self.fan_out(done.envelope, done.batch),
-                Some(Err(error)) => self.failed(done, error)?,
+                Some(Ok(())) => {
+                    self.mark_persisted(&done.envelope);
+                    fanned.push((done.envelope, done.batch));
+                }
+                Some(Err(error)) => {
+                    if let Err(failure) = self.failed(done, error) {
+                        stop = Err(failure);
+                        break;
+                    }
+                }
                 None => {}
             }
         }
+        self.fan_out(fanned);
+        stop?;
         if self.outstanding == 0 {
             self.send_gathered(myself).await;
         }
@@ -481,27 +495,43 @@ impl RunState {
         }
     }
 
-    fn fan_out(&mut self, envelope: Arc<RuntimeEventEnvelope>, batch: Option<u64>) {
+    fn mark_persisted(&mut self, envelope: &RuntimeEventEnvelope) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
         self.session_persisted = envelope.session_id;
         if self.provider_persisted.is_none() {
             self.provider_persisted = envelope.event.provider().cloned();
         }
-        self.feed.push(Arc::clone(&envelope));
-        if let Some(session) = envelope.session_id {
-            let _ = self.router.send_message(RouterMsg::Fanout {
-                room: RuntimeRoom::Session(session),
-                envelope: Arc::clone(&envelope),
-            });
+    }
+
+    /// Fans out persisted envelopes, in seq order: to this room's
+    /// subscribers as one delivery, to the session and provider rooms as one
+    /// message each; then answers their publishers.
+    fn fan_out(&mut self, fanned: Vec<(Arc<RuntimeEventEnvelope>, Option<u64>)>) {
+        if fanned.is_empty() {
+            return;
+        }
+        let envelopes: Vec<_> = fanned.iter().map(|(e, _)| Arc::clone(e)).collect();
+        // A run's session is learned from its first event, so a batch holds
+        // at most two spans of sessions (none, then one).
+        for span in envelopes.chunk_by(|a, b| a.session_id == b.session_id) {
+            if let Some(session) = span[0].session_id {
+                let _ = self.router.send_message(RouterMsg::Fanout {
+                    room: RuntimeRoom::Session(session),
+                    envelopes: span.to_vec(),
+                });
+            }
         }
         if let Some(provider) = &self.provider {
             let _ = self.router.send_message(RouterMsg::Fanout {
                 room: RuntimeRoom::Provider(provider.clone()),
-                envelope: Arc::clone(&envelope),
+                envelopes: envelopes.clone(),
             });
         }
-        self.answer(batch, Ok(envelope));
+        self.feed.push(envelopes);
+        for (envelope, batch) in fanned {
+            self.answer(batch, Ok(envelope));
+        }
     }
 
     /// An append failed. If the store surely holds nothing of it, rewind so
@@ -582,7 +612,7 @@ impl RunState {
             from_seq > self.persisted || ring.front().is_some_and(|first| first.seq <= from_seq);
         let backlog = covered.then(|| ring.iter().filter(|e| e.seq >= from_seq).cloned().collect());
         Ok(RunAttach {
-            live: self.feed.subscribe(),
+            live: self.feed.subscribe().receiver,
             persisted_seq: self.persisted,
             ended: self.ended_persisted,
             backlog,
