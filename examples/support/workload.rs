@@ -263,13 +263,20 @@ impl Workload {
     /// and enough publishes in flight that every room can have its own
     /// `in_flight` outstanding (at least the default 4096, at most 1 Mi).
     pub fn config(&self, base: Config) -> Config {
+        base.durability(self.durability)
+            .max_rooms(self.rooms.saturating_mul(4).max(100_000))
+            .max_in_flight_publishes(self.default_hub_in_flight())
+    }
+
+    /// Enough publishes in flight hub-wide for every room to have its own
+    /// `in_flight` outstanding: at least the hub's default 4096, at most
+    /// 1 Mi.
+    pub fn default_hub_in_flight(&self) -> usize {
         let per_room = self
             .in_flight
             .max(1)
             .min(usize::try_from(self.events).unwrap_or(usize::MAX));
-        base.durability(self.durability)
-            .max_rooms(self.rooms.saturating_mul(4).max(100_000))
-            .max_in_flight_publishes(self.rooms.saturating_mul(per_room).clamp(4096, 1 << 20))
+        self.rooms.saturating_mul(per_room).clamp(4096, 1 << 20)
     }
 
     /// Events published in all.
@@ -900,6 +907,9 @@ pub struct RawSled {
     pub elapsed: Duration,
     /// Events per second.
     pub events_per_s: f64,
+    /// The `flush` call after each batch of 256 (the same envelopes), when
+    /// flushed: what one flush of a group commit's worth of events costs.
+    pub batch_flush: Option<FlushTimes>,
 }
 
 /// `count` envelopes of `maker`'s size spread round robin over `rooms`
@@ -932,6 +942,7 @@ pub fn raw_sled_append(
     keyed: &[(Vec<u8>, Vec<u8>)],
     flush: bool,
 ) -> Result<RawSled, Error> {
+    let mut flushes = Vec::with_capacity(keyed.len() / SLED_BATCH + 1);
     let start = Instant::now();
     for chunk in keyed.chunks(SLED_BATCH) {
         let mut batch = sled::Batch::default();
@@ -940,7 +951,9 @@ pub fn raw_sled_append(
         }
         db.apply_batch(batch)?;
         if flush {
+            let flush_start = Instant::now();
             db.flush()?;
+            flushes.push(flush_start.elapsed());
         }
     }
     let elapsed = start.elapsed();
@@ -949,6 +962,7 @@ pub fn raw_sled_append(
         flushed: flush,
         elapsed,
         events_per_s: keyed.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        batch_flush: (!flushes.is_empty()).then(|| FlushTimes::of(flushes)),
     })
 }
 
@@ -995,17 +1009,24 @@ pub fn flush_latency(db: &sled::Db, samples: usize) -> Result<FlushTimes, Error>
         db.flush()?;
         times.push(start.elapsed());
     }
-    times.sort_unstable();
-    let at = |q: f64| {
-        let index = ((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1;
-        times[index].as_secs_f64() * 1000.0
-    };
-    Ok(FlushTimes {
-        samples: times.len(),
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-        max_ms: at(1.0),
-    })
+    Ok(FlushTimes::of(times))
+}
+
+impl FlushTimes {
+    /// Percentiles of `times` (at least one).
+    fn of(mut times: Vec<Duration>) -> Self {
+        times.sort_unstable();
+        let at = |q: f64| {
+            let index = ((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1;
+            times[index].as_secs_f64() * 1000.0
+        };
+        Self {
+            samples: times.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
 }
 
 /// The tokio broadcast baseline's outcome.
