@@ -6,8 +6,8 @@
 //!   `Flushed`), beside raw sled with and without a flush per batch of 256.
 //! - `subscribers`: 1 room, `Buffered`, 1, 10, 100 and 1000 subscribers,
 //!   beside tokio broadcast with the same fan-out; throughput in deliveries.
-//! - `rooms`: 1, 100 and 10,000 rooms of one subscriber, `Buffered`, 100k
-//!   events per iteration in all, beside raw sled (no flush) writing the
+//! - `rooms`: 1, 100 and 10,000 rooms of one subscriber, `Buffered`, 300k
+//!   events per iteration in all (30 per room at 10,000 rooms), beside raw sled (no flush) writing the
 //!   same events interleaved over as many runs; throughput in events.
 //! - `size`: a text delta against a 4 KiB tool result, 1 room, 1 subscriber,
 //!   `Flushed`, beside raw sled (flushed) of the same envelopes.
@@ -41,9 +41,9 @@ mod workload;
 use workload::{EventMaker, Probes, Size, Workload};
 
 /// Events per room in the `durability` group.
-const DURABILITY_EVENTS: u64 = 10_000;
+const DURABILITY_EVENTS: u64 = 50_000;
 /// Events per iteration, all rooms together, in the `rooms` group.
-const ROOMS_TOTAL_EVENTS: u64 = 100_000;
+const ROOMS_TOTAL_EVENTS: u64 = 300_000;
 /// Events per room in the `size` group.
 const SIZE_EVENTS: u64 = 5_000;
 /// The deadline of one iteration's workload.
@@ -184,8 +184,9 @@ fn subscribers(c: &mut Criterion) {
     let mut group = c.benchmark_group("subscribers");
     configure(&mut group);
     for subscribers in [1usize, 10, 100, 1000] {
-        // About 100k deliveries per iteration (200k at 1000 subscribers).
-        let events = (100_000 / subscribers as u64).clamp(200, 10_000);
+        // About 1M deliveries per iteration (20k at one subscriber), so
+        // that both sides run long enough to reach their steady state.
+        let events = (1_000_000 / subscribers as u64).clamp(1_000, 20_000);
         group.throughput(Throughput::Elements(events * subscribers as u64));
         let w = work(1, subscribers, events, Size::Delta, Durability::Buffered);
         group.bench_function(BenchmarkId::new("hub", subscribers), |b| {

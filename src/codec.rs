@@ -117,22 +117,7 @@ pub fn encode_segment<'a>(encoded: impl ExactSizeIterator<Item = &'a [u8]>) -> V
 ///
 /// `(index, error)` for the first envelope that could not be decoded.
 pub fn decode_segment(bytes: &[u8]) -> Result<Vec<RuntimeEventEnvelope>, (usize, CodecError)> {
-    let body = strip_version(bytes).map_err(|e| (0, e))?;
-    let mut cursor = body;
-    let count = rmp::decode::read_array_len(&mut cursor)
-        .map_err(|e| (0, CodecError::Malformed(format!("segment header: {e}"))))?;
-    let count = count as usize;
-    // Every envelope takes more than one byte, so a count beyond the bytes
-    // left is a lie; refuse it before it sizes an allocation.
-    if count > cursor.len() {
-        return Err((
-            0,
-            CodecError::Malformed(format!(
-                "segment claims {count} envelopes in {} bytes",
-                cursor.len()
-            )),
-        ));
-    }
+    let (count, cursor) = segment_header(bytes).map_err(|e| (0, e))?;
     let mut decoder = Decoder::new(cursor);
     // Sized by the claim only up to a point: the claim is unverified.
     let mut out = Vec::with_capacity(count.min(1024));
@@ -141,6 +126,33 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<RuntimeEventEnvelope>, (usize,
     }
     decoder.finish().map_err(|e| (count, e))?;
     Ok(out)
+}
+
+/// How many envelopes a segment holds, read from its header alone (the
+/// envelopes are not decoded).
+///
+/// # Errors
+///
+/// A wrong version, or a malformed or lying header.
+pub fn segment_len(bytes: &[u8]) -> Result<usize, CodecError> {
+    segment_header(bytes).map(|(count, _)| count)
+}
+
+/// A segment's envelope count and the bytes after its header.
+fn segment_header(bytes: &[u8]) -> Result<(usize, &[u8]), CodecError> {
+    let mut cursor = strip_version(bytes)?;
+    let count = rmp::decode::read_array_len(&mut cursor)
+        .map_err(|e| CodecError::Malformed(format!("segment header: {e}")))?;
+    let count = count as usize;
+    // Every envelope takes more than one byte, so a count beyond the bytes
+    // left is a lie; refuse it before it sizes an allocation.
+    if count > cursor.len() {
+        return Err(CodecError::Malformed(format!(
+            "segment claims {count} envelopes in {} bytes",
+            cursor.len()
+        )));
+    }
+    Ok((count, cursor))
 }
 
 /// Encodes a metadata value: version byte, then a MessagePack map.

@@ -179,6 +179,56 @@ async fn corrupt_run_record_fails_only_its_run() {
     store.close().await.unwrap();
 }
 
+/// The run record is written when a run starts and when its metadata
+/// changes, not at every commit; reads take the last seq from where the
+/// segments end. An ended run's record holds its final seq, so a lost tail
+/// segment is reported as damage instead of read as a shorter run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_tail_of_an_ended_run_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ended, live) = (RunId::new(), RunId::new());
+    store_with_runs(dir.path(), &[live]).await;
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    store
+        .append((1..=3).map(|seq| envelope(ended, None, seq)).collect())
+        .await
+        .unwrap();
+    store
+        .append(vec![
+            envelope(ended, None, 4),
+            common::terminal(ended, None, 5),
+        ])
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+
+    let db = sled::open(dir.path()).unwrap();
+    // Three commits of the live run, one record write: the record still
+    // counts the first commit's three events.
+    let record = db.get(run_key(live)).unwrap().unwrap();
+    let record: serde_json::Value = rmp_serde::from_slice(&record[1..]).unwrap();
+    assert_eq!(record["last_seq"], 3, "{record}");
+    // Lose the ended run's last segment, as damage would.
+    assert!(db.remove(segment_key(ended, 4)).unwrap().is_some());
+    db.flush().unwrap();
+    drop(db);
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    assert_eq!(store.run_info(live).await.unwrap().unwrap().last_seq, 9);
+    let error = store.run_info(ended).await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::Corrupt { run_id, seq: 4, .. } if run_id == ended),
+        "{error:?}"
+    );
+    // Appending to it fails the same way, storing nothing.
+    let append = store
+        .append(vec![envelope(ended, None, 4)])
+        .await
+        .unwrap_err();
+    assert!(matches!(append, StoreError::Corrupt { .. }), "{append:?}");
+    store.close().await.unwrap();
+}
+
 /// A store whose metadata carries another format version refuses to open,
 /// naming the path and both versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

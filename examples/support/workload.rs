@@ -719,7 +719,7 @@ struct Publisher {
 async fn publisher(p: Publisher) -> Result<u64, Error> {
     let mut pending = VecDeque::with_capacity(p.in_flight);
     let mut mismatches = 0;
-    let mut settle = |expected: u64, envelope: RuntimeEventEnvelope| {
+    let mut settle = |expected: u64, envelope: Arc<RuntimeEventEnvelope>| {
         p.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
         if envelope.seq != expected {
             mismatches += 1;
@@ -738,11 +738,11 @@ async fn publisher(p: Publisher) -> Result<u64, Error> {
             let Some((expected, publish)) = pending.pop_front() else {
                 break;
             };
-            settle(expected, publish.await?);
+            settle(expected, publish.shared().await?);
         }
     }
     for (expected, publish) in pending {
-        settle(expected, publish.await?);
+        settle(expected, publish.shared().await?);
     }
     Ok(mismatches)
 }

@@ -327,6 +327,47 @@ pub struct PendingPublish {
     run_id: RunId,
 }
 
+impl PendingPublish {
+    /// Waits for the envelope as [`PendingPublish`] does, but shares it
+    /// (with the room's ring and its subscribers) instead of copying it: for
+    /// a publisher that only reads the envelope, say its `seq`, this saves a
+    /// copy of every event, which for a large JSON payload costs more than
+    /// storing it.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use behest_stream::{AgentEvent, Config, EventHub, RunId, TextDelta};
+    ///
+    /// let hub = EventHub::open(Config::temporary()).await?;
+    /// let run_id = RunId::new();
+    /// let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: "hi".into() });
+    /// let envelope = hub.submit(event).await?.shared().await?;
+    /// assert_eq!((envelope.run_id, envelope.seq), (run_id, 1));
+    /// # hub.shutdown().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As awaiting the [`PendingPublish`].
+    pub async fn shared(self) -> Result<Arc<RuntimeEventEnvelope>, HubError> {
+        let room = RuntimeRoom::Run(self.run_id);
+        match self.reply.await {
+            Ok(answer) => answer,
+            Err(_) => Err(stopped_before_taking(&room)),
+        }
+    }
+}
+
+/// The answer to a publish whose room stopped before it took the event.
+fn stopped_before_taking(room: &RuntimeRoom) -> HubError {
+    HubError::RoomUnavailable {
+        room: room.to_string(),
+        reason: "the room stopped before it took the event; nothing was stored".into(),
+    }
+}
+
 impl Future for PendingPublish {
     type Output = Result<RuntimeEventEnvelope, HubError>;
 
@@ -339,10 +380,7 @@ impl Future for PendingPublish {
                 // The copy is made here, on the publisher's task, not by
                 // the room.
                 Ok(answer) => answer.map(Arc::unwrap_or_clone),
-                Err(_) => Err(HubError::RoomUnavailable {
-                    room: RuntimeRoom::Run(self.run_id).to_string(),
-                    reason: "the room stopped before it took the event; nothing was stored".into(),
-                }),
+                Err(_) => Err(stopped_before_taking(&RuntimeRoom::Run(self.run_id))),
             }
         })
     }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use std::sync::{Arc, RwLock};
 
-use super::engine::{self, AppendRequest, SegmentLimits};
+use super::engine::{self, AppendRequest, RunCache, SegmentLimits};
 use super::{Counters, RunInfo, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
@@ -67,7 +67,7 @@ pub(crate) struct StoreArgs {
     pub(crate) counters: Arc<Counters>,
     /// Shared across restarts, so that an old actor's last commit and its
     /// successor's never overlap.
-    pub(crate) gate: Arc<RwLock<()>>,
+    pub(crate) gate: Arc<RwLock<RunCache>>,
 }
 
 pub(crate) struct StoreState {
@@ -85,7 +85,7 @@ pub(crate) struct StoreState {
     /// Held for writing while a batch is applied and flushed, for reading by
     /// every read: a reader never sees a `Flushed` batch before its flush, so
     /// nothing is served that a crash could still take back.
-    gate: Arc<RwLock<()>>,
+    gate: Arc<RwLock<RunCache>>,
     /// Appends received, and appends whose commit has finished (in order).
     received: u64,
     committed: u64,
@@ -228,7 +228,7 @@ impl Actor for StoreActor {
 
 /// A read, ready to start on the blocking pool given the database (or
 /// `None` once closed) and the gate.
-type ReadJob = Box<dyn FnOnce(Option<sled::Db>, Arc<RwLock<()>>) + Send>;
+type ReadJob = Box<dyn FnOnce(Option<sled::Db>, Arc<RwLock<RunCache>>) + Send>;
 
 fn read_job<T: Send + 'static>(
     permit: OwnedSemaphorePermit,

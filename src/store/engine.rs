@@ -190,7 +190,7 @@ pub(crate) struct SegmentLimits {
 /// before the answers go out, so a caller that has its answer sees them.
 pub(crate) fn commit(
     db: &sled::Db,
-    gate: &RwLock<()>,
+    gate: &RwLock<RunCache>,
     requests: Vec<AppendRequest>,
     next_ordinal: &mut u64,
     limits: SegmentLimits,
@@ -199,23 +199,25 @@ pub(crate) fn commit(
     // Exclusive for the whole commit: readers see a batch whole and durable
     // or not at all, and two commits (an old actor's, finishing after it
     // died, and its successor's) never validate against the same state.
-    let exclusive = gate
+    let mut exclusive = gate
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cache: &mut RunCache = &mut exclusive;
     let mut runs: HashMap<RunId, TouchedRun> = HashMap::new();
     let mut accepted: Vec<AppendRequest> = Vec::with_capacity(requests.len());
     let ordinal_before = *next_ordinal;
 
     for mut request in requests {
-        match stage(db, &runs, &request.items, next_ordinal) {
+        match stage(db, cache, &runs, &request.items, next_ordinal) {
             Ok(staged) => {
-                for (run_id, (record, had_session)) in staged {
+                for (run_id, staged) in staged {
                     match runs.entry(run_id) {
-                        Entry::Occupied(mut e) => e.get_mut().record = record,
+                        Entry::Occupied(mut e) => e.get_mut().record = staged.record,
                         Entry::Vacant(e) => {
                             e.insert(TouchedRun {
-                                had_session,
-                                record,
+                                had_session: staged.had_session,
+                                before: staged.before,
+                                record: staged.record,
                                 items: Vec::new(),
                             });
                         }
@@ -245,13 +247,15 @@ pub(crate) fn commit(
             let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
             batch.insert(&layout::segment_key(*run_id, first_seq), value);
         }
-        match codec::encode_value(&run.record) {
-            Ok(value) => batch.insert(&layout::run_key(*run_id), value),
-            Err(e) => {
-                fail_all(accepted, || StoreError::WriteFailed {
-                    message: format!("run record of {run_id}: {e}"),
-                });
-                return;
+        if run.record_changed() {
+            match codec::encode_value(&run.record) {
+                Ok(value) => batch.insert(&layout::run_key(*run_id), value),
+                Err(e) => {
+                    fail_all(accepted, || StoreError::WriteFailed {
+                        message: format!("run record of {run_id}: {e}"),
+                    });
+                    return;
+                }
             }
         }
         if let (Some(session), false) = (run.record.session_id, run.had_session) {
@@ -286,6 +290,9 @@ pub(crate) fn commit(
         return;
     }
     counters.record_commit(accepted.len(), events);
+    for (run_id, run) in runs {
+        cache.put(run_id, run.record);
+    }
 
     let (flushed, buffered): (Vec<_>, Vec<_>) = accepted
         .into_iter()
@@ -319,35 +326,94 @@ pub(crate) fn commit(
     }
 }
 
+/// The run records as the last commits left them in sled, so that a commit
+/// does not read back what an earlier one wrote: with many runs each
+/// appending a little, that read would cost as much as the write. Kept in
+/// the commit gate, so that only a commit (holding it exclusively) changes
+/// it, and only after its batch is applied. Bounded: two generations of at
+/// most half of [`RUN_CACHE_RUNS`] each; a run in neither is read from sled.
+#[derive(Debug, Default)]
+pub(crate) struct RunCache {
+    hot: HashMap<RunId, RunRecord>,
+    cold: HashMap<RunId, RunRecord>,
+}
+
+/// Runs whose records the commit gate keeps.
+const RUN_CACHE_RUNS: usize = 32 * 1024;
+
+impl RunCache {
+    fn get(&self, run_id: RunId) -> Option<&RunRecord> {
+        self.hot.get(&run_id).or_else(|| self.cold.get(&run_id))
+    }
+
+    fn put(&mut self, run_id: RunId, record: RunRecord) {
+        if self.hot.len() >= RUN_CACHE_RUNS / 2 {
+            self.cold = std::mem::take(&mut self.hot);
+        }
+        self.hot.insert(run_id, record);
+    }
+}
+
 struct TouchedRun {
     /// Whether the stored record already named a session, so that the
     /// session index entry is written once, when a run first learns it.
     had_session: bool,
+    /// The record as sled holds it before this commit (its last seq aside),
+    /// `None` for a new run: the record is written only if it changed.
+    before: Option<RunRecord>,
     record: RunRecord,
     items: Vec<StoredEnvelope>,
 }
 
+impl TouchedRun {
+    /// Whether the commit must write the run's record: a new run, or one
+    /// whose session, provider or end changed. Its last seq alone is not
+    /// worth a write; reads take it from the segments.
+    fn record_changed(&self) -> bool {
+        self.before.as_ref().is_none_or(|before| {
+            before.session_id != self.record.session_id
+                || before.provider != self.record.provider
+                || before.ended_at != self.record.ended_at
+        })
+    }
+}
+
+/// One run as a request leaves it.
+struct Staged {
+    record: RunRecord,
+    had_session: bool,
+    before: Option<RunRecord>,
+}
+
 /// Validates one request against the runs as they will be after the requests
 /// staged before it, returning each touched run's record as it will be after
-/// this request, and whether its stored record already had a session.
-/// Assigns ordinals to runs it creates.
+/// this request, whether its stored record already had a session, and the
+/// stored record. Assigns ordinals to runs it creates.
 fn stage(
     db: &sled::Db,
+    cache: &RunCache,
     runs: &HashMap<RunId, TouchedRun>,
     items: &[StoredEnvelope],
     next_ordinal: &mut u64,
-) -> Result<HashMap<RunId, (RunRecord, bool)>, StoreError> {
-    let mut staged: HashMap<RunId, (RunRecord, bool)> = HashMap::new();
+) -> Result<HashMap<RunId, Staged>, StoreError> {
+    let mut staged: HashMap<RunId, Staged> = HashMap::new();
     for item in items {
-        let (record, _) = match staged.entry(item.run_id) {
+        let Staged { record, .. } = match staged.entry(item.run_id) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let (current, had_session) = match runs.get(&item.run_id) {
-                    Some(run) => (Some(run.record.clone()), run.had_session),
+                let (current, had_session, before) = match runs.get(&item.run_id) {
+                    Some(run) => (
+                        Some(run.record.clone()),
+                        run.had_session,
+                        run.before.clone(),
+                    ),
                     None => {
-                        let stored = load_record(db, item.run_id)?;
+                        let stored = match cache.get(item.run_id) {
+                            Some(record) => Some(record.clone()),
+                            None => load_record(db, item.run_id)?,
+                        };
                         let had = stored.as_ref().is_some_and(|r| r.session_id.is_some());
-                        (stored, had)
+                        (stored.clone(), had, stored)
                     }
                 };
                 let record = current.unwrap_or_else(|| {
@@ -362,7 +428,11 @@ fn stage(
                         ended_at: None,
                     }
                 });
-                e.insert((record, had_session))
+                e.insert(Staged {
+                    record,
+                    had_session,
+                    before,
+                })
             }
         };
         if record.ended_at.is_some() {
@@ -429,13 +499,57 @@ fn fail_all(requests: Vec<AppendRequest>, error: impl Fn() -> StoreError) {
     }
 }
 
+/// The run's record, with its last seq read from where its segments end:
+/// the record itself is written only when the run's metadata changes (its
+/// first commit, its session or provider learned, its end), not at every
+/// commit, so that a commit of one event writes one sled key, not two.
 fn load_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreError> {
     let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
         return Ok(None);
     };
-    codec::decode_value(&bytes)
-        .map(Some)
-        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })
+    let mut record: RunRecord = codec::decode_value(&bytes)
+        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
+    let stored = last_stored_seq(db, run_id)?;
+    // A record is written with the segments it describes, never ahead of
+    // them: a record that counts more events than the segments hold means
+    // segments were lost.
+    if record.last_seq > stored {
+        return Err(StoreError::Corrupt {
+            run_id,
+            seq: stored.saturating_add(1),
+            source: CodecError::Malformed(format!(
+                "the run record counts {} events but the run's segments end at seq {stored}",
+                record.last_seq
+            )),
+        });
+    }
+    record.last_seq = stored;
+    Ok(Some(record))
+}
+
+/// Where the run's last segment ends (0 if it has none), from that
+/// segment's key and header.
+fn last_stored_seq(db: &sled::Db, run_id: RunId) -> Result<u64, StoreError> {
+    let last = db
+        .range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX))
+        .next_back()
+        .transpose()
+        .map_err(read_failed)?;
+    let Some((key, value)) = last else {
+        return Ok(0);
+    };
+    let Some(first_seq) = layout::segment_first_seq(run_id, &key) else {
+        return Ok(0);
+    };
+    let corrupt = |source| StoreError::Corrupt {
+        run_id,
+        seq: first_seq,
+        source,
+    };
+    match codec::segment_len(&value).map_err(corrupt)? {
+        0 => Err(corrupt(CodecError::Malformed("empty segment".into()))),
+        count => Ok(first_seq.saturating_add(count as u64 - 1)),
+    }
 }
 
 fn read_failed(e: sled::Error) -> StoreError {

@@ -13,7 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::Counters;
 use super::actor::{StoreActor, StoreArgs, StoreMsg};
-use super::engine::{self, SegmentLimits};
+use super::engine::{self, RunCache, SegmentLimits};
 
 /// Where the current store actor is, for every handle: `None` once the
 /// store is closed (or given up on).
@@ -40,7 +40,7 @@ pub(crate) struct SupervisorState {
     db: Option<sled::Db>,
     limits: SegmentLimits,
     counters: Arc<Counters>,
-    gate: Arc<RwLock<()>>,
+    gate: Arc<RwLock<RunCache>>,
     slot: ActorSlot,
     failures: VecDeque<Instant>,
 }
