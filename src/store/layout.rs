@@ -34,7 +34,9 @@ pub(crate) struct StoreMeta {
 }
 
 /// What the store knows of a run besides its events: enough for a room to
-/// recover without reading the log.
+/// recover without reading the log. Written when the run starts and when its
+/// session, provider or end changes, so `last_seq` is the run's last seq as
+/// of that write; the run's last seq now is where its last segment ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RunRecord {
     pub(crate) last_seq: u64,
