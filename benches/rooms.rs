@@ -22,7 +22,7 @@
 //! `examples/bench.rs`. Each iteration opens a fresh hub (or sled database),
 //! subscribes (which starts the rooms), then times only first submit to last
 //! delivery; opening, subscribing and shutting down are not timed. Iterations
-//! assert that nothing was lost or duplicated. About 5 minutes on 2 cores.
+//! assert that nothing was lost or duplicated. About 8 minutes on 2 cores.
 
 use std::time::Duration;
 
