@@ -77,6 +77,15 @@ impl Link {
         })
     }
 
+    /// Attaches to `room`'s live feed (see [`Link::attach`]).
+    async fn attach_live(&self, room: &RuntimeRoom) -> Result<LiveFeed, HubError> {
+        self.attach(|reply| RouterMsg::AttachLive {
+            room: room.clone(),
+            reply,
+        })
+        .await
+    }
+
     /// A page of `run_id` after `after_seq`; an empty page where the room
     /// said there was more is a broken promise, reported, not skipped.
     async fn page(
@@ -365,13 +374,9 @@ impl SessionFollower {
     }
 
     async fn attach(&mut self) -> Result<(), HubError> {
-        let room = RuntimeRoom::Session(self.session_id);
         let live = self
             .link
-            .attach(|reply| RouterMsg::AttachLive {
-                room: room.clone(),
-                reply,
-            })
+            .attach_live(&RuntimeRoom::Session(self.session_id))
             .await?;
         self.live = Some(live.receiver);
         self.unread.clear();
@@ -499,14 +504,7 @@ struct LiveFollower {
 
 impl LiveFollower {
     async fn attach(&mut self) -> Result<(), HubError> {
-        let room = self.room.clone();
-        let feed: LiveFeed = self
-            .link
-            .attach(|reply| RouterMsg::AttachLive {
-                room: room.clone(),
-                reply,
-            })
-            .await?;
+        let feed = self.link.attach_live(&self.room).await?;
         self.live = Some(feed.receiver);
         self.next_index = feed.next;
         self.unread.clear();
