@@ -352,18 +352,17 @@ impl PendingPublish {
     ///
     /// As awaiting the [`PendingPublish`].
     pub async fn shared(self) -> Result<Arc<RuntimeEventEnvelope>, HubError> {
-        let room = RuntimeRoom::Run(self.run_id);
-        match self.reply.await {
-            Ok(answer) => answer,
-            Err(_) => Err(stopped_before_taking(&room)),
-        }
+        let run_id = self.run_id;
+        self.reply
+            .await
+            .unwrap_or_else(|_| Err(stopped_before_taking(run_id)))
     }
 }
 
 /// The answer to a publish whose room stopped before it took the event.
-fn stopped_before_taking(room: &RuntimeRoom) -> HubError {
+fn stopped_before_taking(run_id: RunId) -> HubError {
     HubError::RoomUnavailable {
-        room: room.to_string(),
+        room: RuntimeRoom::Run(run_id).to_string(),
         reason: "the room stopped before it took the event; nothing was stored".into(),
     }
 }
@@ -375,13 +374,13 @@ impl Future for PendingPublish {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
+        let run_id = self.run_id;
         std::pin::Pin::new(&mut self.reply).poll(cx).map(|answer| {
-            match answer {
+            answer
+                .unwrap_or_else(|_| Err(stopped_before_taking(run_id)))
                 // The copy is made here, on the publisher's task, not by
                 // the room.
-                Ok(answer) => answer.map(Arc::unwrap_or_clone),
-                Err(_) => Err(stopped_before_taking(&RuntimeRoom::Run(self.run_id))),
-            }
+                .map(Arc::unwrap_or_clone)
         })
     }
 }

@@ -215,7 +215,6 @@ pub(crate) fn commit(
                         Entry::Occupied(mut e) => e.get_mut().record = staged.record,
                         Entry::Vacant(e) => {
                             e.insert(TouchedRun {
-                                had_session: staged.had_session,
                                 before: staged.before,
                                 record: staged.record,
                                 items: Vec::new(),
@@ -258,7 +257,7 @@ pub(crate) fn commit(
                 }
             }
         }
-        if let (Some(session), false) = (run.record.session_id, run.had_session) {
+        if let Some(session) = run.learns_session() {
             batch.insert(
                 layout::session_key(session, run.record.ordinal, *run_id).as_slice(),
                 vec![FORMAT_VERSION],
@@ -355,11 +354,9 @@ impl RunCache {
 }
 
 struct TouchedRun {
-    /// Whether the stored record already named a session, so that the
-    /// session index entry is written once, when a run first learns it.
-    had_session: bool,
     /// The record as sled holds it before this commit (its last seq aside),
-    /// `None` for a new run: the record is written only if it changed.
+    /// `None` for a new run: the record is written only if it changed, and
+    /// the session index entry only when the run first learns its session.
     before: Option<RunRecord>,
     record: RunRecord,
     items: Vec<StoredEnvelope>,
@@ -376,19 +373,23 @@ impl TouchedRun {
                 || before.ended_at != self.record.ended_at
         })
     }
+
+    /// Whether this commit gives the run its session.
+    fn learns_session(&self) -> Option<Uuid> {
+        let had = self.before.as_ref().and_then(|b| b.session_id);
+        self.record.session_id.filter(|_| had.is_none())
+    }
 }
 
-/// One run as a request leaves it.
+/// One run as a request leaves it, and as sled holds it before.
 struct Staged {
     record: RunRecord,
-    had_session: bool,
     before: Option<RunRecord>,
 }
 
 /// Validates one request against the runs as they will be after the requests
 /// staged before it, returning each touched run's record as it will be after
-/// this request, whether its stored record already had a session, and the
-/// stored record. Assigns ordinals to runs it creates.
+/// this request, and the stored record. Assigns ordinals to runs it creates.
 fn stage(
     db: &sled::Db,
     cache: &RunCache,
@@ -401,19 +402,14 @@ fn stage(
         let Staged { record, .. } = match staged.entry(item.run_id) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let (current, had_session, before) = match runs.get(&item.run_id) {
-                    Some(run) => (
-                        Some(run.record.clone()),
-                        run.had_session,
-                        run.before.clone(),
-                    ),
+                let (current, before) = match runs.get(&item.run_id) {
+                    Some(run) => (Some(run.record.clone()), run.before.clone()),
                     None => {
                         let stored = match cache.get(item.run_id) {
                             Some(record) => Some(record.clone()),
                             None => load_record(db, item.run_id)?,
                         };
-                        let had = stored.as_ref().is_some_and(|r| r.session_id.is_some());
-                        (stored.clone(), had, stored)
+                        (stored.clone(), stored)
                     }
                 };
                 let record = current.unwrap_or_else(|| {
@@ -428,11 +424,7 @@ fn stage(
                         ended_at: None,
                     }
                 });
-                e.insert(Staged {
-                    record,
-                    had_session,
-                    before,
-                })
+                e.insert(Staged { record, before })
             }
         };
         if record.ended_at.is_some() {
