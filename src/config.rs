@@ -167,8 +167,10 @@ impl Config {
     }
 
     /// How many deliveries each subscriber's live queue holds (default 128):
-    /// a delivery is what a room fans out at once (for a run room, every
-    /// event one append acknowledged), so the queue holds at least this many
+    /// a delivery is what a room fans out at once (for a run room, the
+    /// events one append acknowledged), at most
+    /// `ring_capacity / live_capacity` envelopes (8 by default), so the queue
+    /// holds at least `live_capacity` and at most about `ring_capacity`
     /// envelopes. A subscriber that falls further behind catches up from the
     /// ring or the store (run and session rooms) or gets
     /// [`RuntimeStreamError::Lagged`](crate::RuntimeStreamError::Lagged)

@@ -32,19 +32,26 @@ impl Feed {
         }
     }
 
-    /// Fans out persisted envelopes, in seq order, as one delivery, and
-    /// keeps them in the ring.
+    /// Fans out persisted envelopes, in seq order, in as few deliveries as
+    /// the bound on a delivery allows, and keeps them in the ring.
     pub(crate) fn push(&mut self, envelopes: Vec<Arc<RuntimeEventEnvelope>>) {
-        if envelopes.is_empty() {
-            return;
-        }
         for envelope in &envelopes {
             if self.ring.len() == self.shared.ring_capacity {
                 self.ring.pop_front();
             }
             self.ring.push_back(Arc::clone(envelope));
         }
-        self.send(envelopes.into(), true);
+        // A delivery holds at most ring_capacity / live_capacity envelopes,
+        // so that the live channel never keeps more than about a ring's
+        // worth of envelopes alive for a subscriber that stopped reading.
+        let per_delivery = self
+            .shared
+            .ring_capacity
+            .div_ceil(self.shared.live_capacity)
+            .max(1);
+        for chunk in envelopes.chunks(per_delivery) {
+            self.send(chunk.into(), true);
+        }
     }
 
     fn send(&mut self, envelopes: Arc<[Arc<RuntimeEventEnvelope>]>, persisted: bool) {
@@ -106,5 +113,70 @@ impl Feed {
             last_seq,
             fanned_out: self.fanned_out,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::event::{AgentEvent, TextDelta};
+    use crate::ids::RunId;
+    use crate::stream::RuntimeEventId;
+
+    fn envelopes(
+        run_id: RunId,
+        seqs: std::ops::RangeInclusive<u64>,
+    ) -> Vec<Arc<RuntimeEventEnvelope>> {
+        seqs.map(|seq| {
+            Arc::new(RuntimeEventEnvelope {
+                event_id: RuntimeEventId::new(),
+                seq,
+                run_id,
+                session_id: None,
+                event: AgentEvent::TextDelta(TextDelta {
+                    run_id,
+                    timestamp: chrono::Utc::now(),
+                    delta: "x".into(),
+                }),
+                emitted_at: chrono::Utc::now(),
+            })
+        })
+        .collect()
+    }
+
+    /// A big fan-out is split into deliveries of at most
+    /// ring_capacity / live_capacity envelopes, so a subscriber that stopped
+    /// reading keeps at most about a ring's worth alive, and the indices let
+    /// it count exactly what it skipped.
+    #[test]
+    fn deliveries_are_bounded_so_the_live_queue_holds_about_a_ring() {
+        let shared = Arc::new(Shared::new(
+            &Config::temporary().ring_capacity(16).live_capacity(4),
+        ));
+        let mut feed = Feed::new(shared);
+        let mut stalled = feed.subscribe();
+        assert_eq!(stalled.next, 0);
+        feed.push(envelopes(RunId::new(), 1..=100));
+        assert_eq!(feed.ring().len(), 16);
+
+        // 100 envelopes in deliveries of 4: the channel kept the last 4.
+        let mut kept = Vec::new();
+        loop {
+            match stalled.receiver.try_recv() {
+                Ok(delivery) => {
+                    assert!(
+                        delivery.envelopes.len() <= 4,
+                        "{}",
+                        delivery.envelopes.len()
+                    );
+                    assert_eq!(delivery.first + 1, delivery.envelopes[0].seq);
+                    kept.extend(delivery.envelopes.iter().map(|e| e.seq));
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        assert_eq!(kept, (85..=100).collect::<Vec<_>>());
     }
 }

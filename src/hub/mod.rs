@@ -181,6 +181,25 @@ pub(crate) struct Shared {
     pub(crate) random_panics: std::sync::Mutex<(u32, u64)>,
 }
 
+impl Shared {
+    pub(crate) fn new(config: &Config) -> Self {
+        Self {
+            ring_capacity: config.ring_capacity,
+            live_capacity: config.live_capacity,
+            idle_timeout: config.idle_timeout,
+            catch_up_page: config.catch_up_page,
+            max_rooms: config.max_rooms,
+            max_restarts: config.max_restarts,
+            restart_window: config.restart_window,
+            counters: Counters::default(),
+            #[cfg(feature = "fault-injection")]
+            panics: std::sync::Mutex::default(),
+            #[cfg(feature = "fault-injection")]
+            random_panics: std::sync::Mutex::new((0, 1)),
+        }
+    }
+}
+
 #[cfg(feature = "fault-injection")]
 impl Shared {
     /// Counts a publish for `room`; true when the room must panic now.
@@ -397,20 +416,7 @@ impl EventHub {
     /// Never. Must be called inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
         let store = Store::open(config.clone()).await?;
-        let shared = Arc::new(Shared {
-            ring_capacity: config.ring_capacity,
-            live_capacity: config.live_capacity,
-            idle_timeout: config.idle_timeout,
-            catch_up_page: config.catch_up_page,
-            max_rooms: config.max_rooms,
-            max_restarts: config.max_restarts,
-            restart_window: config.restart_window,
-            counters: Counters::default(),
-            #[cfg(feature = "fault-injection")]
-            panics: std::sync::Mutex::default(),
-            #[cfg(feature = "fault-injection")]
-            random_panics: std::sync::Mutex::new((0, 1)),
-        });
+        let shared = Arc::new(Shared::new(&config));
         let args = RouterArgs {
             store: store.clone(),
             shared: Arc::clone(&shared),
