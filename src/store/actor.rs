@@ -12,7 +12,7 @@ use uuid::Uuid;
 use std::sync::{Arc, RwLock};
 
 use super::engine::{self, AppendRequest, RunCache, SegmentLimits};
-use super::{Counters, RunInfo, StoreStats};
+use super::{Counters, RunCheck, RunInfo, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::stream::RuntimeEventEnvelope;
@@ -34,6 +34,19 @@ pub(crate) enum StoreMsg {
         run_id: RunId,
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<Option<RunInfo>, StoreError>>,
+    },
+    /// Read a page of the store's runs, in run id order.
+    RunsAfter {
+        after: Option<RunId>,
+        limit: usize,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Vec<RunInfo>, StoreError>>,
+    },
+    /// Read a run whole and check it.
+    VerifyRun {
+        run_id: RunId,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<RunCheck, StoreError>>,
     },
     /// Read the runs of a session in start order.
     SessionRuns {
@@ -175,6 +188,19 @@ impl Actor for StoreActor {
             } => state.read(permit, reply, move |db| {
                 engine::session_runs(db, session_id)
             }),
+            StoreMsg::RunsAfter {
+                after,
+                limit,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| {
+                engine::runs_after(db, after, limit)
+            }),
+            StoreMsg::VerifyRun {
+                run_id,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| engine::verify_run(db, run_id)),
             StoreMsg::Stats(reply) => {
                 let _ = reply.send(
                     state

@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{Counters, RunInfo, StoredEnvelope};
+use super::{Counters, RunCheck, RunInfo, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -644,6 +644,85 @@ fn decode_checked(
         }
     }
     Ok(envelopes)
+}
+
+/// Up to `limit` runs after `after` (from the first, for `None`), in run id
+/// order, with what the store knows of each.
+pub(crate) fn runs_after(
+    db: &sled::Db,
+    after: Option<RunId>,
+    limit: usize,
+) -> Result<Vec<RunInfo>, StoreError> {
+    let start = match after {
+        // Strictly after: the key followed by a zero byte sorts right after it.
+        Some(run) => {
+            let mut key = layout::run_key(run).to_vec();
+            key.push(0);
+            key
+        }
+        None => layout::run_key(RunId::from_uuid(Uuid::nil())).to_vec(),
+    };
+    let mut out = Vec::new();
+    for entry in db.range(start..layout::RUN_KEYS_END.to_vec()) {
+        if out.len() == limit {
+            break;
+        }
+        let (key, _) = entry.map_err(read_failed)?;
+        let Some(run_id) = layout::run_key_run(&key) else {
+            return Err(StoreError::ReadFailed {
+                message: format!("malformed run key of {} bytes", key.len()),
+            });
+        };
+        if let Some(info) = run_info(db, run_id)? {
+            out.push(info);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every segment of `run_id`, decoding every envelope, and checks
+/// that they tile seqs 1..=last with no gap and agree with the run record.
+pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, StoreError> {
+    let info = run_info(db, run_id)?;
+    let mut check = RunCheck {
+        run_id,
+        events: 0,
+        segments: 0,
+        bytes: 0,
+    };
+    let mut expected = 1u64;
+    for entry in db.range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX)) {
+        let (key, value) = entry.map_err(read_failed)?;
+        let Some(first_seq) = layout::segment_first_seq(run_id, &key) else {
+            break;
+        };
+        if first_seq != expected {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: expected,
+                source: CodecError::Malformed(format!(
+                    "seq {expected} is missing; the next segment starts at seq {first_seq}"
+                )),
+            });
+        }
+        let envelopes = decode_checked(run_id, first_seq, &value)?;
+        expected = first_seq.saturating_add(envelopes.len() as u64);
+        check.events += envelopes.len() as u64;
+        check.segments += 1;
+        check.bytes += value.len() as u64;
+    }
+    let last_seq = info.map_or(0, |info| info.last_seq);
+    if check.events != last_seq {
+        return Err(StoreError::Corrupt {
+            run_id,
+            seq: check.events.saturating_add(1),
+            source: CodecError::Malformed(format!(
+                "the run's segments hold {} events, its record says {last_seq}",
+                check.events
+            )),
+        });
+    }
+    Ok(check)
 }
 
 /// What the store knows of a run, or `None` if it has never seen it.

@@ -55,6 +55,19 @@ pub(crate) fn run_key(run: RunId) -> [u8; 17] {
     key
 }
 
+/// The run named by a run-record key.
+pub(crate) fn run_key_run(key: &[u8]) -> Option<RunId> {
+    let (&kind, id) = key.split_first()?;
+    if kind != RUN {
+        return None;
+    }
+    let bytes: [u8; 16] = id.try_into().ok()?;
+    Some(RunId::from_uuid(Uuid::from_bytes(bytes)))
+}
+
+/// The smallest key above every run record.
+pub(crate) const RUN_KEYS_END: [u8; 1] = [RUN + 1];
+
 pub(crate) fn segment_key(run: RunId, first_seq: u64) -> [u8; 25] {
     let mut key = [0u8; 25];
     key[0] = SEGMENT;

@@ -83,6 +83,21 @@ impl RunInfo {
     }
 }
 
+/// One run read whole by [`Store::verify_run`]: every envelope decoded,
+/// its seqs gapless from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunCheck {
+    /// The run.
+    pub run_id: RunId,
+    /// Envelopes stored, seqs 1..=events.
+    pub events: u64,
+    /// Segments they are stored in.
+    pub segments: u64,
+    /// Bytes of those segments, as encoded.
+    pub bytes: u64,
+}
+
 /// Counters of the store actor, for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -515,6 +530,57 @@ impl Store {
         let permit = self.read_permit().await?;
         self.call(|reply| StoreMsg::SessionRuns {
             session_id,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// Up to `limit` of the store's runs after `after` (from the first for
+    /// `None`), in run id order (which is start order for the time-ordered
+    /// ids [`RunId::new`] mints): a page; pass the last run of a page to get
+    /// the next.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::CorruptRunRecord`] or [`StoreError::Corrupt`] for a
+    /// run whose record or last segment is damaged,
+    /// [`StoreError::ReadFailed`], [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn runs_after(
+        &self,
+        after: Option<RunId>,
+        limit: usize,
+    ) -> Result<Vec<RunInfo>, StoreError> {
+        let permit = self.read_permit().await?;
+        self.call(|reply| StoreMsg::RunsAfter {
+            after,
+            limit,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// Reads every envelope of `run_id`, decoding each, and checks that
+    /// they are seqs 1, 2, 3, … with no gap and agree with the run's record.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] naming the first seq that is missing or
+    /// cannot be read, [`StoreError::CorruptRunRecord`],
+    /// [`StoreError::ReadFailed`], [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn verify_run(&self, run_id: RunId) -> Result<RunCheck, StoreError> {
+        let permit = self.read_permit().await?;
+        self.call(|reply| StoreMsg::VerifyRun {
+            run_id,
             permit,
             reply,
         })
