@@ -31,6 +31,7 @@ mod error;
 mod event;
 mod hub;
 mod ids;
+pub mod metrics;
 mod store;
 mod stream;
 mod traits;

@@ -133,6 +133,11 @@ fn into_stream<F: Follower>(follower: F) -> BoxRuntimeEventStream {
     }))
 }
 
+/// `behest_events_delivered_total`, registered once per subscription.
+fn delivered_counter() -> ::metrics::Counter {
+    ::metrics::counter!(crate::metrics::DELIVERED)
+}
+
 /// What is left of the last live delivery, read in place: a follower copies
 /// each envelope out of the shared batch without touching its reference
 /// count, which every subscriber of the room would otherwise contend on.
@@ -187,6 +192,7 @@ pub(crate) async fn follow_run(
         live: None,
         unread: Unread::default(),
         done: false,
+        delivered: delivered_counter(),
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -206,6 +212,7 @@ struct RunFollower {
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     done: bool,
+    delivered: ::metrics::Counter,
 }
 
 impl RunFollower {
@@ -215,6 +222,7 @@ impl RunFollower {
     ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         self.next_seq = envelope.seq.saturating_add(1);
         self.done = envelope.is_terminal();
+        self.delivered.increment(1);
         Ok(Some(envelope))
     }
 
@@ -342,6 +350,7 @@ pub(crate) async fn follow_session(
         sweep: VecDeque::new(),
         live: None,
         unread: Unread::default(),
+        delivered: delivered_counter(),
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -362,6 +371,7 @@ struct SessionFollower {
     live: Option<broadcast::Receiver<Delivery>>,
     /// Live envelopes received and not yet gone through.
     unread: Unread,
+    delivered: ::metrics::Counter,
 }
 
 impl SessionFollower {
@@ -370,6 +380,7 @@ impl SessionFollower {
         envelope: RuntimeEventEnvelope,
     ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         self.cursor.advance(&envelope);
+        self.delivered.increment(1);
         Ok(Some(envelope))
     }
 
@@ -486,6 +497,7 @@ pub(crate) async fn follow_live(
         live: None,
         next_index: 0,
         unread: Unread::default(),
+        delivered: delivered_counter(),
     };
     follower.attach().await?;
     Ok(into_stream(follower))
@@ -500,6 +512,7 @@ struct LiveFollower {
     next_index: u64,
     /// Envelopes received and not yet yielded.
     unread: Unread,
+    delivered: ::metrics::Counter,
 }
 
 impl LiveFollower {
@@ -519,6 +532,7 @@ impl Follower for LiveFollower {
                 let envelope = RuntimeEventEnvelope::clone(envelope);
                 self.unread.advance();
                 self.next_index += 1;
+                self.delivered.increment(1);
                 return Ok(Some(envelope));
             }
             let Some(live) = self.live.as_mut() else {

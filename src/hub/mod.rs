@@ -136,6 +136,7 @@ use crate::config::{Config, Durability};
 use crate::error::{HubError, OpenError};
 use crate::event::AgentEvent;
 use crate::ids::RunId;
+use crate::metrics;
 use crate::store::{Store, StoreStats};
 use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
@@ -244,18 +245,23 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn record_ring_catch_up(&self) {
         self.ring_catch_ups.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::CATCH_UPS, "from" => "ring").increment(1);
     }
     pub(crate) fn record_store_catch_up(&self) {
         self.store_catch_ups.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::CATCH_UPS, "from" => "store").increment(1);
     }
     pub(crate) fn record_start(&self) {
         self.rooms_started.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::ROOMS_STARTED).increment(1);
     }
     pub(crate) fn record_eviction(&self) {
         self.rooms_evicted.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::ROOMS_EVICTED).increment(1);
     }
     pub(crate) fn record_failure(&self) {
         self.rooms_failed.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::ROOM_FAILURES).increment(1);
     }
 }
 

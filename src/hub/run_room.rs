@@ -166,6 +166,8 @@ pub(crate) struct RunState {
     /// Numbers the room's appends.
     next_batch: u64,
     feed: Feed,
+    /// `behest_events_published_total`, registered once.
+    published: ::metrics::Counter,
 }
 
 impl Actor for RunRoom {
@@ -200,6 +202,7 @@ impl Actor for RunRoom {
             outstanding: 0,
             verdicts: VecDeque::new(),
             next_batch: 0,
+            published: ::metrics::counter!(crate::metrics::PUBLISHED),
         })
     }
 
@@ -326,6 +329,7 @@ impl RunState {
             self.send_gathered(myself).await;
         }
         self.assigned = seq;
+        self.published.increment(1);
         self.session_id = session_id;
         if self.provider.is_none() {
             self.provider = envelope.event.provider().cloned();

@@ -199,6 +199,7 @@ pub(crate) fn commit(
     // Exclusive for the whole commit: readers see a batch whole and durable
     // or not at all, and two commits (an old actor's, finishing after it
     // died, and its successor's) never validate against the same state.
+    let started = std::time::Instant::now();
     let mut exclusive = gate
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -298,6 +299,7 @@ pub(crate) fn commit(
         .partition(|r| r.durability == Durability::Flushed);
     if flushed.is_empty() {
         drop(exclusive);
+        record_commit_time(started);
         for mut request in buffered {
             request.answer(Ok(()));
         }
@@ -305,6 +307,7 @@ pub(crate) fn commit(
     }
     let flush = db.flush();
     drop(exclusive);
+    record_commit_time(started);
     for mut request in buffered {
         request.answer(Ok(()));
     }
@@ -351,6 +354,10 @@ impl RunCache {
         }
         self.hot.insert(run_id, record);
     }
+}
+
+fn record_commit_time(started: std::time::Instant) {
+    ::metrics::histogram!(crate::metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
 struct TouchedRun {

@@ -131,6 +131,8 @@ pub(crate) struct Counters {
 
 impl Counters {
     pub(crate) fn record_commit(&self, appends: usize, events: usize) {
+        ::metrics::counter!(crate::metrics::PERSISTED).increment(events as u64);
+        ::metrics::histogram!(crate::metrics::COMMIT_EVENTS).record(events as f64);
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.appends.fetch_add(appends as u64, Ordering::Relaxed);
         self.events.fetch_add(events as u64, Ordering::Relaxed);
