@@ -94,15 +94,14 @@ async fn verify_reports_damage_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let (ended, live) = make_store(dir.path()).await;
     // Garble the ended run's second segment (seqs 3..=5).
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     let mut key = vec![b'e'];
     key.extend_from_slice(ended.as_uuid().as_bytes());
     key.extend_from_slice(&3u64.to_be_bytes());
     assert!(db.get(&key).unwrap().is_some());
     db.insert(key, vec![FORMAT_VERSION, 0x93, 0xc1, 0xc1, 0xc1])
         .unwrap();
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
     let path = dir.path().to_str().unwrap();
 
     let verify = cli(&["verify", path]);

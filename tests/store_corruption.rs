@@ -41,13 +41,13 @@ async fn store_with_runs(dir: &Path, runs: &[RunId]) {
 }
 
 fn plant(dir: &Path, key: &[u8], value: &[u8]) {
-    let db = sled::open(dir).unwrap();
+    let db = common::open_sled(dir);
     assert!(
         db.get(key).unwrap().is_some(),
         "the planted key must replace a real record"
     );
     db.insert(key, value).unwrap();
-    db.flush().unwrap();
+    common::close_sled(db, dir);
 }
 
 /// A corrupt segment yields `Corrupt` naming the run and the first seq it
@@ -131,11 +131,10 @@ async fn misplaced_segment_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let run = RunId::new();
     store_with_runs(dir.path(), &[run]).await;
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     let first = db.get(segment_key(run, 1)).unwrap().unwrap();
     db.insert(segment_key(run, 4), first).unwrap();
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
 
     let store = Store::open(Config::new(dir.path())).await.unwrap();
     let error = store.list_after(run, 0, 100).await.unwrap_err();
@@ -202,7 +201,7 @@ async fn lost_tail_of_an_ended_run_is_detected() {
         .unwrap();
     store.close().await.unwrap();
 
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     // Three commits of the live run, one record write: the record still
     // counts the first commit's three events.
     let record = db.get(run_key(live)).unwrap().unwrap();
@@ -210,8 +209,7 @@ async fn lost_tail_of_an_ended_run_is_detected() {
     assert_eq!(record["last_seq"], 3, "{record}");
     // Lose the ended run's last segment, as damage would.
     assert!(db.remove(segment_key(ended, 4)).unwrap().is_some());
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
 
     let store = Store::open(Config::new(dir.path())).await.unwrap();
     assert_eq!(store.run_info(live).await.unwrap().unwrap().last_seq, 9);
@@ -235,12 +233,11 @@ async fn lost_tail_of_an_ended_run_is_detected() {
 async fn unknown_store_format_refuses_to_open() {
     let dir = tempfile::tempdir().unwrap();
     store_with_runs(dir.path(), &[RunId::new()]).await;
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     let mut meta = db.get(b"mstore").unwrap().unwrap().to_vec();
     meta[0] = 9;
     db.insert(b"mstore", meta).unwrap();
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
 
     let error = Store::open(Config::new(dir.path())).await.unwrap_err();
     assert!(
@@ -258,14 +255,13 @@ async fn unknown_store_format_refuses_to_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_database_refuses_to_open() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     db.insert(b"someone else's", b"data").unwrap();
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
 
     let error = Store::open(Config::new(dir.path())).await.unwrap_err();
     assert!(matches!(error, OpenError::NotAStore { .. }), "{error:?}");
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     assert_eq!(db.len(), 1, "a refused open changes nothing");
 }
 
@@ -281,10 +277,9 @@ async fn verify_run_reads_every_segment_and_names_the_damage() {
         &segment_key(garbled, 4),
         &[FORMAT_VERSION, 0x93, 0xc1, 0xc1, 0xc1],
     );
-    let db = sled::open(dir.path()).unwrap();
+    let db = common::open_sled(dir.path());
     assert!(db.remove(segment_key(holed, 4)).unwrap().is_some());
-    db.flush().unwrap();
-    drop(db);
+    common::close_sled(db, dir.path());
 
     let store = Store::open(Config::new(dir.path())).await.unwrap();
     let check = store.verify_run(healthy).await.unwrap();

@@ -782,6 +782,45 @@ pub(crate) async fn release(db: sled::Db) -> Result<(), StoreError> {
     })
 }
 
+/// How long `close` waits for sled to let go of the directory's lock.
+const UNLOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until the lock sled holds on `dir` is free. Dropping the last
+/// handle is not enough: sled's background threads hold the lock until
+/// they notice and exit, so a store reopened at once (or a CLI run on the
+/// directory) could otherwise find it `Locked`.
+pub(crate) async fn wait_unlocked(dir: std::path::PathBuf) {
+    let waited = tokio::task::spawn_blocking(move || {
+        use fs2::FileExt;
+        let deadline = std::time::Instant::now() + UNLOCK_DEADLINE;
+        let lock_file = dir.join("db");
+        loop {
+            let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&lock_file)
+            else {
+                return true;
+            };
+            if file.try_lock_exclusive().is_ok() {
+                let _ = FileExt::unlock(&file);
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    })
+    .await;
+    if !matches!(waited, Ok(true)) {
+        tracing::warn!(
+            ?UNLOCK_DEADLINE,
+            "sled still held the store's lock after close"
+        );
+    }
+}
+
 /// Flushes whatever sled still buffers.
 pub(crate) fn flush(db: &sled::Db) -> Result<(), StoreError> {
     db.flush().map(|_| ()).map_err(|e| StoreError::FlushFailed {

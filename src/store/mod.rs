@@ -630,6 +630,9 @@ impl Store {
         self.inner.append_budget.close();
         // The actor's task ends after it released the database.
         let _ = join.await;
+        if let Some(path) = self.path() {
+            engine::wait_unlocked(path.to_path_buf()).await;
+        }
         tracing::debug!(epoch = %self.inner.epoch, "store closed");
         result
     }

@@ -122,3 +122,48 @@ pub async fn next_within(
         .await
         .expect("a subscription stalled: no item within the deadline")
 }
+
+/// How long a test waits for sled to let go of a directory.
+const SLED_LOCK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Opens a store directory with sled directly (as damage would write it),
+/// waiting up to a deadline for whoever closed it last to let go of its
+/// lock: sled's background threads hold it a moment after the last handle
+/// is dropped.
+pub fn open_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + SLED_LOCK_DEADLINE;
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(error)
+                if std::time::Instant::now() < deadline && error.to_string().contains("lock") =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(error) => panic!("cannot open {} with sled: {error}", dir.display()),
+        }
+    }
+}
+
+/// Drops `db` and waits, up to a deadline, until sled has let go of `dir`,
+/// so that the store can open it next.
+pub fn close_sled(db: sled::Db, dir: &std::path::Path) {
+    use fs2::FileExt;
+    db.flush().unwrap();
+    drop(db);
+    let deadline = std::time::Instant::now() + SLED_LOCK_DEADLINE;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+        .unwrap();
+    while file.try_lock_exclusive().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sled kept {} locked",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    FileExt::unlock(&file).unwrap();
+}
