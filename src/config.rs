@@ -54,6 +54,20 @@ pub struct Config {
     pub(crate) max_rooms: usize,
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
+    pub(crate) retention: Option<Retention>,
+}
+
+/// A retention policy: runs whose terminal event is older than `ttl` are
+/// removed in the background (see [`Config::retain_ended_runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// How long a run is kept after its terminal event.
+    pub ttl: Duration,
+    /// How often the sweeper looks for runs to remove.
+    pub sweep_every: Duration,
+    /// Most runs one sweep step removes while holding the commit gate;
+    /// commits go on between steps.
+    pub runs_per_step: usize,
 }
 
 /// Default largest encoded envelope: 1 MiB.
@@ -91,6 +105,7 @@ impl Config {
             max_rooms: 100_000,
             max_restarts: 5,
             restart_window: Duration::from_secs(10),
+            retention: None,
         }
     }
 
@@ -226,6 +241,45 @@ impl Config {
     pub fn catch_up_page(mut self, envelopes: usize) -> Self {
         self.catch_up_page = envelopes.max(1);
         self
+    }
+
+    /// Removes runs whose terminal event is older than `ttl`, in the
+    /// background: a sweeper wakes every `ttl / 10` (at least every 100 ms,
+    /// at most every 10 minutes; see [`Config::retention_sweep_every`]) and
+    /// deletes such runs' events and index entries a page at a time, never
+    /// holding publishers up for more than one page. Runs that have not
+    /// ended are never removed.
+    ///
+    /// A removed run leaves a tombstone of a few dozen bytes: its id stays
+    /// ended (nothing can be stored under it again), and subscribing to it,
+    /// replaying it, or resuming a session into events of it the cursor has
+    /// not seen fails with `RunRemoved` instead of serving a shortened
+    /// history. Off by default: nothing is ever removed.
+    #[must_use]
+    pub fn retain_ended_runs(mut self, ttl: Duration) -> Self {
+        let sweep_every = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(600));
+        self.retention = Some(Retention {
+            ttl,
+            sweep_every,
+            runs_per_step: 256,
+        });
+        self
+    }
+
+    /// How often the retention sweeper runs (after
+    /// [`Config::retain_ended_runs`]; ignored without it). At least 1 ms.
+    #[must_use]
+    pub fn retention_sweep_every(mut self, every: Duration) -> Self {
+        if let Some(retention) = &mut self.retention {
+            retention.sweep_every = every.max(Duration::from_millis(1));
+        }
+        self
+    }
+
+    /// The retention policy, if one is set.
+    #[must_use]
+    pub fn retention(&self) -> Option<Retention> {
+        self.retention
     }
 
     /// The event limit actually enforced: never above the in-flight budget, so

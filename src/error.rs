@@ -77,6 +77,16 @@ pub enum StoreError {
         /// The run.
         run_id: RunId,
     },
+    /// Retention removed the run's events (its terminal event was older than
+    /// the configured TTL). Its history cannot be read or resumed; its id
+    /// stays ended, so nothing can be stored under it again. Not retryable.
+    #[error("run {run_id} was removed by retention at {removed_at}; its events are gone")]
+    RunRemoved {
+        /// The run.
+        run_id: RunId,
+        /// When retention removed it.
+        removed_at: chrono::DateTime<chrono::Utc>,
+    },
     /// The append's seq does not follow the run's last stored seq; nothing
     /// of this append was stored. Means two writers for one run, or a
     /// writer that lost track of its run: re-read the run's last seq.
@@ -197,6 +207,16 @@ pub enum HubError {
         /// The limit.
         limit: usize,
     },
+    /// Retention removed the run (see `Config::retention`): subscribing to
+    /// it, or resuming a session into events of it the cursor has not seen,
+    /// is refused rather than served as an empty or shortened history.
+    #[error("run {run_id} was removed by retention at {removed_at}; its events are gone")]
+    RunRemoved {
+        /// The run.
+        run_id: RunId,
+        /// When retention removed it.
+        removed_at: chrono::DateTime<chrono::Utc>,
+    },
     /// The store failed; see [`StoreError`] (and its `is_retryable`).
     #[error(transparent)]
     Store(StoreError),
@@ -288,6 +308,9 @@ impl From<StoreError> for HubError {
                 size,
                 limit,
             },
+            StoreError::RunRemoved { run_id, removed_at } => {
+                HubError::RunRemoved { run_id, removed_at }
+            }
             other => HubError::Store(other),
         }
     }

@@ -36,7 +36,7 @@ mod store;
 mod stream;
 mod traits;
 
-pub use config::{Config, DEFAULT_MAX_EVENT_BYTES, Durability};
+pub use config::{Config, DEFAULT_MAX_EVENT_BYTES, Durability, Retention};
 pub use error::{HubError, OpenError, StoreError};
 pub use event::{
     AgentEvent, ContextBuilt, CustomEvent, MessageCommitted, ModelStarted, RunCancelled,

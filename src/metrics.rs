@@ -13,6 +13,7 @@
 //! | `behest_room_failures_total`      | counter   | rooms that failed (each restarts on next use) |
 //! | `behest_commit_events`            | histogram | events per store commit                     |
 //! | `behest_commit_seconds`           | histogram | one store commit, write and flush           |
+//! | `behest_runs_removed_total`       | counter   | runs retention removed                      |
 
 pub(crate) const PUBLISHED: &str = "behest_events_published_total";
 pub(crate) const PERSISTED: &str = "behest_events_persisted_total";
@@ -23,3 +24,4 @@ pub(crate) const ROOMS_EVICTED: &str = "behest_rooms_evicted_total";
 pub(crate) const ROOM_FAILURES: &str = "behest_room_failures_total";
 pub(crate) const COMMIT_EVENTS: &str = "behest_commit_events";
 pub(crate) const COMMIT_SECONDS: &str = "behest_commit_seconds";
+pub(crate) const RUNS_REMOVED: &str = "behest_runs_removed_total";

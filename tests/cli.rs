@@ -56,7 +56,10 @@ async fn inspect_replay_and_verify_a_healthy_store() {
     let inspect = cli(&["inspect", path]);
     assert!(inspect.status.success(), "{inspect:?}");
     let text = stdout(&inspect);
-    assert!(text.contains("runs       2 (1 ended, 1 live)"), "{text}");
+    assert!(
+        text.contains("runs       2 (1 ended, of which 0 removed by retention; 1 live)"),
+        "{text}"
+    );
     assert!(text.contains("events     8"), "{text}");
     assert!(
         text.contains(&format!("format     version {FORMAT_VERSION}")),
@@ -84,7 +87,7 @@ async fn inspect_replay_and_verify_a_healthy_store() {
     let verify = cli(&["verify", path]);
     assert!(verify.status.success(), "{verify:?}");
     assert!(
-        stdout(&verify).contains("verified 2 runs, 8 events"),
+        stdout(&verify).contains("verified 2 runs (0 removed by retention), 8 events"),
         "{verify:?}"
     );
 }

@@ -151,15 +151,22 @@ async fn inspect(store: &Store, dir: &Path) -> Result<(), String> {
     println!("store      {}", dir.display());
     println!("epoch      {}", store.epoch());
     println!("format     version {FORMAT_VERSION}");
-    let (mut runs, mut ended, mut events) = (0u64, 0u64, 0u64);
+    let (mut runs, mut ended, mut removed, mut events) = (0u64, 0u64, 0u64, 0u64);
     for_each_run(store, |info| {
         runs += 1;
         ended += u64::from(info.is_ended());
-        events += info.last_seq;
+        if info.is_removed() {
+            removed += 1;
+        } else {
+            events += info.last_seq;
+        }
     })
     .await
     .map_err(|e| e.to_string())?;
-    println!("runs       {runs} ({ended} ended, {} live)", runs - ended);
+    println!(
+        "runs       {runs} ({ended} ended, of which {removed} removed by retention; {} live)",
+        runs - ended
+    );
     println!("events     {events}");
     println!("on disk    {} bytes", dir_size(dir));
     Ok(())
@@ -223,7 +230,7 @@ fn print_page(page: &[behest_stream::RuntimeEventEnvelope], json: bool) -> Resul
 async fn verify(store: &Store) -> Result<ExitCode, String> {
     let mut runs = Vec::new();
     let listed = for_each_run(store, |info| runs.push(info.run_id)).await;
-    let (mut damaged, mut events) = (0u64, 0u64);
+    let (mut damaged, mut events, mut removed) = (0u64, 0u64, 0u64);
     if let Err(error) = listed {
         // A run whose record is damaged stops the listing; say so.
         damaged += 1;
@@ -231,7 +238,10 @@ async fn verify(store: &Store) -> Result<ExitCode, String> {
     }
     for run_id in &runs {
         match store.verify_run(*run_id).await {
-            Ok(check) => events += check.events,
+            Ok(check) => {
+                events += check.events;
+                removed += u64::from(check.removed_at.is_some());
+            }
             Err(error) => {
                 damaged += 1;
                 println!("damaged  run {run_id}: {error}");
@@ -239,7 +249,7 @@ async fn verify(store: &Store) -> Result<ExitCode, String> {
         }
     }
     println!(
-        "verified {} runs, {events} events: {}",
+        "verified {} runs ({removed} removed by retention), {events} events: {}",
         runs.len(),
         if damaged == 0 {
             "every record decodes and every run is gapless".to_owned()

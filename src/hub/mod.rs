@@ -580,6 +580,8 @@ impl EventHub {
     ///
     /// [`HubError::CursorEpoch`] for a cursor of another store,
     /// [`HubError::CursorAhead`] for a cursor past what the store holds,
+    /// [`HubError::RunRemoved`] for a run room whose run retention removed,
+    /// or a session cursor that has not seen all of such a run,
     /// [`HubError::LiveOnly`] for a provider room resumed from history,
     /// [`HubError::Closed`] after shutdown. Errors after the stream started
     /// arrive as its items.
@@ -593,9 +595,7 @@ impl EventHub {
         resume: Resume,
     ) -> Result<BoxRuntimeEventStream, HubError> {
         let link = self.inner.link.clone();
-        if let Resume::After(cursor) = &resume {
-            self.check_cursor(&room, cursor).await?;
-        }
+        self.check_history(&room, &resume).await?;
         match (room, resume) {
             (RuntimeRoom::Run(run_id), Resume::Live) => {
                 follow::follow_run(link, run_id, None).await
@@ -624,29 +624,38 @@ impl EventHub {
         }
     }
 
-    /// A cursor is honoured only if it names history this store has.
-    async fn check_cursor(&self, room: &RuntimeRoom, cursor: &Cursor) -> Result<(), HubError> {
-        if cursor.epoch() != self.epoch() {
-            return Err(HubError::CursorEpoch {
-                expected: self.epoch(),
-                found: cursor.epoch(),
-            });
-        }
-        let runs: Vec<(RunId, u64)> = match room {
-            RuntimeRoom::Run(run_id) => vec![(*run_id, cursor.seq(*run_id))],
-            _ => cursor.positions().collect(),
+    /// A subscription is honoured only if it names history this store has:
+    /// a cursor of this epoch, not ahead of the store, and not into events
+    /// retention removed. A run room of a removed run is refused whatever
+    /// the resume (it has nothing left to serve); a session cursor only if
+    /// it has not seen all of a removed run.
+    async fn check_history(&self, room: &RuntimeRoom, resume: &Resume) -> Result<(), HubError> {
+        let runs: Vec<(RunId, u64)> = match (room, resume) {
+            (_, Resume::After(cursor)) if cursor.epoch() != self.epoch() => {
+                return Err(HubError::CursorEpoch {
+                    expected: self.epoch(),
+                    found: cursor.epoch(),
+                });
+            }
+            (RuntimeRoom::Run(run_id), Resume::After(cursor)) => {
+                vec![(*run_id, cursor.seq(*run_id))]
+            }
+            (RuntimeRoom::Run(run_id), _) => vec![(*run_id, 0)],
+            (_, Resume::After(cursor)) => cursor.positions().collect(),
+            _ => Vec::new(),
         };
+        let run_room = matches!(room, RuntimeRoom::Run(_));
         for (run_id, seq) in runs {
-            if seq == 0 {
+            if seq == 0 && !run_room {
                 continue;
             }
-            let last_seq = self
-                .inner
-                .link
-                .store
-                .run_info(run_id)
-                .await?
-                .map_or(0, |info| info.last_seq);
+            let info = self.inner.link.store.run_info(run_id).await?;
+            let last_seq = info.as_ref().map_or(0, |info| info.last_seq);
+            if let Some(removed_at) = info.and_then(|info| info.removed_at)
+                && (run_room || seq < last_seq)
+            {
+                return Err(HubError::RunRemoved { run_id, removed_at });
+            }
             if seq > last_seq {
                 return Err(HubError::CursorAhead {
                     run_id,
@@ -663,6 +672,7 @@ impl EventHub {
     /// # Errors
     ///
     /// [`HubError::Store`] (a corrupt record names its run and seq),
+    /// [`HubError::RunRemoved`] if retention removed the run,
     /// [`HubError::Closed`].
     pub async fn replay(
         &self,

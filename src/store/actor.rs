@@ -54,6 +54,13 @@ pub(crate) enum StoreMsg {
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<Vec<RunId>, StoreError>>,
     },
+    /// Remove up to `max_runs` runs that ended before `cutoff`.
+    RemoveEnded {
+        cutoff: chrono::DateTime<chrono::Utc>,
+        max_runs: usize,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Vec<RunId>, StoreError>>,
+    },
     /// Report counters.
     Stats(RpcReplyPort<StoreStats>),
     /// Commit what is pending, flush, release the database and stop.
@@ -201,6 +208,26 @@ impl Actor for StoreActor {
                 permit,
                 reply,
             } => state.read(permit, reply, move |db| engine::verify_run(db, run_id)),
+            StoreMsg::RemoveEnded {
+                cutoff,
+                max_runs,
+                permit,
+                reply,
+            } => {
+                let Some(db) = state.db.clone() else {
+                    let _ = reply.send(Err(StoreError::Closed));
+                    return Ok(());
+                };
+                let gate = Arc::clone(&state.gate);
+                // Like a read, it holds a read permit until it has dropped
+                // its database handle, so `close` waits for it.
+                tokio::task::spawn_blocking(move || {
+                    let result = engine::remove_ended_before(&db, &gate, cutoff, max_runs);
+                    drop(db);
+                    drop(permit);
+                    let _ = reply.send(result);
+                });
+            }
             StoreMsg::Stats(reply) => {
                 let _ = reply.send(
                     state

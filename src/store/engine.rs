@@ -150,6 +150,10 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    ensure_ended_index(&db).map_err(|e| OpenError::Storage {
+        path: path.to_path_buf(),
+        message: format!("building the ended-run index: {e}"),
+    })?;
     Ok(Opened {
         db,
         epoch,
@@ -257,6 +261,12 @@ pub(crate) fn commit(
                     return;
                 }
             }
+        }
+        if let Some(ended_at) = run.ends() {
+            batch.insert(
+                layout::ended_key(ended_at, *run_id).as_slice(),
+                vec![FORMAT_VERSION],
+            );
         }
         if let Some(session) = run.learns_session() {
             batch.insert(
@@ -381,6 +391,12 @@ impl TouchedRun {
         })
     }
 
+    /// When the run ended, if this commit ends it.
+    fn ends(&self) -> Option<chrono::DateTime<Utc>> {
+        let had = self.before.as_ref().and_then(|b| b.ended_at);
+        self.record.ended_at.filter(|_| had.is_none())
+    }
+
     /// Whether this commit gives the run its session.
     fn learns_session(&self) -> Option<Uuid> {
         let had = self.before.as_ref().and_then(|b| b.session_id);
@@ -429,6 +445,7 @@ fn stage(
                         ordinal,
                         started_at: item.emitted_at,
                         ended_at: None,
+                        removed_at: None,
                     }
                 });
                 e.insert(Staged { record, before })
@@ -508,6 +525,11 @@ fn load_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreE
     };
     let mut record: RunRecord = codec::decode_value(&bytes)
         .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
+    if record.removed_at.is_some() {
+        // A tombstone: its segments are gone, and its last seq is the
+        // run's final one (the record is always written when a run ends).
+        return Ok(Some(record));
+    }
     let stored = last_stored_seq(db, run_id)?;
     // A record is written with the segments it describes, never ahead of
     // them: a record that counts more events than the segments hold means
@@ -621,7 +643,26 @@ pub(crate) fn list_after(
             }
         }
     }
+    if out.is_empty() {
+        // Nothing to serve: say so explicitly if that is because retention
+        // removed the run, rather than passing it off as a run with no more
+        // events. (Only here, so the common read costs no record lookup.)
+        removed_error(db, run_id)?;
+    }
     Ok(out)
+}
+
+/// `RunRemoved` if retention removed `run_id`.
+fn removed_error(db: &sled::Db, run_id: RunId) -> Result<(), StoreError> {
+    let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
+        return Ok(());
+    };
+    let record: RunRecord = codec::decode_value(&bytes)
+        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
+    match record.removed_at {
+        Some(removed_at) => Err(StoreError::RunRemoved { run_id, removed_at }),
+        None => Ok(()),
+    }
 }
 
 /// Decodes a segment and checks it is what its key says: envelopes of `run_id`
@@ -696,6 +737,7 @@ pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, Store
         events: 0,
         segments: 0,
         bytes: 0,
+        removed_at: info.as_ref().and_then(|info| info.removed_at),
     };
     let mut expected = 1u64;
     for entry in db.range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX)) {
@@ -717,6 +759,21 @@ pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, Store
         check.events += envelopes.len() as u64;
         check.segments += 1;
         check.bytes += value.len() as u64;
+    }
+    if check.removed_at.is_some() {
+        // Removal deletes a run's segments and writes its tombstone in one
+        // batch: a tombstone with segments left means that batch was torn.
+        if check.segments > 0 {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: 1,
+                source: CodecError::Malformed(format!(
+                    "the run was removed by retention but {} of its segments remain",
+                    check.segments
+                )),
+            });
+        }
+        return Ok(check);
     }
     let last_seq = info.map_or(0, |info| info.last_seq);
     if check.events != last_seq {
@@ -741,6 +798,7 @@ pub(crate) fn run_info(db: &sled::Db, run_id: RunId) -> Result<Option<RunInfo>, 
         provider: record.provider,
         started_at: record.started_at,
         ended_at: record.ended_at,
+        removed_at: record.removed_at,
     }))
 }
 
@@ -754,6 +812,106 @@ pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, S
             })
         })
         .collect()
+}
+
+/// Removes up to `max_runs` runs that ended before `cutoff`, oldest first:
+/// deletes their segments, their session index entry and their ended-index
+/// entry, and leaves their record as a tombstone marked `removed_at = now`,
+/// all in one batch. Returns the runs removed.
+///
+/// Holds the commit gate exclusively for one page only, so that commits go
+/// on between pages; ended runs take no appends, so a commit can never
+/// touch what a removal deletes.
+pub(crate) fn remove_ended_before(
+    db: &sled::Db,
+    gate: &RwLock<RunCache>,
+    cutoff: chrono::DateTime<Utc>,
+    max_runs: usize,
+) -> Result<Vec<RunId>, StoreError> {
+    let mut exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let now = Utc::now();
+    let mut batch = sled::Batch::default();
+    let mut removed: Vec<(RunId, RunRecord)> = Vec::new();
+    let range = layout::ENDED_KEYS_START.to_vec()..layout::ended_keys_before(cutoff).to_vec();
+    for entry in db.range(range).take(max_runs) {
+        let (key, _) = entry.map_err(read_failed)?;
+        batch.remove(key.clone());
+        let Some(run_id) = layout::ended_key_run(&key) else {
+            continue;
+        };
+        let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
+            continue;
+        };
+        let mut record: RunRecord = codec::decode_value(&bytes)
+            .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
+        if record.removed_at.is_some() || record.ended_at.is_none() {
+            continue;
+        }
+        for segment in
+            db.range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX))
+        {
+            let (segment_key, _) = segment.map_err(read_failed)?;
+            batch.remove(segment_key);
+        }
+        if let Some(session) = record.session_id {
+            batch.remove(layout::session_key(session, record.ordinal, run_id).as_slice());
+        }
+        record.removed_at = Some(now);
+        let value = codec::encode_value(&record).map_err(|e| StoreError::WriteFailed {
+            message: format!("tombstone of run {run_id}: {e}"),
+        })?;
+        batch.insert(&layout::run_key(run_id), value);
+        removed.push((run_id, record));
+    }
+    db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
+        message: e.to_string(),
+    })?;
+    let cache: &mut RunCache = &mut exclusive;
+    let runs = removed
+        .into_iter()
+        .map(|(run_id, record)| {
+            cache.put(run_id, record);
+            run_id
+        })
+        .collect();
+    Ok(runs)
+}
+
+/// Gives every ended run of a store made before the ended index existed its
+/// index entry, once.
+fn ensure_ended_index(db: &sled::Db) -> Result<(), StoreError> {
+    if db
+        .get(layout::META_ENDED_INDEX)
+        .map_err(read_failed)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let start = layout::run_key(RunId::from_uuid(Uuid::nil())).to_vec();
+    for entry in db.range(start..layout::RUN_KEYS_END.to_vec()) {
+        let (key, value) = entry.map_err(read_failed)?;
+        let Some(run_id) = layout::run_key_run(&key) else {
+            continue;
+        };
+        // A record that cannot be read is left to `verify` to report; the
+        // run is then simply never removed.
+        let Ok(record) = codec::decode_value::<RunRecord>(&value) else {
+            continue;
+        };
+        if let (Some(ended_at), None) = (record.ended_at, record.removed_at) {
+            batch.insert(
+                layout::ended_key(ended_at, run_id).as_slice(),
+                vec![FORMAT_VERSION],
+            );
+        }
+    }
+    batch.insert(layout::META_ENDED_INDEX, vec![FORMAT_VERSION]);
+    db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
+        message: e.to_string(),
+    })
 }
 
 /// The next run ordinal, as stored (for a restarted store actor).

@@ -7,10 +7,13 @@
 //! | `r` run_id(16)                             | [`RunRecord`]                  |
 //! | `e` run_id(16) first_seq(8, big-endian)    | segment: envelopes first_seq.. |
 //! | `s` session(16) ordinal(8, BE) run_id(16)  | version byte only              |
+//! | `t` ended_at(8, BE ms) run_id(16)          | version byte only              |
+//! | `m` `ended-index`                          | version byte: `t` is complete  |
 //!
 //! One tree, so that one `apply_batch` covers a commit's segments, run records
 //! and index entries atomically. Big-endian seqs make sled's byte order the
-//! seq order. Every value starts with the format-version byte
+//! seq order. The `t` index orders ended runs by when they ended, so that
+//! retention reads only the runs it removes. Every value starts with the format-version byte
 //! ([`crate::codec::FORMAT_VERSION`]).
 
 use chrono::{DateTime, Utc};
@@ -21,9 +24,13 @@ use crate::ids::{ProviderId, RunId};
 
 pub(crate) const META_STORE: &[u8] = b"mstore";
 pub(crate) const META_ORDINAL: &[u8] = b"mordinal";
+/// Present once every ended run has its `t` entry (stores made before the
+/// index existed get theirs when first opened by a build that has it).
+pub(crate) const META_ENDED_INDEX: &[u8] = b"mended-index";
 const RUN: u8 = b'r';
 const SEGMENT: u8 = b'e';
 const SESSION: u8 = b's';
+const ENDED: u8 = b't';
 
 /// The store's identity, written once at creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +53,13 @@ pub(crate) struct RunRecord {
     pub(crate) ordinal: u64,
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) ended_at: Option<DateTime<Utc>>,
+    /// When retention removed the run's events. The record stays, as a
+    /// tombstone: it keeps the run ended (no event may be stored under its
+    /// id again) and lets a resume into it fail with an explicit error. Its
+    /// `last_seq` is then the run's final seq (the record is always written
+    /// when a run ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) removed_at: Option<DateTime<Utc>>,
 }
 
 pub(crate) fn run_key(run: RunId) -> [u8; 17] {
@@ -107,6 +121,43 @@ pub(crate) fn session_key_run(key: &[u8]) -> Option<RunId> {
     Some(RunId::from_uuid(Uuid::from_bytes(bytes)))
 }
 
+/// Milliseconds since the epoch as a key part that sorts by time (times
+/// before 1970 sort first, as 0).
+fn millis_be(at: DateTime<Utc>) -> [u8; 8] {
+    u64::try_from(at.timestamp_millis())
+        .unwrap_or(0)
+        .to_be_bytes()
+}
+
+pub(crate) fn ended_key(ended_at: DateTime<Utc>, run: RunId) -> [u8; 25] {
+    let mut key = [0u8; 25];
+    key[0] = ENDED;
+    key[1..9].copy_from_slice(&millis_be(ended_at));
+    key[9..].copy_from_slice(run.as_uuid().as_bytes());
+    key
+}
+
+/// The smallest `t` key.
+pub(crate) const ENDED_KEYS_START: [u8; 1] = [ENDED];
+
+/// The first `t` key of runs that ended at or after `at`: the end of the
+/// range of runs that ended before it.
+pub(crate) fn ended_keys_before(at: DateTime<Utc>) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = ENDED;
+    key[1..].copy_from_slice(&millis_be(at));
+    key
+}
+
+/// The run named by an ended-index key.
+pub(crate) fn ended_key_run(key: &[u8]) -> Option<RunId> {
+    if key.first() != Some(&ENDED) {
+        return None;
+    }
+    let bytes: [u8; 16] = key.get(9..25)?.try_into().ok()?;
+    Some(RunId::from_uuid(Uuid::from_bytes(bytes)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +177,18 @@ mod tests {
         assert!(session_key(session, 2, a) < session_key(session, 10, b));
         assert!(session_key(session, 2, a).starts_with(&session_prefix(session)));
         assert_eq!(session_key_run(&session_key(session, 2, a)), Some(a));
+    }
+
+    #[test]
+    fn ended_keys_sort_by_time_and_bound_by_cutoff() {
+        let run = RunId::new();
+        let early = DateTime::from_timestamp_millis(1_000).unwrap();
+        let late = DateTime::from_timestamp_millis(2_000).unwrap();
+        assert!(ended_key(early, run) < ended_key(late, RunId::new()));
+        assert!(ended_key(early, run).as_slice() < ended_keys_before(late).as_slice());
+        assert!(ended_key(late, run).as_slice() >= ended_keys_before(late).as_slice());
+        assert!(ENDED_KEYS_START.as_slice() <= ended_key(early, run).as_slice());
+        assert_eq!(ended_key_run(&ended_key(late, run)), Some(run));
+        assert_eq!(ended_key_run(&session_key(Uuid::nil(), 1, run)), None);
     }
 }

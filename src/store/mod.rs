@@ -73,6 +73,9 @@ pub struct RunInfo {
     pub started_at: DateTime<Utc>,
     /// `emitted_at` of its terminal envelope, once it ended.
     pub ended_at: Option<DateTime<Utc>>,
+    /// When retention removed its events (see `Config::retain_ended_runs`);
+    /// `last_seq` is then its final seq, and its events are gone.
+    pub removed_at: Option<DateTime<Utc>>,
 }
 
 impl RunInfo {
@@ -80,6 +83,12 @@ impl RunInfo {
     #[must_use]
     pub fn is_ended(&self) -> bool {
         self.ended_at.is_some()
+    }
+
+    /// True once retention removed the run's events.
+    #[must_use]
+    pub fn is_removed(&self) -> bool {
+        self.removed_at.is_some()
     }
 }
 
@@ -96,6 +105,9 @@ pub struct RunCheck {
     pub segments: u64,
     /// Bytes of those segments, as encoded.
     pub bytes: u64,
+    /// When retention removed the run (then it has no events left, and
+    /// that is not damage).
+    pub removed_at: Option<DateTime<Utc>>,
 }
 
 /// Counters of the store actor, for tests and metrics.
@@ -245,6 +257,8 @@ struct Inner {
     append_budget_total: u32,
     reads: Arc<Semaphore>,
     reads_total: u32,
+    /// The retention sweeper, if a policy is set; stopped on close and drop.
+    sweeper: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Inner {
@@ -265,6 +279,17 @@ impl Inner {
 }
 
 impl Inner {
+    fn stop_sweeper(&self) {
+        let sweeper = self
+            .sweeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
+    }
+
     /// As `send`, but waits (up to 2 s) for a restarting store actor to be
     /// replaced, so that async callers do not see the restart at all.
     async fn send_when_ready(&self, mut message: StoreMsg) -> Result<(), StoreError> {
@@ -289,6 +314,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: stop the actor (its supervisor follows),
         // which releases sled.
+        self.stop_sweeper();
         if let Some(actor) = self.actor() {
             actor.stop(None);
         }
@@ -345,7 +371,7 @@ impl Store {
         let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
         let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
         tracing::debug!(epoch = %epoch, path = ?config.path, "store open");
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 slot,
                 join: Mutex::new(Some(join)),
@@ -357,8 +383,18 @@ impl Store {
                 append_budget_total,
                 reads: Arc::new(Semaphore::new(reads_total as usize)),
                 reads_total,
+                sweeper: std::sync::Mutex::new(None),
             }),
-        })
+        };
+        if let Some(retention) = config.retention {
+            let sweeper = tokio::spawn(sweep(Arc::downgrade(&store.inner), retention));
+            *store
+                .inner
+                .sweeper
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(sweeper.abort_handle());
+        }
+        Ok(store)
     }
 
     /// The store's epoch: a UUID minted when the store was created. A cursor
@@ -589,6 +625,43 @@ impl Store {
         .await?
     }
 
+    /// Removes up to `max_runs` runs whose terminal event was emitted before
+    /// `cutoff`, oldest first, and returns them. Each leaves a tombstone
+    /// (see `Config::retain_ended_runs`, which calls this in the
+    /// background). Call again while it returns `max_runs` runs. Runs that
+    /// have not ended are never removed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::WriteFailed`] (nothing of this page was removed),
+    /// [`StoreError::CorruptRunRecord`], [`StoreError::ReadFailed`],
+    /// [`StoreError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: once handed to the store actor, the page is removed
+    /// whether or not the caller waits.
+    pub async fn remove_ended_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        max_runs: usize,
+    ) -> Result<Vec<RunId>, StoreError> {
+        let permit = self.read_permit().await?;
+        let removed = self
+            .call(|reply| StoreMsg::RemoveEnded {
+                cutoff,
+                max_runs,
+                permit,
+                reply,
+            })
+            .await??;
+        if !removed.is_empty() {
+            ::metrics::counter!(crate::metrics::RUNS_REMOVED).increment(removed.len() as u64);
+            tracing::info!(runs = removed.len(), %cutoff, "retention removed runs");
+        }
+        Ok(removed)
+    }
+
     /// A snapshot of the store actor's counters.
     ///
     /// # Errors
@@ -611,6 +684,7 @@ impl Store {
     /// Not cancel safe: a cancelled close may leave the store closed to
     /// reads but still open.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.inner.stop_sweeper();
         let Some(join) = self.inner.join.lock().await.take() else {
             return Ok(());
         };
@@ -687,5 +761,34 @@ impl Store {
         rx.await.map_err(|_| StoreError::Interrupted {
             message: "the store actor stopped before answering".into(),
         })
+    }
+}
+
+/// The retention sweeper: every `sweep_every`, removes the runs that ended
+/// more than `ttl` ago, a page at a time. Holds the store only while it
+/// sweeps, so it never keeps a dropped store alive; ends when the store
+/// closes.
+async fn sweep(store: std::sync::Weak<Inner>, retention: crate::config::Retention) {
+    let ttl = chrono::Duration::from_std(retention.ttl).unwrap_or(chrono::Duration::MAX);
+    let page = retention.runs_per_step.max(1);
+    loop {
+        tokio::time::sleep(retention.sweep_every).await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = Store { inner };
+        let cutoff = Utc::now()
+            .checked_sub_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        loop {
+            match store.remove_ended_before(cutoff, page).await {
+                Ok(removed) if removed.len() == page => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(StoreError::Closed) => return,
+                Err(error) => {
+                    // Left for the next sweep; retention is never urgent.
+                    tracing::warn!(%error, "retention sweep failed");
+                    break;
+                }
+            }
+        }
     }
 }
