@@ -16,6 +16,7 @@ use futures_util::stream;
 use ractor::{ActorRef, RpcReplyPort};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
@@ -121,16 +122,31 @@ pub(crate) fn subscribe_error(error: &HubError) -> RuntimeStreamError {
 
 /// Turns a follower into the public stream type. An error ends the stream
 /// after it is yielded, except `Lagged`, which reports a gap and goes on.
-fn into_stream<F: Follower>(follower: F) -> BoxRuntimeEventStream {
-    Box::pin(stream::unfold(Some(follower), |follower| async move {
-        let mut follower = follower?;
-        match follower.next().await {
-            Ok(Some(envelope)) => Some((Ok(envelope), Some(follower))),
-            Ok(None) => None,
-            Err(lagged @ RuntimeStreamError::Lagged { .. }) => Some((Err(lagged), Some(follower))),
-            Err(error) => Some((Err(error), None)),
-        }
+fn into_stream<F: Follower>(follower: F, span: tracing::Span) -> BoxRuntimeEventStream {
+    Box::pin(stream::unfold(Some(follower), move |follower| {
+        next_item(follower).instrument(span.clone())
     }))
+}
+
+async fn next_item<F: Follower>(
+    follower: Option<F>,
+) -> Option<(Result<RuntimeEventEnvelope, RuntimeStreamError>, Option<F>)> {
+    let mut follower = follower?;
+    match follower.next().await {
+        Ok(Some(envelope)) => Some((Ok(envelope), Some(follower))),
+        Ok(None) => None,
+        Err(lagged @ RuntimeStreamError::Lagged { .. }) => Some((Err(lagged), Some(follower))),
+        Err(error) => {
+            tracing::debug!(%error, "subscription ends with an error");
+            Some((Err(error), None))
+        }
+    }
+}
+
+/// The span a subscription's reads run in: its room, for every event
+/// below it.
+fn subscription_span(room: &RuntimeRoom) -> tracing::Span {
+    tracing::debug_span!("subscription", room = %room)
 }
 
 /// `behest_events_delivered_total`, registered once per subscription.
@@ -194,8 +210,9 @@ pub(crate) async fn follow_run(
         done: false,
         delivered: delivered_counter(),
     };
-    follower.attach().await?;
-    Ok(into_stream(follower))
+    let span = subscription_span(&RuntimeRoom::Run(run_id));
+    follower.attach().instrument(span.clone()).await?;
+    Ok(into_stream(follower, span))
 }
 
 struct RunFollower {
@@ -223,6 +240,7 @@ impl RunFollower {
         self.next_seq = envelope.seq.saturating_add(1);
         self.done = envelope.is_terminal();
         self.delivered.increment(1);
+        tracing::trace!(run_id = %envelope.run_id, seq = envelope.seq, "delivered");
         Ok(Some(envelope))
     }
 
@@ -252,12 +270,24 @@ impl RunFollower {
             Some(backlog) => {
                 if !backlog.is_empty() {
                     self.link.shared.counters.record_ring_catch_up();
+                    tracing::debug!(
+                        %run_id,
+                        from_seq,
+                        to_seq = attach.persisted_seq,
+                        "catching up from the ring"
+                    );
                 }
                 self.backlog = backlog.into();
             }
             None => {
                 self.link.shared.counters.record_store_catch_up();
                 self.catch_up_to = attach.persisted_seq;
+                tracing::debug!(
+                    %run_id,
+                    from_seq,
+                    to_seq = attach.persisted_seq,
+                    "catching up from the store"
+                );
             }
         }
         Ok(())
@@ -352,8 +382,9 @@ pub(crate) async fn follow_session(
         unread: Unread::default(),
         delivered: delivered_counter(),
     };
-    follower.attach().await?;
-    Ok(into_stream(follower))
+    let span = subscription_span(&RuntimeRoom::Session(session_id));
+    follower.attach().instrument(span.clone()).await?;
+    Ok(into_stream(follower, span))
 }
 
 struct SessionFollower {
@@ -381,6 +412,7 @@ impl SessionFollower {
     ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
         self.cursor.advance(&envelope);
         self.delivered.increment(1);
+        tracing::trace!(run_id = %envelope.run_id, seq = envelope.seq, "delivered");
         Ok(Some(envelope))
     }
 
@@ -408,6 +440,10 @@ impl SessionFollower {
             return Ok(());
         }
         self.link.shared.counters.record_store_catch_up();
+        tracing::debug!(
+            runs = runs.len(),
+            "catching up the session's runs from the store"
+        );
         self.sweep = runs.into();
         Ok(())
     }
@@ -499,8 +535,9 @@ pub(crate) async fn follow_live(
         unread: Unread::default(),
         delivered: delivered_counter(),
     };
-    follower.attach().await?;
-    Ok(into_stream(follower))
+    let span = subscription_span(&follower.room);
+    follower.attach().instrument(span.clone()).await?;
+    Ok(into_stream(follower, span))
 }
 
 struct LiveFollower {
@@ -546,6 +583,7 @@ impl Follower for LiveFollower {
                     self.unread.set(delivery.envelopes);
                     // Reported, and the stream goes on (see `into_stream`).
                     if skipped > 0 {
+                        tracing::debug!(skipped, "live subscriber lagged");
                         return Err(RuntimeStreamError::Lagged { skipped });
                     }
                 }

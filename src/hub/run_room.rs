@@ -330,6 +330,7 @@ impl RunState {
         }
         self.assigned = seq;
         self.published.increment(1);
+        tracing::trace!(run_id = %self.run_id, seq, kind = envelope.event.kind(), "sequenced");
         self.session_id = session_id;
         if self.provider.is_none() {
             self.provider = envelope.event.provider().cloned();
@@ -369,6 +370,12 @@ impl RunState {
         for f in self.in_flight.range_mut(first..) {
             f.batch = Some(batch);
         }
+        tracing::trace!(
+            run_id = %self.run_id,
+            first_seq = gathered[0].envelope.seq,
+            events = gathered.len(),
+            "append handed to the store"
+        );
         let mut items = Vec::with_capacity(gathered.len());
         let mut publishers = Vec::with_capacity(gathered.len());
         for g in gathered {
@@ -516,6 +523,12 @@ impl RunState {
             return;
         }
         let envelopes: Vec<_> = fanned.iter().map(|(e, _)| Arc::clone(e)).collect();
+        tracing::trace!(
+            run_id = %self.run_id,
+            first_seq = envelopes[0].seq,
+            seq = self.persisted,
+            "persisted; fanned out"
+        );
         // A run's session is learned from its first event, so a batch holds
         // at most two spans of sessions (none, then one).
         for span in envelopes.chunk_by(|a, b| a.session_id == b.session_id) {

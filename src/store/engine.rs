@@ -204,6 +204,12 @@ pub(crate) fn commit(
     // or not at all, and two commits (an old actor's, finishing after it
     // died, and its successor's) never validate against the same state.
     let started = std::time::Instant::now();
+    let span = tracing::debug_span!(
+        "commit",
+        appends = requests.len(),
+        events = tracing::field::Empty
+    );
+    let _entered = span.enter();
     let mut exclusive = gate
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -235,6 +241,7 @@ pub(crate) fn commit(
                 accepted.push(request);
             }
             Err(error) => {
+                tracing::debug!(%error, "append refused");
                 request.answer(Err(error));
             }
         }
@@ -243,11 +250,18 @@ pub(crate) fn commit(
         return;
     }
     let events: usize = runs.values().map(|r| r.items.len()).sum();
+    span.record("events", events);
 
     let mut batch = sled::Batch::default();
     for (run_id, run) in &runs {
         for segment in segments(&run.items, limits) {
             let first_seq = segment[0].seq;
+            tracing::trace!(
+                %run_id,
+                first_seq,
+                seq = first_seq + segment.len() as u64 - 1,
+                "segment"
+            );
             let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
             batch.insert(&layout::segment_key(*run_id, first_seq), value);
         }
