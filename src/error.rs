@@ -87,6 +87,19 @@ pub enum StoreError {
         /// When retention removed it.
         removed_at: chrono::DateTime<chrono::Utc>,
     },
+    /// Another writer (another host) appended to the run since this writer
+    /// last looked: a run has one writer, and the log refused to fork its
+    /// order. Nothing was stored. Not retryable as is: the run's owner is
+    /// elsewhere.
+    #[error(
+        "run {run_id} is written by another writer (its log ends at seq {last_seq}); nothing stored"
+    )]
+    RunFenced {
+        /// The run.
+        run_id: RunId,
+        /// Where the run's log ends now.
+        last_seq: u64,
+    },
     /// The append's seq does not follow the run's last stored seq; nothing
     /// of this append was stored. Means two writers for one run, or a
     /// writer that lost track of its run: re-read the run's last seq.

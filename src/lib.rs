@@ -32,6 +32,8 @@ mod event;
 mod hub;
 mod ids;
 pub mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod store;
 mod stream;
 mod traits;

@@ -1,0 +1,574 @@
+//! The JetStream run log (feature `nats`): the storage half of running
+//! behest-stream across machines (DESIGN §6). Not yet behind `EventHub`;
+//! this is the log a NATS-backed hub writes and reads.
+//!
+//! ## Layout
+//!
+//! One JetStream stream (`NatsConfig::stream`, default `BEHEST`) holds
+//! every run, one subject per run room: `{prefix}.run.{run_id}`. Each
+//! envelope is one message, encoded as the sled store encodes it (format
+//! byte, MessagePack), with headers:
+//!
+//! - `Nats-Msg-Id` = the envelope's event id: a retry of an append whose
+//!   acknowledgement was lost is recognised, not stored twice;
+//! - `Nats-Expected-Last-Subject-Sequence` = the stream sequence of the
+//!   run's last message as the writer knows it: a second writer of the same
+//!   run (another host) is refused instead of forking the run's order;
+//! - `Behest-Seq` = the envelope's seq, so a read from seq `k` finds its
+//!   message by binary search over stream sequences without decoding.
+//!
+//! ## Why one message in flight per run
+//!
+//! The expected-sequence check needs the stream sequence of the run's
+//! previous message, known only from its acknowledgement once other runs
+//! share the stream. Guessing it to pipeline is not safe: a refused guess
+//! leaves a hole that later, luckier guesses write past (seen against
+//! nats-server 2.9.10). So a [`RunWriter`] has one append in flight, and
+//! throughput comes from many runs appending at once.
+//!
+//! ## Retries
+//!
+//! The server's order of checks differs between versions: 2.9 answers a
+//! retried message id as a duplicate before checking the expected
+//! sequence; newer servers refuse it as a wrong last sequence. Either way
+//! the writer then looks at the message that follows its expected
+//! sequence: if that is its own event id, its earlier attempt landed.
+//!
+//! ## Durability
+//!
+//! An append is acknowledged once JetStream has stored it. Whether that
+//! survives a power loss is the server's setting, not this crate's: see
+//! README ("NATS JetStream settings").
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{DirectGetErrorKind, StorageType};
+use async_nats::jetstream::{self, stream};
+use thiserror::Error;
+
+use crate::codec::{self, CodecError};
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::stream::RuntimeEventEnvelope;
+
+/// The header carrying an envelope's seq.
+const SEQ_HEADER: &str = "Behest-Seq";
+
+/// Room left under the server's `max_payload` for the headers.
+const HEADER_ROOM: usize = 1024;
+
+/// Where and how the run log lives in NATS.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// The server, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The JetStream stream holding every run.
+    pub stream: String,
+    /// Subjects are `{prefix}.run.{run_id}`.
+    pub prefix: String,
+    /// How long the server remembers message ids: a retry later than this
+    /// after a lost acknowledgement is refused as a conflict, not stored
+    /// twice (the expected-sequence check still holds).
+    pub duplicate_window: Duration,
+    /// Stream replicas (1 for a single server; 3 for a cluster that keeps
+    /// acknowledged events when a server is lost).
+    pub replicas: usize,
+    /// The largest encoded envelope accepted (also capped by the server's
+    /// `max_payload`).
+    pub max_event_bytes: usize,
+    /// How long to wait for the server's answer to one request.
+    pub request_timeout: Duration,
+}
+
+impl NatsConfig {
+    /// The defaults for a server at `url`: stream `BEHEST`, prefix
+    /// `behest`, a two-minute duplicate window, one replica.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            stream: "BEHEST".into(),
+            prefix: "behest".into(),
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+            max_event_bytes: crate::config::DEFAULT_MAX_EVENT_BYTES,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the run log could not be opened.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum NatsOpenError {
+    /// No server answered at the URL.
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// What the client said.
+        message: String,
+    },
+    /// The server has no JetStream, or refused to create the stream.
+    #[error("cannot open JetStream stream {stream}: {message}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// What the server said.
+        message: String,
+    },
+    /// The stream exists with subjects that do not cover the runs.
+    #[error("JetStream stream {stream} exists with subjects {found:?}; it needs {wanted:?}")]
+    Mismatch {
+        /// The stream.
+        stream: String,
+        /// Its subjects.
+        found: Vec<String>,
+        /// The subject the run log writes.
+        wanted: String,
+    },
+}
+
+/// A run's last message, as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunTail {
+    /// The run's last seq.
+    pub last_seq: u64,
+    /// Whether that envelope is the run's terminal event.
+    pub ended: bool,
+    /// Its stream sequence (what the next append must expect).
+    pub stream_seq: u64,
+}
+
+/// A connection to the run log. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct NatsLog {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    max_event_bytes: usize,
+}
+
+impl NatsLog {
+    /// Connects and opens (creating it if missing) the stream.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsOpenError`] naming the URL or the stream.
+    pub async fn open(config: &NatsConfig) -> Result<Self, NatsOpenError> {
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(config.request_timeout))
+            .connect(&config.url)
+            .await
+            .map_err(|e| NatsOpenError::Connect {
+                url: config.url.clone(),
+                message: e.to_string(),
+            })?;
+        let max_payload = client.server_info().max_payload;
+        let js = jetstream::new(client);
+        let wanted = format!("{}.run.*", config.prefix);
+        let stream_error = |message: String| NatsOpenError::Stream {
+            stream: config.stream.clone(),
+            message,
+        };
+        let mut stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![wanted.clone()],
+                storage: StorageType::File,
+                duplicate_window: config.duplicate_window,
+                num_replicas: config.replicas,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        // An existing stream is returned as it is, whatever was asked.
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        if !info.config.subjects.contains(&wanted) || !info.config.allow_direct {
+            return Err(NatsOpenError::Mismatch {
+                stream: config.stream.clone(),
+                found: info.config.subjects.clone(),
+                wanted,
+            });
+        }
+        let max_event_bytes = config
+            .max_event_bytes
+            .min(max_payload.saturating_sub(HEADER_ROOM));
+        Ok(Self {
+            js,
+            stream,
+            prefix: config.prefix.clone(),
+            max_event_bytes,
+        })
+    }
+
+    /// The subject of `run_id`'s messages.
+    #[must_use]
+    pub fn subject(&self, run_id: RunId) -> String {
+        format!("{}.run.{run_id}", self.prefix)
+    }
+
+    /// The largest encoded envelope this log accepts.
+    #[must_use]
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
+    /// The run's last message, or `None` for a run with none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ReadFailed`] if the server did not answer,
+    /// [`StoreError::Corrupt`] if the message cannot be decoded.
+    pub async fn tail(&self, run_id: RunId) -> Result<Option<RunTail>, StoreError> {
+        match self
+            .stream
+            .direct_get_last_for_subject(self.subject(run_id))
+            .await
+        {
+            Ok(message) => {
+                let envelope = decode(run_id, None, &message)?;
+                Ok(Some(RunTail {
+                    last_seq: envelope.seq,
+                    ended: envelope.is_terminal(),
+                    stream_seq: message.sequence,
+                }))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_failed(&e)),
+        }
+    }
+
+    /// A writer for `run_id`, starting where the log's copy of the run ends.
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsLog::tail`].
+    pub async fn writer(&self, run_id: RunId) -> Result<RunWriter, StoreError> {
+        let tail = self.tail(run_id).await?;
+        Ok(RunWriter {
+            log: self.clone(),
+            run_id,
+            tail,
+            in_doubt: false,
+        })
+    }
+
+    /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq
+    /// order.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] naming the first seq that is missing or
+    /// cannot be decoded; [`StoreError::ReadFailed`].
+    pub async fn list_after(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
+        let mut out = Vec::new();
+        let Some(tail) = self.tail(run_id).await? else {
+            return Ok(out);
+        };
+        if limit == 0 || after_seq >= tail.last_seq {
+            return Ok(out);
+        }
+        let wanted = after_seq + 1;
+        let mut next = self.locate(run_id, wanted, tail.stream_seq).await?;
+        while out.len() < limit {
+            let expected = wanted + out.len() as u64;
+            let message = match self
+                .stream
+                .direct_get_next_for_subject(self.subject(run_id), Some(next))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(read_failed(&e)),
+            };
+            let envelope = decode(run_id, Some(expected), &message)?;
+            if envelope.seq != expected {
+                return Err(missing(run_id, expected, envelope.seq));
+            }
+            next = message.sequence + 1;
+            out.push(envelope);
+            if expected == tail.last_seq {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stream sequence of `run_id`'s message with seq `wanted` (which
+    /// the tail at `last_stream_seq` is at or past): the first message of
+    /// the run whose seq is at least `wanted`, by binary search over stream
+    /// sequences. Seqs rise with stream sequences within a run, as the
+    /// expected-sequence check keeps a run to one writer.
+    async fn locate(
+        &self,
+        run_id: RunId,
+        wanted: u64,
+        last_stream_seq: u64,
+    ) -> Result<u64, StoreError> {
+        let subject = self.subject(run_id);
+        let (mut low, mut high, mut found) = (1u64, last_stream_seq, last_stream_seq);
+        while low <= high {
+            let middle = low + (high - low) / 2;
+            let message = self
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(middle))
+                .await
+                .map_err(|e| read_failed(&e))?;
+            let seq = header_seq(run_id, &message)?;
+            if seq >= wanted {
+                found = message.sequence;
+                high = middle - 1;
+            } else {
+                low = message.sequence + 1;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The one writer of a run on this host: appends one envelope at a time,
+/// each fenced by the stream sequence of the one before.
+#[derive(Debug)]
+pub struct RunWriter {
+    log: NatsLog,
+    run_id: RunId,
+    tail: Option<RunTail>,
+    /// An append's outcome was not learned: read the tail before the next.
+    in_doubt: bool,
+}
+
+impl RunWriter {
+    /// The run's last seq as this writer knows it (0 for a new run).
+    #[must_use]
+    pub fn last_seq(&self) -> u64 {
+        self.tail.as_ref().map_or(0, |t| t.last_seq)
+    }
+
+    /// Stores `envelope`, which must carry the run's next seq, and returns
+    /// once JetStream acknowledged it. Appending again an envelope that is
+    /// already stored (a retry after a lost acknowledgement or an error in
+    /// doubt) succeeds without storing it twice.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is stored when any of these is returned:
+    /// [`StoreError::SeqConflict`] if the seq is not the run's next,
+    /// [`StoreError::RunClosed`] after the run's terminal event,
+    /// [`StoreError::TooLarge`], [`StoreError::Encode`],
+    /// [`StoreError::RunFenced`] if another writer appended to the run
+    /// since this one last looked (open a new writer to continue).
+    /// [`StoreError::FlushFailed`] means the outcome is in doubt (the server
+    /// did not answer in time): append the same envelope again to learn it.
+    pub async fn append(&mut self, envelope: &RuntimeEventEnvelope) -> Result<(), StoreError> {
+        let run_id = self.run_id;
+        if envelope.run_id != run_id {
+            return Err(StoreError::SeqConflict {
+                run_id: envelope.run_id,
+                expected: 1,
+                got: envelope.seq,
+            });
+        }
+        if self.in_doubt {
+            self.tail = self.log.tail(run_id).await?;
+            self.in_doubt = false;
+            if self
+                .tail
+                .as_ref()
+                .is_some_and(|t| t.last_seq >= envelope.seq)
+            {
+                // That seq is stored: by the attempt in doubt, or by another
+                // writer.
+                if self.stored_id(envelope.seq).await? == Some(envelope.event_id.to_string()) {
+                    return Ok(());
+                }
+                return Err(StoreError::RunFenced {
+                    run_id,
+                    last_seq: self.last_seq(),
+                });
+            }
+        }
+        if self.tail.as_ref().is_some_and(|t| t.ended) {
+            return Err(StoreError::RunClosed { run_id });
+        }
+        let expected = self.last_seq() + 1;
+        if envelope.seq != expected {
+            return Err(StoreError::SeqConflict {
+                run_id,
+                expected,
+                got: envelope.seq,
+            });
+        }
+        let bytes = codec::encode_envelope(envelope)
+            .map_err(|source| StoreError::Encode { run_id, source })?;
+        if bytes.len() > self.log.max_event_bytes {
+            return Err(StoreError::TooLarge {
+                run_id,
+                size: bytes.len(),
+                limit: self.log.max_event_bytes,
+            });
+        }
+        let expected_stream_seq = self.tail.as_ref().map_or(0, |t| t.stream_seq);
+        let event_id = envelope.event_id.to_string();
+        let message = PublishMessage::build()
+            .payload(bytes.into())
+            .message_id(event_id.as_str())
+            .header(SEQ_HEADER, envelope.seq.to_string().as_str())
+            .expected_last_subject_sequence(expected_stream_seq);
+        let subject = self.log.subject(run_id);
+        let acked = match self.log.js.send_publish(subject, message).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let stream_seq = match acked {
+            Ok(ack) => ack.sequence,
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                // Either an earlier attempt of this very envelope landed
+                // (its acknowledgement was lost), or another writer got
+                // there first.
+                match self.message_after(expected_stream_seq).await? {
+                    Some((sequence, id)) if id == event_id => sequence,
+                    _ => {
+                        self.tail = self.log.tail(run_id).await?;
+                        return Err(StoreError::RunFenced {
+                            run_id,
+                            last_seq: self.last_seq(),
+                        });
+                    }
+                }
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                return Err(StoreError::TooLarge {
+                    run_id,
+                    size: bytes_len_hint(envelope),
+                    limit: self.log.max_event_bytes,
+                });
+            }
+            Err(e) => {
+                self.in_doubt = true;
+                return Err(StoreError::FlushFailed {
+                    message: format!(
+                        "NATS did not acknowledge run {run_id} seq {}: {e}",
+                        envelope.seq
+                    ),
+                });
+            }
+        };
+        self.tail = Some(RunTail {
+            last_seq: envelope.seq,
+            ended: envelope.is_terminal(),
+            stream_seq,
+        });
+        Ok(())
+    }
+
+    /// The run's first message after stream sequence `after`: its stream
+    /// sequence and message id.
+    async fn message_after(&self, after: u64) -> Result<Option<(u64, String)>, StoreError> {
+        match self
+            .log
+            .stream
+            .direct_get_next_for_subject(self.log.subject(self.run_id), Some(after + 1))
+            .await
+        {
+            Ok(message) => {
+                let id = message
+                    .headers
+                    .get(NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                Ok(Some((message.sequence, id)))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_failed(&e)),
+        }
+    }
+
+    /// The message id stored for `seq` of this run, if any.
+    async fn stored_id(&self, seq: u64) -> Result<Option<String>, StoreError> {
+        let tail_stream_seq = self.tail.as_ref().map_or(0, |t| t.stream_seq);
+        let at = self.log.locate(self.run_id, seq, tail_stream_seq).await?;
+        Ok(self
+            .message_after(at.saturating_sub(1))
+            .await?
+            .map(|(_, id)| id))
+    }
+}
+
+/// The size a too-large envelope encodes to, for the error (the client
+/// refused it before the server saw it).
+fn bytes_len_hint(envelope: &RuntimeEventEnvelope) -> usize {
+    codec::encode_envelope(envelope).map_or(0, |b| b.len())
+}
+
+fn header_seq(run_id: RunId, message: &StreamMessage) -> Result<u64, StoreError> {
+    seq_from(&message.headers).ok_or_else(|| StoreError::Corrupt {
+        run_id,
+        seq: 0,
+        source: CodecError::Malformed(format!(
+            "message at stream sequence {} has no readable {SEQ_HEADER} header",
+            message.sequence
+        )),
+    })
+}
+
+fn seq_from(headers: &HeaderMap) -> Option<u64> {
+    headers.get(SEQ_HEADER)?.as_str().parse().ok()
+}
+
+/// Decodes a run's message, checking it is an envelope of `run_id` (and of
+/// `seq`, if given).
+fn decode(
+    run_id: RunId,
+    seq: Option<u64>,
+    message: &StreamMessage,
+) -> Result<RuntimeEventEnvelope, StoreError> {
+    let at = seq.or_else(|| seq_from(&message.headers)).unwrap_or(0);
+    let envelope =
+        codec::decode_envelope(&message.payload).map_err(|source| StoreError::Corrupt {
+            run_id,
+            seq: at,
+            source,
+        })?;
+    if envelope.run_id != run_id {
+        return Err(StoreError::Corrupt {
+            run_id,
+            seq: at,
+            source: CodecError::Malformed(format!(
+                "message at stream sequence {} holds run {}",
+                message.sequence, envelope.run_id
+            )),
+        });
+    }
+    Ok(envelope)
+}
+
+fn missing(run_id: RunId, expected: u64, found: u64) -> StoreError {
+    StoreError::Corrupt {
+        run_id,
+        seq: expected,
+        source: CodecError::Malformed(format!(
+            "seq {expected} is missing; the run's log goes on at seq {found}"
+        )),
+    }
+}
+
+fn read_failed(error: &impl std::fmt::Display) -> StoreError {
+    StoreError::ReadFailed {
+        message: format!("NATS: {error}"),
+    }
+}
