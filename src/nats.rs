@@ -163,6 +163,12 @@ impl NatsLog {
     pub async fn open(config: &NatsConfig) -> Result<Self, NatsOpenError> {
         let client = async_nats::ConnectOptions::new()
             .request_timeout(Some(config.request_timeout))
+            // The client retries forever; capping its backoff makes a host
+            // notice a restarted server within a second, not within the
+            // client's default of up to four.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64).saturating_mul(50).min(1000))
+            })
             .connect(&config.url)
             .await
             .map_err(|e| NatsOpenError::Connect {
@@ -170,7 +176,11 @@ impl NatsLog {
                 message: e.to_string(),
             })?;
         let max_payload = client.server_info().max_payload;
-        let js = jetstream::new(client);
+        // An acknowledgement not back within the request timeout is an
+        // append in doubt, answered as such, not awaited indefinitely.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client);
         let wanted = format!("{}.run.*", config.prefix);
         let stream_error = |message: String| NatsOpenError::Stream {
             stream: config.stream.clone(),
