@@ -34,7 +34,7 @@ fn workload(runs: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
 #[derive(Clone)]
 enum Backend {
     Sled(Store),
-    Nats(NatsLog),
+    Nats(Box<NatsLog>),
 }
 
 impl Backend {
@@ -89,7 +89,7 @@ fn per_run_append(c: &mut Criterion) {
     config.stream = format!("BEHEST_BENCH_{unique}");
     config.prefix = format!("bb{unique}");
     match runtime.block_on(NatsLog::open(&config)) {
-        Ok(log) => backends.push(("nats", Backend::Nats(log))),
+        Ok(log) => backends.push(("nats", Backend::Nats(Box::new(log)))),
         Err(error) => eprintln!("no NATS JetStream server, measuring sled only: {error}"),
     }
 

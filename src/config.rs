@@ -60,6 +60,7 @@ pub struct Config {
 /// A retention policy: runs whose terminal event is older than `ttl` are
 /// removed in the background (see [`Config::retain_ended_runs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Retention {
     /// How long a run is kept after its terminal event.
     pub ttl: Duration,
@@ -246,9 +247,13 @@ impl Config {
     /// Removes runs whose terminal event is older than `ttl`, in the
     /// background: a sweeper wakes every `ttl / 10` (at least every 100 ms,
     /// at most every 10 minutes; see [`Config::retention_sweep_every`]) and
-    /// deletes such runs' events and index entries a page at a time, never
-    /// holding publishers up for more than one page. Runs that have not
-    /// ended are never removed.
+    /// deletes such runs' events and index entries a step at a time (at most
+    /// 256 runs or about 64k sled keys). A step finds what to delete before
+    /// it takes the commit gate, and holds the gate only to apply and flush
+    /// one batch, so commits wait at most for that. Runs that have not ended
+    /// are never removed. The age is measured against each terminal event's
+    /// `emitted_at` (the hub's clock when it published it), at millisecond
+    /// granularity.
     ///
     /// A removed run leaves a tombstone of a few dozen bytes: its id stays
     /// ended (nothing can be stored under it again), and subscribing to it,
@@ -266,8 +271,9 @@ impl Config {
         self
     }
 
-    /// How often the retention sweeper runs (after
-    /// [`Config::retain_ended_runs`]; ignored without it). At least 1 ms.
+    /// How often the retention sweeper runs. Call it after
+    /// [`Config::retain_ended_runs`] (which sets the default); without a
+    /// policy it does nothing. At least 1 ms.
     #[must_use]
     pub fn retention_sweep_every(mut self, every: Duration) -> Self {
         if let Some(retention) = &mut self.retention {

@@ -48,7 +48,7 @@ pub use event::{
 };
 pub use hub::{Cursor, CursorParseError, EventHub, HubStats, PendingPublish, Resume, RoomStats};
 pub use ids::{ProviderId, RunId};
-pub use store::{RunCheck, RunInfo, Store, StoreStats};
+pub use store::{Removal, RunCheck, RunInfo, Store, StoreStats};
 pub use stream::{
     BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom, RuntimeStreamError,
 };

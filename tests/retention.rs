@@ -63,7 +63,7 @@ async fn removal_takes_only_runs_ended_before_the_cutoff() {
         .remove_ended_before(t0 + chrono::Duration::minutes(30), 100)
         .await
         .unwrap();
-    assert_eq!(removed, vec![old]);
+    assert_eq!((removed.runs, removed.more), (vec![old], false));
 
     let info = store.run_info(old).await.unwrap().unwrap();
     assert!(info.is_removed() && info.is_ended());
@@ -72,6 +72,12 @@ async fn removal_takes_only_runs_ended_before_the_cutoff() {
         Err(StoreError::RunRemoved { run_id, .. }) => assert_eq!(run_id, old),
         other => panic!("expected RunRemoved, got {other:?}"),
     }
+    assert!(matches!(
+        store.list_after(old, 4, 10).await,
+        Err(StoreError::RunRemoved { .. })
+    ));
+    // A reader that has seen the whole run is missing nothing.
+    assert!(store.list_after(old, 5, 10).await.unwrap().is_empty());
     // Nothing can be stored under the removed run's id again.
     let again = store.append(vec![envelope(old, Some(session), 6)]).await;
     assert!(
@@ -94,16 +100,11 @@ async fn removal_takes_only_runs_ended_before_the_cutoff() {
     // A cutoff far ahead takes the other ended run, never the live one.
     let far = Utc::now() + chrono::Duration::days(1);
     assert_eq!(
-        store.remove_ended_before(far, 100).await.unwrap(),
+        store.remove_ended_before(far, 100).await.unwrap().runs,
         vec![recent]
     );
-    assert!(
-        store
-            .remove_ended_before(far, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let again = store.remove_ended_before(far, 100).await.unwrap();
+    assert!(again.runs.is_empty() && !again.more);
     assert_eq!(store.list_after(live, 0, 10).await.unwrap().len(), 4);
     assert_eq!(store.session_runs(session).await.unwrap(), vec![live]);
     store.close().await.unwrap();
@@ -130,12 +131,12 @@ async fn removal_goes_a_page_at_a_time_oldest_first() {
     let now = Utc::now();
     let mut removed = Vec::new();
     loop {
-        let page = store.remove_ended_before(now, 3).await.unwrap();
-        assert!(page.len() <= 3);
-        if page.is_empty() {
+        let step = store.remove_ended_before(now, 3).await.unwrap();
+        assert!(step.runs.len() <= 3);
+        removed.extend(step.runs);
+        if !step.more {
             break;
         }
-        removed.extend(page);
     }
     assert_eq!(removed, runs, "removed in the order they ended");
     store.close().await.unwrap();
@@ -173,7 +174,7 @@ async fn hub_refuses_history_of_removed_runs() {
         .remove_ended_before(Utc::now() + chrono::Duration::seconds(1), 100)
         .await
         .unwrap();
-    assert_eq!(removed, vec![done], "the running run is never removed");
+    assert_eq!(removed.runs, vec![done], "the running run is never removed");
 
     for resume in [
         Resume::Live,
@@ -280,7 +281,7 @@ async fn stores_without_the_ended_index_get_it_on_open() {
     let store = Store::open(Config::new(dir.path())).await.unwrap();
     let far = Utc::now() + chrono::Duration::days(1);
     assert_eq!(
-        store.remove_ended_before(far, 100).await.unwrap(),
+        store.remove_ended_before(far, 100).await.unwrap().runs,
         vec![ended]
     );
     store.close().await.unwrap();
@@ -305,7 +306,10 @@ async fn verify_reports_segments_left_behind_a_tombstone() {
 
     let store = Store::open(Config::new(dir.path())).await.unwrap();
     let far = Utc::now() + chrono::Duration::days(1);
-    assert_eq!(store.remove_ended_before(far, 10).await.unwrap(), vec![run]);
+    assert_eq!(
+        store.remove_ended_before(far, 10).await.unwrap().runs,
+        vec![run]
+    );
     store.close().await.unwrap();
 
     let db = common::open_sled(dir.path());
@@ -319,5 +323,78 @@ async fn verify_reports_segments_left_behind_a_tombstone() {
         Err(StoreError::Corrupt { run_id, .. }) => assert_eq!(run_id, run),
         other => panic!("expected Corrupt, got {other:?}"),
     }
+    store.close().await.unwrap();
+}
+
+/// A session subscriber partway through a run when retention removes it
+/// gets an error naming the removal, not a run that silently stops short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reader_partway_through_a_removed_run_is_told() {
+    let hub = EventHub::open(Config::temporary().catch_up_page(2))
+        .await
+        .unwrap();
+    let session = Uuid::now_v7();
+    let run = RunId::new();
+    hub.publish(started(run, Some(session))).await.unwrap();
+    for i in 0..6 {
+        hub.publish(delta(run, &i.to_string())).await.unwrap();
+    }
+    hub.publish(completed(run)).await.unwrap();
+    let mut stream = hub
+        .subscribe(RuntimeRoom::Session(session), Resume::FromStart)
+        .await
+        .unwrap();
+    // The first page of two.
+    for seq in 1..=2 {
+        let got = next_within(&mut stream, DEADLINE).await.unwrap().unwrap();
+        assert_eq!(got.seq, seq);
+    }
+    let far = Utc::now() + chrono::Duration::days(1);
+    assert_eq!(
+        hub.store().remove_ended_before(far, 10).await.unwrap().runs,
+        vec![run]
+    );
+    match next_within(&mut stream, DEADLINE).await {
+        Some(Err(error)) => assert!(
+            error.to_string().contains("removed by retention"),
+            "{error}"
+        ),
+        other => panic!("expected the removal as an error, got {other:?}"),
+    }
+    hub.shutdown().await.unwrap();
+}
+
+/// A run whose record is damaged does not stop retention: it is skipped
+/// (and left for `verify` to report), the runs after it are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_does_not_stop_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let t0 = Utc::now() - chrono::Duration::hours(1);
+    let (damaged, healthy) = (RunId::new(), RunId::new());
+    store_run(&store, damaged, None, 2, Some(t0)).await;
+    store_run(
+        &store,
+        healthy,
+        None,
+        2,
+        Some(t0 + chrono::Duration::seconds(1)),
+    )
+    .await;
+    store.close().await.unwrap();
+
+    let db = common::open_sled(dir.path());
+    let mut key = vec![b'r'];
+    key.extend_from_slice(damaged.as_uuid().as_bytes());
+    db.insert(key, vec![1u8, 0xc1]).unwrap(); // version byte, then a reserved MessagePack byte
+    common::close_sled(db, dir.path());
+
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let removal = store.remove_ended_before(Utc::now(), 10).await.unwrap();
+    assert_eq!((removal.runs, removal.more), (vec![healthy], false));
+    assert!(matches!(
+        store.run_info(damaged).await,
+        Err(StoreError::CorruptRunRecord { .. })
+    ));
     store.close().await.unwrap();
 }

@@ -65,6 +65,7 @@ fn store_error(error: HubError) -> RuntimeEventStoreError {
         HubError::RunClosed { .. } | HubError::TooLarge { .. } | HubError::Closed => {
             RuntimeEventStoreError::Rejected { message }
         }
+        HubError::RunRemoved { .. } => RuntimeEventStoreError::Rejected { message },
         HubError::Store(crate::error::StoreError::Corrupt { .. })
         | HubError::Store(crate::error::StoreError::CorruptRunRecord { .. }) => {
             RuntimeEventStoreError::Corrupt { message }

@@ -444,6 +444,22 @@ impl SessionFollower {
             runs = runs.len(),
             "catching up the session's runs from the store"
         );
+        // A run this subscriber is partway through that is no longer in the
+        // session's index was removed by retention: its rest is gone, which
+        // must end the stream with an error, not shorten it unnoticed.
+        let partway: Vec<(RunId, u64)> = self
+            .cursor
+            .positions()
+            .filter(|(run_id, _)| !runs.contains(run_id))
+            .collect();
+        for (run_id, seen) in partway {
+            if let Some(info) = self.link.store.run_info_committed(run_id).await?
+                && let Some(removed_at) = info.removed_at
+                && seen < info.last_seq
+            {
+                return Err(HubError::RunRemoved { run_id, removed_at });
+            }
+        }
         self.sweep = runs.into();
         Ok(())
     }

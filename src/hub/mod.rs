@@ -581,7 +581,9 @@ impl EventHub {
     /// [`HubError::CursorEpoch`] for a cursor of another store,
     /// [`HubError::CursorAhead`] for a cursor past what the store holds,
     /// [`HubError::RunRemoved`] for a run room whose run retention removed,
-    /// or a session cursor that has not seen all of such a run,
+    /// or a session cursor that names such a run without having seen all of
+    /// it (a session's runs the cursor never saw and retention removed are
+    /// simply not in its history any more),
     /// [`HubError::LiveOnly`] for a provider room resumed from history,
     /// [`HubError::Closed`] after shutdown. Errors after the stream started
     /// arrive as its items.
@@ -628,7 +630,8 @@ impl EventHub {
     /// a cursor of this epoch, not ahead of the store, and not into events
     /// retention removed. A run room of a removed run is refused whatever
     /// the resume (it has nothing left to serve); a session cursor only if
-    /// it has not seen all of a removed run.
+    /// it names a removed run it has not seen to the end. Runs a session
+    /// cursor never saw are the session's history as retention left it.
     async fn check_history(&self, room: &RuntimeRoom, resume: &Resume) -> Result<(), HubError> {
         let runs: Vec<(RunId, u64)> = match (room, resume) {
             (_, Resume::After(cursor)) if cursor.epoch() != self.epoch() => {
@@ -649,7 +652,9 @@ impl EventHub {
             if seq == 0 && !run_room {
                 continue;
             }
-            let info = self.inner.link.store.run_info(run_id).await?;
+            // What is committed is enough: a cursor names only acknowledged
+            // seqs, and a removed run takes no appends.
+            let info = self.inner.link.store.run_info_committed(run_id).await?;
             let last_seq = info.as_ref().map_or(0, |info| info.last_seq);
             if let Some(removed_at) = info.and_then(|info| info.removed_at)
                 && (run_room || seq < last_seq)

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use std::sync::{Arc, RwLock};
 
-use super::engine::{self, AppendRequest, RunCache, SegmentLimits};
+use super::engine::{self, AppendRequest, RemovalStep, RunCache, SegmentLimits};
 use super::{Counters, RunCheck, RunInfo, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
@@ -29,9 +29,11 @@ pub(crate) enum StoreMsg {
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<Vec<RuntimeEventEnvelope>, StoreError>>,
     },
-    /// Read what the store knows of a run.
+    /// Read what the store knows of a run; with `barrier`, only once every
+    /// append received before it is committed.
     RunInfo {
         run_id: RunId,
+        barrier: bool,
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<Option<RunInfo>, StoreError>>,
     },
@@ -59,7 +61,7 @@ pub(crate) enum StoreMsg {
         cutoff: chrono::DateTime<chrono::Utc>,
         max_runs: usize,
         permit: OwnedSemaphorePermit,
-        reply: RpcReplyPort<Result<Vec<RunId>, StoreError>>,
+        reply: RpcReplyPort<Result<RemovalStep, StoreError>>,
     },
     /// Report counters.
     Stats(RpcReplyPort<StoreStats>),
@@ -177,13 +179,14 @@ impl Actor for StoreActor {
             }),
             StoreMsg::RunInfo {
                 run_id,
+                barrier,
                 permit,
                 reply,
             } => {
                 // Recovery must see every append handed over before it (a
                 // room that restarts while its predecessor's appends are
                 // still pending would otherwise read a stale last seq).
-                let barrier = state.received;
+                let barrier = if barrier { state.received } else { 0 };
                 state.read_after(barrier, permit, reply, move |db| {
                     engine::run_info(db, run_id)
                 });

@@ -150,10 +150,12 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    ensure_ended_index(&db).map_err(|e| OpenError::Storage {
-        path: path.to_path_buf(),
-        message: format!("building the ended-run index: {e}"),
-    })?;
+    if let Err(error) = ensure_ended_index(&db) {
+        // The store still opens (verify must be able to report damage);
+        // retention just does not see the runs that ended before the index
+        // existed until an open builds it.
+        tracing::warn!(path = %path.display(), %error, "could not build the ended-run index");
+    }
     Ok(Opened {
         db,
         epoch,
@@ -659,23 +661,24 @@ pub(crate) fn list_after(
     }
     if out.is_empty() {
         // Nothing to serve: say so explicitly if that is because retention
-        // removed the run, rather than passing it off as a run with no more
-        // events. (Only here, so the common read costs no record lookup.)
-        removed_error(db, run_id)?;
+        // removed events the caller has not seen, rather than passing it off
+        // as a run with no more events. (Only here, so the common read costs
+        // no record lookup.)
+        removed_error(db, run_id, after_seq)?;
     }
     Ok(out)
 }
 
-/// `RunRemoved` if retention removed `run_id`.
-fn removed_error(db: &sled::Db, run_id: RunId) -> Result<(), StoreError> {
-    let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
-        return Ok(());
-    };
-    let record: RunRecord = codec::decode_value(&bytes)
-        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
-    match record.removed_at {
-        Some(removed_at) => Err(StoreError::RunRemoved { run_id, removed_at }),
-        None => Ok(()),
+/// `RunRemoved` if retention removed `run_id` and it had events after
+/// `after_seq`.
+fn removed_error(db: &sled::Db, run_id: RunId, after_seq: u64) -> Result<(), StoreError> {
+    match raw_record(db, run_id)? {
+        Some(RunRecord {
+            removed_at: Some(removed_at),
+            last_seq,
+            ..
+        }) if after_seq < last_seq => Err(StoreError::RunRemoved { run_id, removed_at }),
+        _ => Ok(()),
     }
 }
 
@@ -828,46 +831,87 @@ pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, S
         .collect()
 }
 
-/// Removes up to `max_runs` runs that ended before `cutoff`, oldest first:
-/// deletes their segments, their session index entry and their ended-index
-/// entry, and leaves their record as a tombstone marked `removed_at = now`,
-/// all in one batch. Returns the runs removed.
+/// What one removal step did.
+#[derive(Debug, Default)]
+pub(crate) struct RemovalStep {
+    /// The runs it removed, oldest end first.
+    pub(crate) removed: Vec<RunId>,
+    /// Whether runs that ended before the cutoff remain for another step.
+    pub(crate) more: bool,
+}
+
+/// Most keys one removal step deletes; a run with more segments than this
+/// goes alone in its step.
+const REMOVAL_KEYS_PER_STEP: usize = 64 * 1024;
+
+/// A run one removal step found to remove: its ended-index entry, and (if
+/// its record is intact and not yet removed) the run with its segment keys.
+struct Doomed {
+    index_key: sled::IVec,
+    run: Option<(RunId, Vec<sled::IVec>)>,
+}
+
+/// Removes up to `max_runs` runs that ended before `cutoff`, oldest first
+/// (fewer if their segments exceed [`REMOVAL_KEYS_PER_STEP`] keys): deletes
+/// their segments, their session index entry and their ended-index entry,
+/// and leaves their record as a tombstone marked `removed_at = now`, all in
+/// one batch, flushed before it returns (a run reported removed stays
+/// removed after a crash).
 ///
-/// Holds the commit gate exclusively for one page only, so that commits go
-/// on between pages; ended runs take no appends, so a commit can never
-/// touch what a removal deletes.
+/// What to delete is read before the commit gate is taken: an ended run
+/// takes no appends, so only another removal can change it meanwhile, which
+/// the step checks for under the gate. The gate is held exclusively only to
+/// apply and flush the batch.
 pub(crate) fn remove_ended_before(
     db: &sled::Db,
     gate: &RwLock<RunCache>,
     cutoff: chrono::DateTime<Utc>,
     max_runs: usize,
-) -> Result<Vec<RunId>, StoreError> {
+) -> Result<RemovalStep, StoreError> {
+    let mut doomed: Vec<Doomed> = Vec::new();
+    let mut keys = 0usize;
+    let mut more = false;
+    let range = layout::ENDED_KEYS_START.to_vec()..layout::ended_keys_before(cutoff).to_vec();
+    for entry in db.range(range) {
+        if doomed.len() >= max_runs.max(1) || keys >= REMOVAL_KEYS_PER_STEP {
+            more = true;
+            break;
+        }
+        let (index_key, _) = entry.map_err(read_failed)?;
+        keys += 1;
+        let run = match layout::ended_key_run(&index_key) {
+            Some(run_id) => doomed_run(db, run_id)?,
+            None => None,
+        };
+        if let Some((_, segments)) = &run {
+            keys += segments.len() + 2;
+        }
+        doomed.push(Doomed { index_key, run });
+    }
+    if doomed.is_empty() {
+        return Ok(RemovalStep::default());
+    }
+
     let mut exclusive = gate
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let now = Utc::now();
     let mut batch = sled::Batch::default();
     let mut removed: Vec<(RunId, RunRecord)> = Vec::new();
-    let range = layout::ENDED_KEYS_START.to_vec()..layout::ended_keys_before(cutoff).to_vec();
-    for entry in db.range(range).take(max_runs) {
-        let (key, _) = entry.map_err(read_failed)?;
-        batch.remove(key.clone());
-        let Some(run_id) = layout::ended_key_run(&key) else {
+    for Doomed { index_key, run } in doomed {
+        batch.remove(index_key);
+        let Some((run_id, segments)) = run else {
             continue;
         };
-        let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
+        // Read again under the gate: another removal may have taken it.
+        let Some(mut record) = raw_record(db, run_id)? else {
             continue;
         };
-        let mut record: RunRecord = codec::decode_value(&bytes)
-            .map_err(|source| StoreError::CorruptRunRecord { run_id, source })?;
-        if record.removed_at.is_some() || record.ended_at.is_none() {
+        if record.removed_at.is_some() {
             continue;
         }
-        for segment in
-            db.range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX))
-        {
-            let (segment_key, _) = segment.map_err(read_failed)?;
-            batch.remove(segment_key);
+        for key in segments {
+            batch.remove(key);
         }
         if let Some(session) = record.session_id {
             batch.remove(layout::session_key(session, record.ordinal, run_id).as_slice());
@@ -882,15 +926,54 @@ pub(crate) fn remove_ended_before(
     db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
         message: e.to_string(),
     })?;
+    flush(db)?;
     let cache: &mut RunCache = &mut exclusive;
-    let runs = removed
+    let removed = removed
         .into_iter()
         .map(|(run_id, record)| {
             cache.put(run_id, record);
             run_id
         })
         .collect();
-    Ok(runs)
+    Ok(RemovalStep { removed, more })
+}
+
+/// The segment keys of `run_id` if it is an ended run not yet removed;
+/// `None` if there is nothing to remove. A record that cannot be decoded is
+/// logged and skipped (its index entry goes; `verify` reports the damage),
+/// so that one damaged run does not stop retention for every run after it.
+fn doomed_run(
+    db: &sled::Db,
+    run_id: RunId,
+) -> Result<Option<(RunId, Vec<sled::IVec>)>, StoreError> {
+    let record = match raw_record(db, run_id) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok(None),
+        Err(error @ StoreError::CorruptRunRecord { .. }) => {
+            tracing::warn!(%run_id, %error, "retention skips a run whose record is damaged");
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    if record.removed_at.is_some() || record.ended_at.is_none() {
+        return Ok(None);
+    }
+    let segments = db
+        .range(layout::segment_key(run_id, 0)..=layout::segment_key(run_id, u64::MAX))
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_failed)?;
+    Ok(Some((run_id, segments)))
+}
+
+/// The run's record as stored (its `last_seq` as of its last write).
+fn raw_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreError> {
+    let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
+        return Ok(None);
+    };
+    codec::decode_value(&bytes)
+        .map(Some)
+        .map_err(|source| StoreError::CorruptRunRecord { run_id, source })
 }
 
 /// Gives every ended run of a store made before the ended index existed its
@@ -903,9 +986,22 @@ fn ensure_ended_index(db: &sled::Db) -> Result<(), StoreError> {
     {
         return Ok(());
     }
+    // In chunks, so that a large store is not indexed in one batch; the
+    // entries are idempotent and the marker goes last, so an open that dies
+    // halfway is simply redone.
+    let apply = |batch: sled::Batch| {
+        db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
+            message: e.to_string(),
+        })
+    };
     let mut batch = sled::Batch::default();
+    let mut in_batch = 0usize;
     let start = layout::run_key(RunId::from_uuid(Uuid::nil())).to_vec();
     for entry in db.range(start..layout::RUN_KEYS_END.to_vec()) {
+        if in_batch == 4096 {
+            apply(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
         let (key, value) = entry.map_err(read_failed)?;
         let Some(run_id) = layout::run_key_run(&key) else {
             continue;
@@ -920,12 +1016,15 @@ fn ensure_ended_index(db: &sled::Db) -> Result<(), StoreError> {
                 layout::ended_key(ended_at, run_id).as_slice(),
                 vec![FORMAT_VERSION],
             );
+            in_batch += 1;
         }
     }
-    batch.insert(layout::META_ENDED_INDEX, vec![FORMAT_VERSION]);
-    db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
-        message: e.to_string(),
-    })
+    apply(batch)?;
+    db.insert(layout::META_ENDED_INDEX, vec![FORMAT_VERSION])
+        .map_err(|e| StoreError::WriteFailed {
+            message: e.to_string(),
+        })?;
+    Ok(())
 }
 
 /// The next run ordinal, as stored (for a restarted store actor).

@@ -121,12 +121,12 @@ pub(crate) fn session_key_run(key: &[u8]) -> Option<RunId> {
     Some(RunId::from_uuid(Uuid::from_bytes(bytes)))
 }
 
-/// Milliseconds since the epoch as a key part that sorts by time (times
-/// before 1970 sort first, as 0).
+/// Milliseconds since the epoch as a key part that sorts by time, times
+/// before 1970 included (the sign bit flipped maps i64 order onto u64
+/// order). Millisecond granularity: a run that ended in the cutoff's own
+/// millisecond is kept.
 fn millis_be(at: DateTime<Utc>) -> [u8; 8] {
-    u64::try_from(at.timestamp_millis())
-        .unwrap_or(0)
-        .to_be_bytes()
+    (at.timestamp_millis().cast_unsigned() ^ (1 << 63)).to_be_bytes()
 }
 
 pub(crate) fn ended_key(ended_at: DateTime<Utc>, run: RunId) -> [u8; 25] {
@@ -190,5 +190,12 @@ mod tests {
         assert!(ENDED_KEYS_START.as_slice() <= ended_key(early, run).as_slice());
         assert_eq!(ended_key_run(&ended_key(late, run)), Some(run));
         assert_eq!(ended_key_run(&session_key(Uuid::nil(), 1, run)), None);
+        // Before 1970 still sorts by time, below later ends and cutoffs.
+        let ancient = DateTime::from_timestamp_millis(-5_000).unwrap();
+        let older = DateTime::from_timestamp_millis(-9_000).unwrap();
+        assert!(ended_key(older, run) < ended_key(ancient, run));
+        assert!(ended_key(ancient, run) < ended_key(early, run));
+        assert!(ended_key(older, run).as_slice() < ended_keys_before(ancient).as_slice());
+        assert!(ended_key(ancient, run).as_slice() >= ended_keys_before(ancient).as_slice());
     }
 }

@@ -110,6 +110,16 @@ pub struct RunCheck {
     pub removed_at: Option<DateTime<Utc>>,
 }
 
+/// What one call of [`Store::remove_ended_before`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Removal {
+    /// The runs removed, in the order they ended.
+    pub runs: Vec<RunId>,
+    /// Whether runs that ended before the cutoff remain: call again.
+    pub more: bool,
+}
+
 /// Counters of the store actor, for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -546,9 +556,29 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn run_info(&self, run_id: RunId) -> Result<Option<RunInfo>, StoreError> {
+        self.read_run_info(run_id, true).await
+    }
+
+    /// As [`Store::run_info`], without waiting for appends in flight to be
+    /// committed: what is committed now. For checks about what has been
+    /// acknowledged already (a cursor, a removal), which no pending append
+    /// can change.
+    pub(crate) async fn run_info_committed(
+        &self,
+        run_id: RunId,
+    ) -> Result<Option<RunInfo>, StoreError> {
+        self.read_run_info(run_id, false).await
+    }
+
+    async fn read_run_info(
+        &self,
+        run_id: RunId,
+        barrier: bool,
+    ) -> Result<Option<RunInfo>, StoreError> {
         let permit = self.read_permit().await?;
         self.call(|reply| StoreMsg::RunInfo {
             run_id,
+            barrier,
             permit,
             reply,
         })
@@ -626,9 +656,11 @@ impl Store {
     }
 
     /// Removes up to `max_runs` runs whose terminal event was emitted before
-    /// `cutoff`, oldest first, and returns them. Each leaves a tombstone
-    /// (see `Config::retain_ended_runs`, which calls this in the
-    /// background). Call again while it returns `max_runs` runs. Runs that
+    /// `cutoff` (millisecond granularity), oldest first, and says which, and
+    /// whether more remain (then call again). Fewer than `max_runs` go in
+    /// one call if their events span more than 64k sled keys. Each leaves a
+    /// tombstone (see `Config::retain_ended_runs`, which calls this in the
+    /// background); the removal is flushed before this returns. Runs that
     /// have not ended are never removed.
     ///
     /// # Errors
@@ -645,9 +677,9 @@ impl Store {
         &self,
         cutoff: DateTime<Utc>,
         max_runs: usize,
-    ) -> Result<Vec<RunId>, StoreError> {
+    ) -> Result<Removal, StoreError> {
         let permit = self.read_permit().await?;
-        let removed = self
+        let step = self
             .call(|reply| StoreMsg::RemoveEnded {
                 cutoff,
                 max_runs,
@@ -655,11 +687,14 @@ impl Store {
                 reply,
             })
             .await??;
-        if !removed.is_empty() {
-            ::metrics::counter!(crate::metrics::RUNS_REMOVED).increment(removed.len() as u64);
-            tracing::info!(runs = removed.len(), %cutoff, "retention removed runs");
+        if !step.removed.is_empty() {
+            ::metrics::counter!(crate::metrics::RUNS_REMOVED).increment(step.removed.len() as u64);
+            tracing::debug!(runs = step.removed.len(), %cutoff, "retention removed runs");
         }
-        Ok(removed)
+        Ok(Removal {
+            runs: step.removed,
+            more: step.more,
+        })
     }
 
     /// A snapshot of the store actor's counters.
@@ -765,23 +800,29 @@ impl Store {
 }
 
 /// The retention sweeper: every `sweep_every`, removes the runs that ended
-/// more than `ttl` ago, a page at a time. Holds the store only while it
-/// sweeps, so it never keeps a dropped store alive; ends when the store
-/// closes.
+/// more than `ttl` ago, a step at a time. It holds the store only for one
+/// step at a time, so a store whose last handle is dropped closes after at
+/// most one more step; it ends when the store closes.
 async fn sweep(store: std::sync::Weak<Inner>, retention: crate::config::Retention) {
     let ttl = chrono::Duration::from_std(retention.ttl).unwrap_or(chrono::Duration::MAX);
     let page = retention.runs_per_step.max(1);
     loop {
         tokio::time::sleep(retention.sweep_every).await;
-        let Some(inner) = store.upgrade() else { return };
-        let store = Store { inner };
         let cutoff = Utc::now()
             .checked_sub_signed(ttl)
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut removed = 0usize;
         loop {
-            match store.remove_ended_before(cutoff, page).await {
-                Ok(removed) if removed.len() == page => tokio::task::yield_now().await,
-                Ok(_) => break,
+            let Some(inner) = store.upgrade() else { return };
+            let step = Store { inner }.remove_ended_before(cutoff, page).await;
+            match step {
+                Ok(step) => {
+                    removed += step.runs.len();
+                    if !step.more {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
                 Err(StoreError::Closed) => return,
                 Err(error) => {
                     // Left for the next sweep; retention is never urgent.
@@ -789,6 +830,9 @@ async fn sweep(store: std::sync::Weak<Inner>, retention: crate::config::Retentio
                     break;
                 }
             }
+        }
+        if removed > 0 {
+            tracing::info!(runs = removed, %cutoff, "retention removed runs");
         }
     }
 }
