@@ -55,6 +55,8 @@ pub struct Config {
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) retention: Option<Retention>,
+    #[cfg(feature = "nats")]
+    pub(crate) nats: Option<crate::nats::NatsConfig>,
 }
 
 /// A retention policy: runs whose terminal event is older than `ttl` are
@@ -107,6 +109,23 @@ impl Config {
             max_restarts: 5,
             restart_window: Duration::from_secs(10),
             retention: None,
+            #[cfg(feature = "nats")]
+            nats: None,
+        }
+    }
+
+    /// A store on NATS JetStream (feature `nats`) instead of sled: hubs on
+    /// several hosts opened on the same stream share its runs (see
+    /// [`crate::nats`]). The other settings apply as for sled, except those
+    /// of sled itself (path, cache, flush interval, segments) and
+    /// retention, which is the stream's own (`max_age`).
+    #[cfg(feature = "nats")]
+    #[must_use]
+    pub fn nats(nats: crate::nats::NatsConfig) -> Self {
+        Self {
+            max_event_bytes: nats.max_event_bytes,
+            nats: Some(nats),
+            ..Self::temporary()
         }
     }
 

@@ -87,6 +87,16 @@ pub enum StoreError {
         /// When retention removed it.
         removed_at: chrono::DateTime<chrono::Utc>,
     },
+    /// The store's backend does not do this (the NATS backend keeps no
+    /// run index to list, verify or remove runs by; JetStream's own limits,
+    /// such as `max_age`, are its retention). Not retryable.
+    #[error("the {backend} store backend does not support {operation}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// What was asked.
+        operation: &'static str,
+    },
     /// Another writer (another host) appended to the run since this writer
     /// last looked: a run has one writer, and the log refused to fork its
     /// order. Nothing was stored. Not retryable as is: the run's owner is

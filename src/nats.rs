@@ -49,6 +49,7 @@ use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{DirectGetErrorKind, StorageType};
 use async_nats::jetstream::{self, stream};
 use thiserror::Error;
+use uuid::Uuid;
 
 use crate::codec::{self, CodecError};
 use crate::error::StoreError;
@@ -152,6 +153,7 @@ pub struct NatsLog {
     stream: stream::Stream,
     prefix: String,
     max_event_bytes: usize,
+    epoch: Uuid,
 }
 
 impl NatsLog {
@@ -182,6 +184,11 @@ impl NatsLog {
             .timeout(config.request_timeout)
             .build(client);
         let wanted = format!("{}.run.*", config.prefix);
+        let subjects = vec![
+            wanted.clone(),
+            format!("{}.session.*", config.prefix),
+            format!("{}.meta", config.prefix),
+        ];
         let stream_error = |message: String| NatsOpenError::Stream {
             stream: config.stream.clone(),
             message,
@@ -189,7 +196,7 @@ impl NatsLog {
         let mut stream = js
             .get_or_create_stream(stream::Config {
                 name: config.stream.clone(),
-                subjects: vec![wanted.clone()],
+                subjects: subjects.clone(),
                 storage: StorageType::File,
                 duplicate_window: config.duplicate_window,
                 num_replicas: config.replicas,
@@ -203,7 +210,7 @@ impl NatsLog {
             .info()
             .await
             .map_err(|e| stream_error(e.to_string()))?;
-        if !info.config.subjects.contains(&wanted) || !info.config.allow_direct {
+        if !subjects.iter().all(|s| info.config.subjects.contains(s)) || !info.config.allow_direct {
             return Err(NatsOpenError::Mismatch {
                 stream: config.stream.clone(),
                 found: info.config.subjects.clone(),
@@ -213,12 +220,150 @@ impl NatsLog {
         let max_event_bytes = config
             .max_event_bytes
             .min(max_payload.saturating_sub(HEADER_ROOM));
-        Ok(Self {
+        let mut log = Self {
             js,
             stream,
             prefix: config.prefix.clone(),
             max_event_bytes,
+            epoch: Uuid::nil(),
+        };
+        log.epoch = log
+            .load_epoch()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        Ok(log)
+    }
+
+    /// The stream's epoch: minted by the first host that opened it, read by
+    /// every later one (the expected-sequence check on the meta subject
+    /// makes the first writer win), so cursors are valid on every host.
+    async fn load_epoch(&self) -> Result<Uuid, StoreError> {
+        let subject = format!("{}.meta", self.prefix);
+        for _ in 0..3 {
+            match self
+                .stream
+                .direct_get_last_for_subject(subject.as_str())
+                .await
+            {
+                Ok(message) => {
+                    let text = std::str::from_utf8(&message.payload).unwrap_or_default();
+                    return Uuid::parse_str(text).map_err(|e| StoreError::ReadFailed {
+                        message: format!("NATS: the stream's epoch {text:?} is not a UUID: {e}"),
+                    });
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(read_failed(&e)),
+            }
+            let epoch = Uuid::now_v7().to_string();
+            let message = PublishMessage::build()
+                .payload(epoch.into_bytes().into())
+                .expected_last_subject_sequence(0);
+            match self.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => match ack.await {
+                    // Stored, or another host's won: either way, read it.
+                    Ok(_) => {}
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                    Err(e) => return Err(read_failed(&e)),
+                },
+                Err(e) => return Err(read_failed(&e)),
+            }
+        }
+        Err(StoreError::ReadFailed {
+            message: "NATS: the stream's epoch could not be read or written".into(),
         })
+    }
+
+    /// The stream's epoch (see [`crate::Cursor`]).
+    #[must_use]
+    pub fn epoch(&self) -> Uuid {
+        self.epoch
+    }
+
+    /// The run's last envelope and its stream sequence.
+    pub(crate) async fn last(
+        &self,
+        run_id: RunId,
+    ) -> Result<Option<(RuntimeEventEnvelope, u64)>, StoreError> {
+        match self
+            .stream
+            .direct_get_last_for_subject(self.subject(run_id))
+            .await
+        {
+            Ok(message) => Ok(Some((decode(run_id, None, &message)?, message.sequence))),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_failed(&e)),
+        }
+    }
+
+    /// The run's first envelope.
+    pub(crate) async fn first(
+        &self,
+        run_id: RunId,
+    ) -> Result<Option<RuntimeEventEnvelope>, StoreError> {
+        match self
+            .stream
+            .direct_get_next_for_subject(self.subject(run_id), Some(1))
+            .await
+        {
+            Ok(message) => Ok(Some(decode(run_id, Some(1), &message)?)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_failed(&e)),
+        }
+    }
+
+    fn session_subject(&self, session: Uuid) -> String {
+        format!("{}.session.{session}", self.prefix)
+    }
+
+    /// Records that `run_id` belongs to `session` (idempotent within the
+    /// duplicate window; readers drop repeats after it).
+    pub(crate) async fn index_session(
+        &self,
+        session: Uuid,
+        run_id: RunId,
+    ) -> Result<(), StoreError> {
+        let message = PublishMessage::build()
+            .payload(run_id.to_string().into_bytes().into())
+            .message_id(format!("{run_id}/session").as_str());
+        let acked = match self
+            .js
+            .send_publish(self.session_subject(session), message)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        acked.map(|_| ()).map_err(|e| StoreError::WriteFailed {
+            message: format!("NATS: indexing run {run_id} in session {session}: {e}"),
+        })
+    }
+
+    /// The runs of `session`, in the order they were indexed.
+    pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
+        let subject = self.session_subject(session);
+        let mut runs: Vec<RunId> = Vec::new();
+        let mut next = 1;
+        loop {
+            let message = match self
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(runs),
+                Err(e) => return Err(read_failed(&e)),
+            };
+            next = message.sequence + 1;
+            let text = std::str::from_utf8(&message.payload).unwrap_or_default();
+            let run = Uuid::parse_str(text).map(RunId::from_uuid).map_err(|e| {
+                StoreError::ReadFailed {
+                    message: format!("NATS: session {session} index holds {text:?}: {e}"),
+                }
+            })?;
+            if !runs.contains(&run) {
+                runs.push(run);
+            }
+        }
     }
 
     /// The subject of `run_id`'s messages.
@@ -351,6 +496,15 @@ impl NatsLog {
     }
 }
 
+/// An envelope encoded for the log, with what the writer needs of it.
+pub(crate) struct Encoded<'a> {
+    pub(crate) run_id: RunId,
+    pub(crate) seq: u64,
+    pub(crate) event_id: String,
+    pub(crate) terminal: bool,
+    pub(crate) bytes: &'a [u8],
+}
+
 /// The one writer of a run on this host: appends one envelope at a time,
 /// each fenced by the stream sequence of the one before.
 #[derive(Debug)]
@@ -385,6 +539,24 @@ impl RunWriter {
     /// [`StoreError::FlushFailed`] means the outcome is in doubt (the server
     /// did not answer in time): append the same envelope again to learn it.
     pub async fn append(&mut self, envelope: &RuntimeEventEnvelope) -> Result<(), StoreError> {
+        let run_id = envelope.run_id;
+        let bytes = codec::encode_envelope(envelope)
+            .map_err(|source| StoreError::Encode { run_id, source })?;
+        self.append_encoded(&Encoded {
+            run_id,
+            seq: envelope.seq,
+            event_id: envelope.event_id.to_string(),
+            terminal: envelope.is_terminal(),
+            bytes: &bytes,
+        })
+        .await
+    }
+
+    /// As [`RunWriter::append`], for an envelope already encoded.
+    pub(crate) async fn append_encoded(
+        &mut self,
+        envelope: &Encoded<'_>,
+    ) -> Result<(), StoreError> {
         let run_id = self.run_id;
         if envelope.run_id != run_id {
             return Err(StoreError::SeqConflict {
@@ -403,7 +575,7 @@ impl RunWriter {
             {
                 // That seq is stored: by the attempt in doubt, or by another
                 // writer.
-                if self.stored_id(envelope.seq).await? == Some(envelope.event_id.to_string()) {
+                if self.stored_id(envelope.seq).await?.as_deref() == Some(&envelope.event_id) {
                     return Ok(());
                 }
                 return Err(StoreError::RunFenced {
@@ -423,20 +595,17 @@ impl RunWriter {
                 got: envelope.seq,
             });
         }
-        let bytes = codec::encode_envelope(envelope)
-            .map_err(|source| StoreError::Encode { run_id, source })?;
-        if bytes.len() > self.log.max_event_bytes {
+        if envelope.bytes.len() > self.log.max_event_bytes {
             return Err(StoreError::TooLarge {
                 run_id,
-                size: bytes.len(),
+                size: envelope.bytes.len(),
                 limit: self.log.max_event_bytes,
             });
         }
         let expected_stream_seq = self.tail.as_ref().map_or(0, |t| t.stream_seq);
-        let event_id = envelope.event_id.to_string();
         let message = PublishMessage::build()
-            .payload(bytes.into())
-            .message_id(event_id.as_str())
+            .payload(envelope.bytes.to_vec().into())
+            .message_id(envelope.event_id.as_str())
             .header(SEQ_HEADER, envelope.seq.to_string().as_str())
             .expected_last_subject_sequence(expected_stream_seq);
         let subject = self.log.subject(run_id);
@@ -451,7 +620,7 @@ impl RunWriter {
                 // (its acknowledgement was lost), or another writer got
                 // there first.
                 match self.message_after(expected_stream_seq).await? {
-                    Some((sequence, id)) if id == event_id => sequence,
+                    Some((sequence, id)) if id == envelope.event_id => sequence,
                     _ => {
                         self.tail = self.log.tail(run_id).await?;
                         return Err(StoreError::RunFenced {
@@ -464,7 +633,7 @@ impl RunWriter {
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 return Err(StoreError::TooLarge {
                     run_id,
-                    size: bytes_len_hint(envelope),
+                    size: envelope.bytes.len(),
                     limit: self.log.max_event_bytes,
                 });
             }
@@ -480,7 +649,7 @@ impl RunWriter {
         };
         self.tail = Some(RunTail {
             last_seq: envelope.seq,
-            ended: envelope.is_terminal(),
+            ended: envelope.terminal,
             stream_seq,
         });
         Ok(())
@@ -517,12 +686,6 @@ impl RunWriter {
             .await?
             .map(|(_, id)| id))
     }
-}
-
-/// The size a too-large envelope encodes to, for the error (the client
-/// refused it before the server saw it).
-fn bytes_len_hint(envelope: &RuntimeEventEnvelope) -> usize {
-    codec::encode_envelope(envelope).map_or(0, |b| b.len())
 }
 
 fn header_seq(run_id: RunId, message: &StreamMessage) -> Result<u64, StoreError> {

@@ -1106,6 +1106,7 @@ mod tests {
     fn item(bytes: usize) -> StoredEnvelope {
         StoredEnvelope {
             run_id: RunId::new(),
+            event_id: crate::stream::RuntimeEventId::new(),
             seq: 1,
             session_id: None,
             provider: None,

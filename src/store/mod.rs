@@ -36,6 +36,8 @@
 mod actor;
 mod engine;
 mod layout;
+#[cfg(feature = "nats")]
+mod nats_store;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -182,6 +184,12 @@ impl Counters {
 /// to validate and index it without decoding.
 pub(crate) struct StoredEnvelope {
     pub(crate) run_id: RunId,
+    /// The NATS log's message id; sled keeps it inside `bytes` only.
+    #[cfg_attr(
+        not(feature = "nats"),
+        allow(dead_code, reason = "read by the NATS backend")
+    )]
+    pub(crate) event_id: crate::stream::RuntimeEventId,
     pub(crate) seq: u64,
     pub(crate) session_id: Option<Uuid>,
     pub(crate) provider: Option<ProviderId>,
@@ -213,6 +221,7 @@ impl StoredEnvelope {
         }
         Ok(Self {
             run_id,
+            event_id: envelope.event_id,
             seq: envelope.seq,
             session_id: envelope.session_id,
             provider: envelope.event.provider().cloned(),
@@ -269,6 +278,10 @@ struct Inner {
     reads_total: u32,
     /// The retention sweeper, if a policy is set; stopped on close and drop.
     sweeper: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// The NATS backend, for a store opened with `Config::nats`; then the
+    /// sled fields above are unused (no actor, no directory).
+    #[cfg(feature = "nats")]
+    nats: Option<Arc<nats_store::NatsStore>>,
 }
 
 impl Inner {
@@ -350,6 +363,10 @@ impl Store {
     /// Cancelling may leave sled opening on the blocking pool; the directory
     /// is released when that finishes.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = &config.nats {
+            return Self::open_nats(nats, &config).await;
+        }
         let path_for_errors = config.path.clone().unwrap_or_else(|| "<temporary>".into());
         let opened = {
             let config = config.clone();
@@ -394,6 +411,8 @@ impl Store {
                 reads: Arc::new(Semaphore::new(reads_total as usize)),
                 reads_total,
                 sweeper: std::sync::Mutex::new(None),
+                #[cfg(feature = "nats")]
+                nats: None,
             }),
         };
         if let Some(retention) = config.retention {
@@ -405,6 +424,51 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner()) = Some(sweeper.abort_handle());
         }
         Ok(store)
+    }
+
+    #[cfg(feature = "nats")]
+    async fn open_nats(nats: &crate::nats::NatsConfig, config: &Config) -> Result<Self, OpenError> {
+        let backend = nats_store::NatsStore::open(nats).await?;
+        let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
+        let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
+        tracing::debug!(epoch = %backend.epoch(), url = %nats.url, "store open on NATS");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                slot: ActorSlot::default(),
+                join: Mutex::new(None),
+                epoch: backend.epoch(),
+                path: None,
+                durability: config.durability,
+                max_event_bytes: config
+                    .effective_max_event_bytes()
+                    .min(backend.max_event_bytes()),
+                append_budget: Arc::new(Semaphore::new(append_budget_total as usize)),
+                append_budget_total,
+                reads: Arc::new(Semaphore::new(reads_total as usize)),
+                reads_total,
+                sweeper: std::sync::Mutex::new(None),
+                nats: Some(Arc::new(backend)),
+            }),
+        })
+    }
+
+    /// The NATS backend, if this store is on NATS.
+    #[cfg(feature = "nats")]
+    fn nats(&self) -> Option<&Arc<nats_store::NatsStore>> {
+        self.inner.nats.as_ref()
+    }
+
+    /// `Unsupported` on the NATS backend.
+    fn sled_only(&self, operation: &'static str) -> Result<(), StoreError> {
+        #[cfg(feature = "nats")]
+        if self.nats().is_some() {
+            return Err(StoreError::Unsupported {
+                backend: "NATS",
+                operation,
+            });
+        }
+        let _ = operation;
+        Ok(())
     }
 
     /// The store's epoch: a UUID minted when the store was created. A cursor
@@ -482,6 +546,12 @@ impl Store {
             return Ok(());
         }
         let permit = self.reserve(encoded_len(&items)).await?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            let result = nats.append(items).await;
+            drop(permit);
+            return result;
+        }
         let (request, rx) = AppendRequest::new(items, durability, permit);
         self.inner
             .send_when_ready(StoreMsg::Append(request))
@@ -510,6 +580,19 @@ impl Store {
         durability: Durability,
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            // A run room has one append in flight, so its appends still
+            // reach the log in order; the run's writer lock orders the rest.
+            let (tx, rx) = oneshot::channel();
+            let nats = Arc::clone(nats);
+            tokio::spawn(async move {
+                let result = nats.append(items).await;
+                drop(permit);
+                let _ = tx.send(result);
+            });
+            return Ok(rx);
+        }
         let (request, rx) = AppendRequest::new(items, durability, permit);
         self.inner.send(StoreMsg::Append(request))?;
         Ok(rx)
@@ -534,6 +617,12 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
         let permit = self.read_permit().await?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            let page = nats.list_after(run_id, after_seq, limit).await;
+            drop(permit);
+            return page;
+        }
         self.call(|reply| StoreMsg::ListAfter {
             run_id,
             after_seq,
@@ -576,6 +665,12 @@ impl Store {
         barrier: bool,
     ) -> Result<Option<RunInfo>, StoreError> {
         let permit = self.read_permit().await?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            let info = nats.run_info(run_id, barrier).await;
+            drop(permit);
+            return info;
+        }
         self.call(|reply| StoreMsg::RunInfo {
             run_id,
             barrier,
@@ -596,6 +691,12 @@ impl Store {
     /// Cancel safe.
     pub async fn session_runs(&self, session_id: Uuid) -> Result<Vec<RunId>, StoreError> {
         let permit = self.read_permit().await?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            let runs = nats.session_runs(session_id).await;
+            drop(permit);
+            return runs;
+        }
         self.call(|reply| StoreMsg::SessionRuns {
             session_id,
             permit,
@@ -623,6 +724,7 @@ impl Store {
         after: Option<RunId>,
         limit: usize,
     ) -> Result<Vec<RunInfo>, StoreError> {
+        self.sled_only("listing runs")?;
         let permit = self.read_permit().await?;
         self.call(|reply| StoreMsg::RunsAfter {
             after,
@@ -646,6 +748,7 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn verify_run(&self, run_id: RunId) -> Result<RunCheck, StoreError> {
+        self.sled_only("verifying runs")?;
         let permit = self.read_permit().await?;
         self.call(|reply| StoreMsg::VerifyRun {
             run_id,
@@ -678,6 +781,7 @@ impl Store {
         cutoff: DateTime<Utc>,
         max_runs: usize,
     ) -> Result<Removal, StoreError> {
+        self.sled_only("removing runs")?;
         let permit = self.read_permit().await?;
         let step = self
             .call(|reply| StoreMsg::RemoveEnded {
@@ -703,6 +807,11 @@ impl Store {
     ///
     /// [`StoreError::Closed`].
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        #[cfg(feature = "nats")]
+        if self.nats().is_some() {
+            // No group commit to count: every append is its own.
+            return Ok(StoreStats::default());
+        }
         self.call(StoreMsg::Stats).await
     }
 
@@ -720,6 +829,11 @@ impl Store {
     /// reads but still open.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.inner.stop_sweeper();
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            nats.close().await;
+            return Ok(());
+        }
         let Some(join) = self.inner.join.lock().await.take() else {
             return Ok(());
         };

@@ -1,0 +1,246 @@
+//! The store over NATS JetStream (feature `nats`): what a [`super::Store`]
+//! opened with `Config::nats` does instead of talking to sled. The run log
+//! itself is [`crate::nats`]; this adds what the hub needs of a store on
+//! top of it: one writer per run on this host, the session index, and run
+//! records derived from a run's first and last envelopes.
+//!
+//! Durability is JetStream's: an append is acknowledged once the server
+//! stored it (see README, "JetStream settings"), for `Flushed` and
+//! `Buffered` alike.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::{RunInfo, StoredEnvelope};
+use crate::error::{OpenError, StoreError};
+use crate::ids::RunId;
+use crate::nats::{Encoded, NatsConfig, NatsLog, RunWriter};
+use crate::stream::RuntimeEventEnvelope;
+
+/// Runs whose writers one host keeps (two generations of half each); a
+/// run not kept reads its tail again when it next appends.
+const WRITERS_KEPT: usize = 32 * 1024;
+
+/// A run's writer on this host, created on first use. Locked for the whole
+/// of an append, and by recovery reads, which so see every append handed
+/// over before them.
+type WriterSlot = Arc<Mutex<RunSlot>>;
+
+#[derive(Default)]
+struct RunSlot {
+    writer: Option<RunWriter>,
+    /// Whether this host has indexed the run in its session.
+    indexed: bool,
+}
+
+#[derive(Default)]
+struct Writers {
+    hot: HashMap<RunId, WriterSlot>,
+    cold: HashMap<RunId, WriterSlot>,
+}
+
+impl Writers {
+    fn slot(&mut self, run_id: RunId) -> WriterSlot {
+        if let Some(slot) = self.hot.get(&run_id) {
+            return Arc::clone(slot);
+        }
+        let slot = self.cold.remove(&run_id).unwrap_or_default();
+        if self.hot.len() >= WRITERS_KEPT / 2 {
+            self.cold = std::mem::take(&mut self.hot);
+        }
+        self.hot.insert(run_id, Arc::clone(&slot));
+        slot
+    }
+}
+
+/// The NATS backend of one store handle.
+pub(crate) struct NatsStore {
+    log: NatsLog,
+    writers: std::sync::Mutex<Writers>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStore")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsStore {
+    pub(crate) async fn open(config: &NatsConfig) -> Result<Self, OpenError> {
+        let log = NatsLog::open(config)
+            .await
+            .map_err(|e| OpenError::Storage {
+                path: config.url.clone().into(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            log,
+            writers: std::sync::Mutex::default(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn epoch(&self) -> Uuid {
+        self.log.epoch()
+    }
+
+    pub(crate) fn max_event_bytes(&self) -> usize {
+        self.log.max_event_bytes()
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    fn slot(&self, run_id: RunId) -> WriterSlot {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .slot(run_id)
+    }
+
+    /// Appends `items` (each run's in seq order), one envelope at a time
+    /// per run. Not atomic across envelopes, as JetStream before 2.12 has
+    /// no atomic batch: when a later envelope fails after earlier ones were
+    /// stored, the append is answered in doubt (`FlushFailed`), and a room
+    /// recovers from what the log holds.
+    pub(crate) async fn append(&self, items: Vec<StoredEnvelope>) -> Result<(), StoreError> {
+        self.check_open()?;
+        let mut stored = 0usize;
+        let mut index = 0;
+        while index < items.len() {
+            let run_id = items[index].run_id;
+            let end = items[index..]
+                .iter()
+                .position(|i| i.run_id != run_id)
+                .map_or(items.len(), |n| index + n);
+            let slot = self.slot(run_id);
+            let mut slot = slot.lock().await;
+            if slot.writer.is_none() {
+                slot.writer = Some(self.log.writer(run_id).await?);
+            }
+            for item in &items[index..end] {
+                // The session index is written before the run's first
+                // envelope that names the session, so an index entry may
+                // point at a run with no events yet, never the reverse.
+                // (Idempotent: the server drops a repeat within its
+                // duplicate window, readers after it.)
+                if let Some(session) = item.session_id
+                    && !slot.indexed
+                {
+                    self.log.index_session(session, run_id).await?;
+                    slot.indexed = true;
+                }
+                let Some(writer) = slot.writer.as_mut() else {
+                    unreachable!("the writer was just created")
+                };
+                let outcome = writer
+                    .append_encoded(&Encoded {
+                        run_id,
+                        seq: item.seq,
+                        event_id: item.event_id.to_string(),
+                        terminal: item.terminal,
+                        bytes: &item.bytes,
+                    })
+                    .await;
+                match outcome {
+                    Ok(()) => stored += 1,
+                    Err(error) if stored == 0 => return Err(error),
+                    Err(error) => {
+                        return Err(StoreError::FlushFailed {
+                            message: format!(
+                                "{stored} of {} envelopes were stored before: {error}",
+                                items.len()
+                            ),
+                        });
+                    }
+                }
+            }
+            index = end;
+        }
+        ::metrics::counter!(crate::metrics::PERSISTED).increment(stored as u64);
+        Ok(())
+    }
+
+    /// What the log holds of `run_id`: its last envelope, and its first for
+    /// the provider and start. With `barrier`, waits for this host's append
+    /// in flight for the run, so a recovering room sees it.
+    pub(crate) async fn run_info(
+        &self,
+        run_id: RunId,
+        barrier: bool,
+    ) -> Result<Option<RunInfo>, StoreError> {
+        self.check_open()?;
+        let _in_flight = if barrier {
+            Some(self.slot(run_id).lock_owned().await)
+        } else {
+            None
+        };
+        let Some((last, _)) = self.log.last(run_id).await? else {
+            return Ok(None);
+        };
+        let first: RuntimeEventEnvelope = match last.seq {
+            1 => last.clone(),
+            _ => self
+                .log
+                .first(run_id)
+                .await?
+                .unwrap_or_else(|| last.clone()),
+        };
+        Ok(Some(RunInfo {
+            run_id,
+            last_seq: last.seq,
+            session_id: last.session_id.or(first.session_id),
+            provider: first
+                .event
+                .provider()
+                .or_else(|| last.event.provider())
+                .cloned(),
+            started_at: first.emitted_at,
+            ended_at: last.is_terminal().then_some(last.emitted_at),
+            removed_at: None,
+        }))
+    }
+
+    pub(crate) async fn list_after(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
+        self.check_open()?;
+        self.log.list_after(run_id, after_seq, limit).await
+    }
+
+    pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
+        self.check_open()?;
+        self.log.session_runs(session).await
+    }
+
+    /// Waits for appends in flight, then refuses everything after.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let slots: Vec<WriterSlot> = {
+            let writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+            writers
+                .hot
+                .values()
+                .chain(writers.cold.values())
+                .cloned()
+                .collect()
+        };
+        for slot in slots {
+            drop(slot.lock().await);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! `EventHub` on NATS JetStream (`Config::nats`): the same API over the
+//! shared log, and two hubs on one stream as two hosts: one epoch, a cursor
+//! from one resumes on the other, and a second host writing a run that the
+//! first is writing is refused (`RunFenced`) instead of forking its order.
+//! Against 127.0.0.1:4222 (or `BEHEST_STREAM_NATS_URL`); skipped with a
+//! printed reason without a server, unless `BEHEST_STREAM_REQUIRE_NATS=1`.
+
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::time::Duration;
+
+use behest_stream::nats::NatsConfig;
+use behest_stream::{
+    Config, Cursor, EventHub, HubError, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom,
+    StoreError,
+};
+use common::{completed, delta, next_within, started};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn nats_config() -> NatsConfig {
+    let url = std::env::var("BEHEST_STREAM_NATS_URL")
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let unique = Uuid::now_v7().simple().to_string();
+    let mut config = NatsConfig::new(url);
+    config.stream = format!("BEHEST_TEST_{unique}");
+    config.prefix = format!("bt{unique}");
+    config
+}
+
+/// A hub on a fresh stream, or `None` with the reason printed.
+async fn open_hub(config: &NatsConfig) -> Option<EventHub> {
+    match EventHub::open(Config::nats(config.clone())).await {
+        Ok(hub) => Some(hub),
+        Err(error) if std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1") => {
+            panic!("BEHEST_STREAM_REQUIRE_NATS=1 but a hub on NATS cannot open: {error}")
+        }
+        Err(error) => {
+            eprintln!("skipping: no NATS JetStream server ({error})");
+            None
+        }
+    }
+}
+
+async fn delete_stream(config: &NatsConfig) {
+    let client = async_nats::connect(config.url.as_str()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream(&config.stream)
+        .await
+        .unwrap();
+}
+
+/// Reads `stream` to its end.
+async fn read_to_end(
+    stream: &mut behest_stream::BoxRuntimeEventStream,
+) -> Vec<RuntimeEventEnvelope> {
+    let mut out = Vec::new();
+    while let Some(item) = next_within(stream, DEADLINE).await {
+        out.push(item.unwrap());
+    }
+    out
+}
+
+fn seqs(envelopes: &[RuntimeEventEnvelope]) -> Vec<u64> {
+    envelopes.iter().map(|e| e.seq).collect()
+}
+
+/// One hub on NATS: publish a run in a session, and read it back as a run
+/// stream, a session stream and a replay, all the same log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_on_nats_publishes_subscribes_and_replays() {
+    let config = nats_config();
+    let Some(hub) = open_hub(&config).await else {
+        return;
+    };
+    let (run, session) = (RunId::new(), Uuid::now_v7());
+    let mut live = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    hub.publish(started(run, Some(session))).await.unwrap();
+    for i in 0..5 {
+        hub.publish(delta(run, &format!("token {i}")))
+            .await
+            .unwrap();
+    }
+    hub.publish(completed(run)).await.unwrap();
+
+    let streamed = read_to_end(&mut live).await;
+    assert_eq!(seqs(&streamed), (1..=7).collect::<Vec<_>>());
+    assert_eq!(hub.replay(run, 0, 100).await.unwrap(), streamed);
+    let mut by_session = hub
+        .subscribe(RuntimeRoom::Session(session), Resume::FromStart)
+        .await
+        .unwrap();
+    for expected in &streamed {
+        let got = next_within(&mut by_session, DEADLINE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, expected);
+    }
+    hub.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}
+
+/// Two hubs on one stream, as two hosts: the same epoch; a subscriber that
+/// read part of a run on host A resumes with its cursor on host B and gets
+/// the rest, gapless and once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_one_host_resumes_on_another() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    assert_eq!(host_a.epoch(), host_b.epoch(), "one stream, one epoch");
+
+    let run = RunId::new();
+    host_a.publish(started(run, None)).await.unwrap();
+    for i in 0..8 {
+        host_a.publish(delta(run, &i.to_string())).await.unwrap();
+    }
+    host_a.publish(completed(run)).await.unwrap();
+
+    let mut on_a = host_a
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut cursor = Cursor::new(host_a.epoch());
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let envelope = next_within(&mut on_a, DEADLINE).await.unwrap().unwrap();
+        cursor.advance(&envelope);
+        seen.push(envelope);
+    }
+    drop(on_a);
+    let mut on_b = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::After(cursor))
+        .await
+        .unwrap();
+    seen.extend(read_to_end(&mut on_b).await);
+    assert_eq!(seqs(&seen), (1..=10).collect::<Vec<_>>());
+    assert_eq!(seen, host_a.replay(run, 0, 100).await.unwrap());
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}
+
+/// Host A writes a run; host B then appends to it too (its room recovers
+/// the run's end from the log). A's next publish, made with A's stale view,
+/// is refused with `RunFenced`, and the log is not forked: B's event holds
+/// its seq. A's room then recovers from the log and goes on after B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_writing_a_run_is_fenced_off() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    let run = RunId::new();
+    host_a.publish(started(run, None)).await.unwrap();
+    host_a.publish(delta(run, "a")).await.unwrap();
+    let from_b = host_b.publish(delta(run, "b")).await.unwrap();
+    assert_eq!(from_b.seq, 3, "B's room recovered the run's end");
+
+    match host_a.publish(delta(run, "a, stale")).await {
+        Err(HubError::Store(StoreError::RunFenced { run_id, last_seq })) => {
+            assert_eq!((run_id, last_seq), (run, 3));
+        }
+        other => panic!("expected RunFenced, got {other:?}"),
+    }
+    let log = host_b.replay(run, 0, 100).await.unwrap();
+    assert_eq!(seqs(&log), vec![1, 2, 3]);
+    assert_eq!(log[2].event_id, from_b.event_id, "B's event holds seq 3");
+
+    // A's room restarted from the log: its retry lands after B's event.
+    let retried = common::wait_for("A's room to recover", DEADLINE, async || {
+        host_a.publish(delta(run, "a, again")).await.ok()
+    })
+    .await;
+    assert_eq!(retried.seq, 4);
+    assert_eq!(
+        seqs(&host_b.replay(run, 0, 100).await.unwrap()),
+        vec![1, 2, 3, 4]
+    );
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}
