@@ -311,6 +311,72 @@ impl NatsLog {
         }
     }
 
+    /// The run's envelopes after `after_seq`, then every one appended later,
+    /// in order, as JetStream delivers them to an ordered consumer (which
+    /// recreates itself on a gap or a reconnect, so nothing is skipped or
+    /// repeated). How a host learns of a run another host writes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ReadFailed`] if the consumer cannot be created; the
+    /// stream's items carry later failures.
+    pub(crate) async fn follow(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>,
+        StoreError,
+    > {
+        use async_nats::jetstream::consumer::{self, DeliverPolicy};
+        use futures_util::StreamExt;
+
+        let deliver_policy = match self.last(run_id).await? {
+            None => DeliverPolicy::All,
+            Some((last, last_stream_seq)) if after_seq < last.seq => {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: self.locate(run_id, after_seq + 1, last_stream_seq).await?,
+                }
+            }
+            Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
+                start_sequence: last_stream_seq + 1,
+            },
+        };
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subject(run_id),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_failed(&e))?;
+        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
+        Ok(messages
+            .map(move |message| {
+                let message = message.map_err(|e| read_failed(&e))?;
+                let envelope = codec::decode_envelope(&message.payload).map_err(|source| {
+                    StoreError::Corrupt {
+                        run_id,
+                        seq: message.headers.as_ref().and_then(seq_from).unwrap_or(0),
+                        source,
+                    }
+                })?;
+                if envelope.run_id != run_id {
+                    return Err(StoreError::Corrupt {
+                        run_id,
+                        seq: envelope.seq,
+                        source: CodecError::Malformed(format!(
+                            "the run's subject holds an envelope of run {}",
+                            envelope.run_id
+                        )),
+                    });
+                }
+                Ok(envelope)
+            })
+            .boxed())
+    }
+
     fn session_subject(&self, session: Uuid) -> String {
         format!("{}.session.{session}", self.prefix)
     }

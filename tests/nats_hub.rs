@@ -191,3 +191,55 @@ async fn a_second_host_writing_a_run_is_fenced_off() {
     host_b.shutdown().await.unwrap();
     delete_stream(&config).await;
 }
+
+/// A subscriber on host B follows, live, a run that host A writes: B's run
+/// room follows the shared log, so B's subscriber gets every event once, in
+/// order, and its stream ends after the terminal event. A second subscriber
+/// on B that drops partway resumes on B by cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    let run = RunId::new();
+    // Subscribed on B before the run has any event.
+    let mut whole = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut partial = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    host_a.publish(started(run, None)).await.unwrap();
+    let mut cursor = Cursor::new(host_b.epoch());
+    for i in 0..30 {
+        host_a.publish(delta(run, &i.to_string())).await.unwrap();
+        if i == 10 {
+            // Read live on B, then drop partway.
+            for _ in 0..5 {
+                let envelope = next_within(&mut partial, DEADLINE).await.unwrap().unwrap();
+                cursor.advance(&envelope);
+            }
+        }
+    }
+    drop(partial);
+    host_a.publish(completed(run)).await.unwrap();
+
+    let streamed = read_to_end(&mut whole).await;
+    assert_eq!(seqs(&streamed), (1..=32).collect::<Vec<_>>());
+    assert_eq!(streamed, host_a.replay(run, 0, 100).await.unwrap());
+    let mut resumed = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::After(cursor))
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&read_to_end(&mut resumed).await),
+        (6..=32).collect::<Vec<_>>()
+    );
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -85,6 +86,14 @@ pub(crate) enum RunMsg {
     StopIfIdle(RpcReplyPort<bool>),
     /// Report counters.
     Stats(RpcReplyPort<RoomStats>),
+    /// Envelopes of this run the shared log holds, as its tail delivers
+    /// them (NATS backend): another host's appends, and echoes of this
+    /// room's own. Answered once handled, so the tail keeps at most one
+    /// batch in the mailbox.
+    Remote {
+        envelopes: Vec<RuntimeEventEnvelope>,
+        done: RpcReplyPort<()>,
+    },
 }
 
 pub(crate) struct RunRoom;
@@ -168,6 +177,9 @@ pub(crate) struct RunState {
     feed: Feed,
     /// `behest_events_published_total`, registered once.
     published: ::metrics::Counter,
+    /// The task following the run in a shared log (NATS backend), started
+    /// when the first subscriber attaches; stopped with the room.
+    tail: Option<tokio::task::AbortHandle>,
 }
 
 impl Actor for RunRoom {
@@ -203,11 +215,23 @@ impl Actor for RunRoom {
             verdicts: VecDeque::new(),
             next_batch: 0,
             published: ::metrics::counter!(crate::metrics::PUBLISHED),
+            tail: None,
         })
     }
 
     /// Recovery runs here, not in `pre_start`, so that the router, which
     /// awaits `pre_start`, is not held up by a store read.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(tail) = state.tail.take() {
+            tail.abort();
+        }
+        Ok(())
+    }
+
     async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -252,10 +276,16 @@ impl Actor for RunRoom {
             }
             RunMsg::Persisted { batch, result } => state.persisted(&myself, batch, result).await?,
             RunMsg::Attach { from_seq, reply } => {
+                state.follow_shared_log(&myself).await;
                 let _ = reply.send(state.attach(from_seq));
             }
             RunMsg::AttachLive(reply) => {
+                state.follow_shared_log(&myself).await;
                 let _ = reply.send(Ok(state.feed.subscribe()));
+            }
+            RunMsg::Remote { envelopes, done } => {
+                state.remote(envelopes).await;
+                let _ = done.send(());
             }
             RunMsg::LivePublish { envelope, reply } => {
                 state.feed.live_publish(envelope);
@@ -290,6 +320,122 @@ impl Actor for RunRoom {
 }
 
 impl RunState {
+    /// On a shared log (NATS), other hosts may write this run: follow the
+    /// log from what the room has fanned out, so that this host's
+    /// subscribers see their events too. Nothing to do on sled, or once the
+    /// run has ended.
+    async fn follow_shared_log(&mut self, myself: &ActorRef<RunMsg>) {
+        if self.tail.is_some() || self.ended_persisted || self.broken.is_some() {
+            return;
+        }
+        let stream = match self.store.follow_run(self.run_id, self.persisted).await {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return,
+            Err(error) => {
+                // Subscribers still catch up from the log on attach; what
+                // other hosts append meanwhile waits for the next attach.
+                tracing::warn!(run_id = %self.run_id, %error, "cannot follow the shared log");
+                return;
+            }
+        };
+        let myself = myself.clone();
+        let run_id = self.run_id;
+        let task = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut batches = stream.ready_chunks(256);
+            loop {
+                // Wake now and then to notice a room that died without
+                // stopping this task.
+                let next = tokio::time::timeout(Duration::from_secs(5), batches.next()).await;
+                let batch = match next {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => return,
+                    Err(_) if myself.get_status() == ractor::ActorStatus::Running => continue,
+                    Err(_) => return,
+                };
+                let mut envelopes = Vec::with_capacity(batch.len());
+                let mut failed = None;
+                for item in batch {
+                    match item {
+                        Ok(envelope) => envelopes.push(envelope),
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    }
+                }
+                if !envelopes.is_empty() {
+                    let (done, handled) = oneshot::channel();
+                    let message = RunMsg::Remote {
+                        envelopes,
+                        done: done.into(),
+                    };
+                    if myself.send_message(message).is_err() || handled.await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(error) = failed {
+                    tracing::warn!(%run_id, %error, "following the shared log failed");
+                    return;
+                }
+            }
+        });
+        self.tail = Some(task.abort_handle());
+    }
+
+    /// Fans out, in seq order, the log's envelopes this room has not: those
+    /// another host appended. Its own come back too and are skipped; while
+    /// an append of its own is in flight, so are the others' (that append
+    /// then fails as fenced, and the room recovers from the log).
+    async fn remote(&mut self, envelopes: Vec<RuntimeEventEnvelope>) {
+        let mut fanned = Vec::new();
+        for envelope in envelopes {
+            if envelope.seq <= self.persisted || !self.in_flight.is_empty() {
+                continue;
+            }
+            if envelope.seq != self.persisted + 1 {
+                // The tail skipped (it should not): fill from the log.
+                let missing =
+                    usize::try_from(envelope.seq - self.persisted - 1).unwrap_or(usize::MAX);
+                match self
+                    .store
+                    .list_after(self.run_id, self.persisted, missing)
+                    .await
+                {
+                    Ok(fill) if fill.len() == missing => {
+                        for earlier in fill {
+                            fanned.push((self.take_remote(earlier), None));
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(run_id = %self.run_id, seq = envelope.seq, "gap in the shared log's tail");
+                        break;
+                    }
+                }
+            }
+            fanned.push((self.take_remote(envelope), None));
+        }
+        if !fanned.is_empty() {
+            tracing::trace!(run_id = %self.run_id, seq = self.persisted, "fanned out from the shared log");
+        }
+        self.fan_out(fanned);
+    }
+
+    /// Takes another host's envelope as persisted.
+    fn take_remote(&mut self, envelope: RuntimeEventEnvelope) -> Arc<RuntimeEventEnvelope> {
+        self.assigned = self.assigned.max(envelope.seq);
+        self.ended_assigned |= envelope.is_terminal();
+        if self.session_id.is_none() {
+            self.session_id = envelope.session_id;
+        }
+        if self.provider.is_none() {
+            self.provider = envelope.event.provider().cloned();
+        }
+        let envelope = Arc::new(envelope);
+        self.mark_persisted(&envelope);
+        envelope
+    }
+
     fn is_idle(&self) -> bool {
         self.in_flight.is_empty() && self.feed.is_idle()
     }

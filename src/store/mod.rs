@@ -598,6 +598,25 @@ impl Store {
         Ok(rx)
     }
 
+    /// On a shared log (NATS): the run's envelopes after `after_seq`, then
+    /// every one appended later, by any host. `None` on sled, where this
+    /// process's room is the run's only writer.
+    pub(crate) async fn follow_run(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+    ) -> Result<
+        Option<futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>>,
+        StoreError,
+    > {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            return nats.follow(run_id, after_seq).await.map(Some);
+        }
+        let _ = (run_id, after_seq);
+        Ok(None)
+    }
+
     /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq
     /// order. Fewer than `limit` means the run has no more (for now).
     ///

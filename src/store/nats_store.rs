@@ -222,6 +222,18 @@ impl NatsStore {
         self.log.list_after(run_id, after_seq, limit).await
     }
 
+    pub(crate) async fn follow(
+        &self,
+        run_id: RunId,
+        after_seq: u64,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>,
+        StoreError,
+    > {
+        self.check_open()?;
+        self.log.follow(run_id, after_seq).await
+    }
+
     pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
         self.check_open()?;
         self.log.session_runs(session).await
