@@ -1,0 +1,226 @@
+//! Two hosts in two processes sharing runs through NATS JetStream: this
+//! test binary is host B, and re-executes itself as host A (the
+//! `nats_host_a` "test", which does nothing unless its environment says
+//! so). Against 127.0.0.1:4222 (or `BEHEST_STREAM_NATS_URL`); skipped with a
+//! printed reason without a server, unless `BEHEST_STREAM_REQUIRE_NATS=1`.
+
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use behest_stream::nats::NatsConfig;
+use behest_stream::{Config, Cursor, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom};
+use common::{completed, delta, next_within, started};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// `unique run events`: what host A publishes (`events` deltas, then the
+/// terminal event; 0 means deltas until killed).
+const HOST_A_ENV: &str = "BEHEST_STREAM_NATS_HOST_A";
+
+fn nats_config(unique: &str) -> NatsConfig {
+    let url = std::env::var("BEHEST_STREAM_NATS_URL")
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let mut config = NatsConfig::new(url);
+    config.stream = format!("BEHEST_TEST_{unique}");
+    config.prefix = format!("bt{unique}");
+    config
+}
+
+/// Not a test of its own: host A. Publishes the run its environment names,
+/// printing `ACK seq event_id` for each acknowledged event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_host_a() {
+    let Ok(spec) = std::env::var(HOST_A_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let run = RunId::from_uuid(Uuid::parse_str(parts[1]).unwrap());
+    let events: u64 = parts[2].parse().unwrap();
+    let hub = EventHub::open(Config::nats(nats_config(parts[0])))
+        .await
+        .unwrap();
+    let mut out = std::io::stdout().lock();
+    let mut ack = |e: RuntimeEventEnvelope| {
+        writeln!(out, "ACK {} {}", e.seq, e.event_id).unwrap();
+        out.flush().unwrap();
+    };
+    ack(hub.publish(started(run, None)).await.unwrap());
+    let mut i = 0;
+    while events == 0 || i < events {
+        ack(hub
+            .publish(delta(run, &format!("token {i} ")))
+            .await
+            .unwrap());
+        i += 1;
+    }
+    ack(hub.publish(completed(run)).await.unwrap());
+    hub.shutdown().await.unwrap();
+}
+
+fn spawn_host_a(unique: &str, run: RunId, events: u64) -> (Child, ChildStdout) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["nats_host_a", "--exact", "--nocapture", "--test-threads=1"])
+        .env(HOST_A_ENV, format!("{unique} {run} {events}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    (child, stdout)
+}
+
+/// `(seq, event id)` of an `ACK` line.
+fn parse_ack(line: &str) -> Option<(u64, String)> {
+    let (seq, id) = line.split("ACK ").nth(1)?.split_once(' ')?;
+    Some((seq.parse().ok()?, id.to_owned()))
+}
+
+/// Host B, or `None` (reason printed) without a server.
+async fn host_b(config: &NatsConfig) -> Option<EventHub> {
+    match EventHub::open(Config::nats(config.clone())).await {
+        Ok(hub) => Some(hub),
+        Err(error) if std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1") => {
+            panic!("BEHEST_STREAM_REQUIRE_NATS=1 but a hub on NATS cannot open: {error}")
+        }
+        Err(error) => {
+            eprintln!("skipping: no NATS JetStream server ({error})");
+            None
+        }
+    }
+}
+
+async fn delete_stream(config: &NatsConfig) {
+    let client = async_nats::connect(config.url.as_str()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream(&config.stream)
+        .await
+        .unwrap();
+}
+
+fn seqs(envelopes: &[RuntimeEventEnvelope]) -> Vec<u64> {
+    envelopes.iter().map(|e| e.seq).collect()
+}
+
+/// Host A (another process) writes a run while host B's subscribers follow
+/// it live: one reads it whole, gapless and once; another disconnects
+/// partway and resumes on B by cursor, and the two halves are the run
+/// exactly once. Both equal what A acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_written_in_one_process_is_followed_and_resumed_in_another() {
+    let unique = Uuid::now_v7().simple().to_string();
+    let config = nats_config(&unique);
+    let Some(hub) = host_b(&config).await else {
+        return;
+    };
+    let run = RunId::new();
+    let mut whole = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut partial = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let (mut child, stdout) = spawn_host_a(&unique, run, 200);
+
+    let mut cursor = Cursor::new(hub.epoch());
+    let mut halves = Vec::new();
+    for _ in 0..60 {
+        let envelope = next_within(&mut partial, DEADLINE).await.unwrap().unwrap();
+        cursor.advance(&envelope);
+        halves.push(envelope);
+    }
+    drop(partial);
+    let mut seen = Vec::new();
+    while let Some(item) = next_within(&mut whole, DEADLINE).await {
+        seen.push(item.unwrap());
+    }
+    assert!(child.wait().unwrap().success(), "host A failed");
+    let acked: Vec<(u64, String)> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| parse_ack(&l))
+        .collect();
+
+    assert_eq!(seqs(&seen), (1..=202).collect::<Vec<_>>());
+    let ids: Vec<(u64, String)> = seen
+        .iter()
+        .map(|e| (e.seq, e.event_id.to_string()))
+        .collect();
+    assert_eq!(ids, acked, "B saw exactly what A acknowledged");
+
+    let mut resumed = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::After(cursor))
+        .await
+        .unwrap();
+    while let Some(item) = next_within(&mut resumed, DEADLINE).await {
+        halves.push(item.unwrap());
+    }
+    assert_eq!(halves, seen, "the two halves are the run, once");
+    hub.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}
+
+/// Host A is killed with SIGKILL mid-run: every event it acknowledged is
+/// readable on host B, and B's live subscriber got them in order; B then
+/// takes the run over and ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_killed_mid_run_leaves_every_acknowledged_event_on_the_other() {
+    let unique = Uuid::now_v7().simple().to_string();
+    let config = nats_config(&unique);
+    let Some(hub) = host_b(&config).await else {
+        return;
+    };
+    let run = RunId::new();
+    let mut live = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let (mut child, stdout) = spawn_host_a(&unique, run, 0);
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = Vec::new();
+    while acked.len() < 150 {
+        let line = lines.next().expect("host A exited early").unwrap();
+        acked.extend(parse_ack(&line));
+    }
+    child.kill().unwrap(); // SIGKILL, mid-run
+    child.wait().unwrap();
+    acked.extend(lines.map_while(Result::ok).filter_map(|l| parse_ack(&l)));
+
+    let stored = hub.replay(run, 0, 100_000).await.unwrap();
+    assert!(stored.len() >= acked.len());
+    assert_eq!(seqs(&stored), (1..=stored.len() as u64).collect::<Vec<_>>());
+    for (seq, id) in &acked {
+        assert_eq!(stored[*seq as usize - 1].event_id.to_string(), *id);
+    }
+    // B's live subscriber got everything the log holds, in order.
+    for expected in &stored {
+        let got = next_within(&mut live, DEADLINE).await.unwrap().unwrap();
+        assert_eq!(&got, expected);
+    }
+    // B takes the run over where A stopped, and ends it. (A publish of A's
+    // that the server took just before A died may still land first; B's
+    // room then follows it, and B's event comes after.)
+    let last = hub.publish(completed(run)).await.unwrap();
+    let mut seen = stored.clone();
+    loop {
+        let got = next_within(&mut live, DEADLINE).await.unwrap().unwrap();
+        seen.push(got.clone());
+        if got == last {
+            break;
+        }
+    }
+    assert!(
+        next_within(&mut live, DEADLINE).await.is_none(),
+        "the stream ends"
+    );
+    assert_eq!(seen, hub.replay(run, 0, 100_000).await.unwrap());
+    assert_eq!(seqs(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
+    hub.shutdown().await.unwrap();
+    delete_stream(&config).await;
+}
