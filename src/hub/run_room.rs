@@ -237,23 +237,7 @@ impl Actor for RunRoom {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match state.store.run_info(state.run_id).await {
-            Ok(Some(info)) => {
-                state.assigned = info.last_seq;
-                state.persisted = info.last_seq;
-                state.session_id = info.session_id;
-                state.session_persisted = info.session_id;
-                state.provider_persisted.clone_from(&info.provider);
-                state.provider = info.provider;
-                state.ended_assigned = info.ended_at.is_some();
-                state.ended_persisted = state.ended_assigned;
-            }
-            Ok(None) => {}
-            Err(error) => {
-                tracing::error!(run_id = %state.run_id, %error, "run room cannot recover its run");
-                state.broken = Some(error);
-            }
-        }
+        state.recover().await;
         tracing::debug!(run_id = %state.run_id, last_seq = state.persisted, "run room started");
         myself.send_interval(state.shared.idle_timeout / 2, || RunMsg::Tick);
         Ok(())
@@ -272,10 +256,12 @@ impl Actor for RunRoom {
                     panic!("injected panic in room run:{}", state.run_id);
                 }
                 state.feed.touch();
+                state.recover_if_broken().await;
                 state.publish(&myself, request).await;
             }
             RunMsg::Persisted { batch, result } => state.persisted(&myself, batch, result).await?,
             RunMsg::Attach { from_seq, reply } => {
+                state.recover_if_broken().await;
                 state.follow_shared_log(&myself).await;
                 let _ = reply.send(state.attach(from_seq));
             }
@@ -320,6 +306,37 @@ impl Actor for RunRoom {
 }
 
 impl RunState {
+    /// Reads where the run stands from the store. A failure leaves the room
+    /// broken: every request gets the error, and one that may pass on a
+    /// retry (the store was unreachable) makes the next request try again.
+    async fn recover(&mut self) {
+        match self.store.run_info(self.run_id).await {
+            Ok(Some(info)) => {
+                self.broken = None;
+                self.assigned = info.last_seq;
+                self.persisted = info.last_seq;
+                self.session_id = info.session_id;
+                self.session_persisted = info.session_id;
+                self.provider_persisted.clone_from(&info.provider);
+                self.provider = info.provider;
+                self.ended_assigned = info.ended_at.is_some();
+                self.ended_persisted = self.ended_assigned;
+            }
+            Ok(None) => self.broken = None,
+            Err(error) => {
+                tracing::error!(run_id = %self.run_id, %error, "run room cannot recover its run");
+                self.broken = Some(error);
+            }
+        }
+    }
+
+    /// Tries recovery again if it failed in a way a retry may fix.
+    async fn recover_if_broken(&mut self) {
+        if self.broken.as_ref().is_some_and(StoreError::is_retryable) {
+            self.recover().await;
+        }
+    }
+
     /// On a shared log (NATS), other hosts may write this run: follow the
     /// log from what the room has fanned out, so that this host's
     /// subscribers see their events too. Nothing to do on sled, or once the
