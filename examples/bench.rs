@@ -184,6 +184,11 @@ struct Args {
     /// Seconds a run may take before it counts as failed.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Also run the same workload on a hub over NATS JetStream at this URL
+    /// (a fresh stream, deleted after), reported beside the sled hub (needs
+    /// `--features nats`).
+    #[arg(long)]
+    nats: Option<String>,
 }
 
 /// The configuration, as reported.
@@ -261,6 +266,8 @@ struct Baselines {
 struct Ratios {
     hub_events_over_raw_sled: f64,
     hub_deliveries_over_broadcast: f64,
+    /// The NATS hub's events/s over the sled hub's (`--nats`).
+    nats_hub_events_over_sled_hub: Option<f64>,
     /// The latency p99 of the half-load run if there was one, else of the
     /// full-speed run, over one small sled flush (p50).
     p99_over_flush_p50: f64,
@@ -283,6 +290,8 @@ struct Report {
     machine: Machine,
     hub: HubRun,
     half_load: Option<HubRun>,
+    /// The same workload on a hub over NATS (`--nats`).
+    nats: Option<HubRun>,
     memory: Memory,
     eviction: Option<EvictionReport>,
     baselines: Baselines,
@@ -408,6 +417,11 @@ fn measure(
         Ok::<_, workload::Error>((hub, half_load, peak_rss, rss))
     })?;
 
+    let nats = match &args.nats {
+        Some(url) => Some(runtime.block_on(nats_run(url, &work, hub_in_flight, &probes))?),
+        None => None,
+    };
+
     // The baselines, with the same events and fan-out.
     eprintln!("bench: baselines");
     let count = work.total_events().min(args.size.baseline_cap());
@@ -459,10 +473,13 @@ fn measure(
     let ratios = Ratios {
         hub_events_over_raw_sled: hub.events_per_s / raw_sled.events_per_s,
         hub_deliveries_over_broadcast: hub.deliveries_per_s / broadcast.deliveries_per_s,
+        nats_hub_events_over_sled_hub: nats.as_ref().map(|n| n.events_per_s / hub.events_per_s),
         p99_over_flush_p50: latency_p99 / sled_flush.p50_ms,
         p99_over_batch_flush_p50: raw_sled.batch_flush.map(|f| latency_p99 / f.p50_ms),
     };
-    let runs = std::iter::once(&hub).chain(half_load.as_ref());
+    let runs = std::iter::once(&hub)
+        .chain(half_load.as_ref())
+        .chain(nats.as_ref());
     let (mut lost, mut duplicated, mut other_faults) = (0, 0, 0);
     for run in runs {
         lost += run.lost;
@@ -482,6 +499,7 @@ fn measure(
         },
         hub,
         half_load,
+        nats,
         memory,
         eviction,
         baselines: Baselines {
@@ -491,6 +509,45 @@ fn measure(
         },
         ratios,
     })
+}
+
+/// The workload on a hub over NATS JetStream, in a fresh stream.
+#[cfg(feature = "nats")]
+async fn nats_run(
+    url: &str,
+    work: &Workload,
+    hub_in_flight: usize,
+    probes: &Probes,
+) -> Result<HubRun, workload::Error> {
+    let mut nats = behest_stream::nats::NatsConfig::new(url);
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    nats.stream = format!("BEHEST_BENCH_{unique}");
+    nats.prefix = format!("bench{unique}");
+    let config = work
+        .config(Config::nats(nats.clone()))
+        .max_in_flight_publishes(hub_in_flight);
+    let hub = EventHub::open(config).await?;
+    eprintln!("bench: full speed over NATS at {url}");
+    let mut work = work.clone();
+    work.evict_within = None;
+    let run = workload::run_hub(&hub, &work, probes).await;
+    hub.shutdown().await?;
+    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+    async_nats::jetstream::new(client)
+        .delete_stream(&nats.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    run
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_run(
+    _url: &str,
+    _work: &Workload,
+    _hub_in_flight: usize,
+    _probes: &Probes,
+) -> Result<HubRun, workload::Error> {
+    Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
 }
 
 /// `bytes` as a signed number, for differences.
@@ -612,6 +669,15 @@ fn print_table(report: &Report) {
             per_s(half.events_per_s)
         );
     }
+    if let Some(nats) = &report.nats {
+        println!(
+            "over NATS  {:>12} events/s total   {:>12} events/s per room   {} deliveries/s   {}",
+            per_s(nats.events_per_s),
+            per_s(nats.events_per_s_per_room),
+            per_s(nats.deliveries_per_s),
+            latency_line(nats)
+        );
+    }
     let m = &report.memory;
     println!(
         "memory     peak RSS {}   RSS {}   heap before rooms {}   heap per active room {} (room + {} subscriber(s))   peak heap while running +{}",
@@ -663,6 +729,11 @@ fn print_table(report: &Report) {
             String::new()
         }
     );
+    if let Some(ratio) = r.nats_hub_events_over_sled_hub {
+        println!(
+            "  the hub over NATS, same workload                                   NATS hub / sled hub  {ratio:.2}"
+        );
+    }
     let which = if report.half_load.is_some() {
         "half-load p99"
     } else {
