@@ -20,31 +20,21 @@ use std::time::Duration;
 
 use behest_stream::nats::{NatsConfig, NatsLog};
 use behest_stream::{RunId, RuntimeEventEnvelope, StoreError};
+use common::nats::skip;
 use common::{envelope, terminal, wait_for};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const CHILD_ENV: &str = "BEHEST_STREAM_NATS_CHILD";
 
-fn required() -> bool {
-    std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1")
-}
-
-fn skip(reason: &str) {
-    assert!(!required(), "BEHEST_STREAM_REQUIRE_NATS=1 but {reason}");
-    eprintln!("skipping: {reason}");
-}
-
 fn config(url: &str, unique: &str) -> NatsConfig {
-    let mut config = NatsConfig::new(url);
-    config.stream = format!("BEHEST_TEST_{unique}");
-    config.prefix = format!("bt{unique}");
+    let mut config = common::nats::config_named(url, unique);
     config.request_timeout = Duration::from_secs(1);
     config
 }
 
 fn shared_url() -> String {
-    std::env::var("BEHEST_STREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+    common::nats::url()
 }
 
 /// Not a test of its own: the writing host. Appends to the run named by
@@ -132,7 +122,7 @@ async fn a_killed_writer_loses_no_acknowledged_event_and_another_host_takes_over
     let next = writer.last_seq() + 1;
     writer.append(&terminal(run, None, next)).await.unwrap();
     assert_eq!(read_all(&log, run).await.len() as u64, next);
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Every envelope of `run`, checking they are seqs 1, 2, 3, … (the log's
@@ -150,14 +140,6 @@ async fn read_all(log: &NatsLog, run: RunId) -> Vec<RuntimeEventEnvelope> {
         assert_eq!(e.seq, i as u64 + 1);
     }
     all
-}
-
-async fn delete_stream(config: &NatsConfig) {
-    let client = async_nats::connect(config.url.as_str()).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream(&config.stream)
-        .await
-        .unwrap();
 }
 
 /// A `nats-server` of the test's own, killed on drop.

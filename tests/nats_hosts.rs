@@ -23,12 +23,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const HOST_A_ENV: &str = "BEHEST_STREAM_NATS_HOST_A";
 
 fn nats_config(unique: &str) -> NatsConfig {
-    let url = std::env::var("BEHEST_STREAM_NATS_URL")
-        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-    let mut config = NatsConfig::new(url);
-    config.stream = format!("BEHEST_TEST_{unique}");
-    config.prefix = format!("bt{unique}");
-    config
+    common::nats::config_named(&common::nats::url(), unique)
 }
 
 /// Not a test of its own: host A. Publishes the run its environment names,
@@ -82,24 +77,7 @@ fn parse_ack(line: &str) -> Option<(u64, String)> {
 
 /// Host B, or `None` (reason printed) without a server.
 async fn host_b(config: &NatsConfig) -> Option<EventHub> {
-    match EventHub::open(Config::nats(config.clone())).await {
-        Ok(hub) => Some(hub),
-        Err(error) if std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1") => {
-            panic!("BEHEST_STREAM_REQUIRE_NATS=1 but a hub on NATS cannot open: {error}")
-        }
-        Err(error) => {
-            eprintln!("skipping: no NATS JetStream server ({error})");
-            None
-        }
-    }
-}
-
-async fn delete_stream(config: &NatsConfig) {
-    let client = async_nats::connect(config.url.as_str()).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream(&config.stream)
-        .await
-        .unwrap();
+    common::nats::or_skip(EventHub::open(Config::nats(config.clone())).await)
 }
 
 fn seqs(envelopes: &[RuntimeEventEnvelope]) -> Vec<u64> {
@@ -163,7 +141,7 @@ async fn a_run_written_in_one_process_is_followed_and_resumed_in_another() {
     }
     assert_eq!(halves, seen, "the two halves are the run, once");
     hub.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Host A is killed with SIGKILL mid-run: every event it acknowledged is
@@ -222,5 +200,5 @@ async fn a_host_killed_mid_run_leaves_every_acknowledged_event_on_the_other() {
     assert_eq!(seen, hub.replay(run, 0, 100_000).await.unwrap());
     assert_eq!(seqs(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
     hub.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }

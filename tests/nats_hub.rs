@@ -22,35 +22,12 @@ use uuid::Uuid;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn nats_config() -> NatsConfig {
-    let url = std::env::var("BEHEST_STREAM_NATS_URL")
-        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-    let unique = Uuid::now_v7().simple().to_string();
-    let mut config = NatsConfig::new(url);
-    config.stream = format!("BEHEST_TEST_{unique}");
-    config.prefix = format!("bt{unique}");
-    config
+    common::nats::fresh_config()
 }
 
-/// A hub on a fresh stream, or `None` with the reason printed.
+/// A hub on the stream, or `None` (reason printed) without a server.
 async fn open_hub(config: &NatsConfig) -> Option<EventHub> {
-    match EventHub::open(Config::nats(config.clone())).await {
-        Ok(hub) => Some(hub),
-        Err(error) if std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1") => {
-            panic!("BEHEST_STREAM_REQUIRE_NATS=1 but a hub on NATS cannot open: {error}")
-        }
-        Err(error) => {
-            eprintln!("skipping: no NATS JetStream server ({error})");
-            None
-        }
-    }
-}
-
-async fn delete_stream(config: &NatsConfig) {
-    let client = async_nats::connect(config.url.as_str()).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream(&config.stream)
-        .await
-        .unwrap();
+    common::nats::or_skip(EventHub::open(Config::nats(config.clone())).await)
 }
 
 /// Reads `stream` to its end.
@@ -104,7 +81,7 @@ async fn a_hub_on_nats_publishes_subscribes_and_replays() {
         assert_eq!(&got, expected);
     }
     hub.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Two hubs on one stream, as two hosts: the same epoch; a subscriber that
@@ -147,7 +124,7 @@ async fn a_cursor_from_one_host_resumes_on_another() {
     assert_eq!(seen, host_a.replay(run, 0, 100).await.unwrap());
     host_a.shutdown().await.unwrap();
     host_b.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Host A writes a run; host B then appends to it too (its room recovers
@@ -189,7 +166,7 @@ async fn a_second_host_writing_a_run_is_fenced_off() {
     );
     host_a.shutdown().await.unwrap();
     host_b.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// A subscriber on host B follows, live, a run that host A writes: B's run
@@ -241,5 +218,5 @@ async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
     );
     host_a.shutdown().await.unwrap();
     host_b.shutdown().await.unwrap();
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }

@@ -13,40 +13,18 @@ use behest_stream::nats::{NatsConfig, NatsLog};
 use behest_stream::{RunId, RuntimeEventEnvelope, StoreError};
 use common::{envelope, terminal};
 
-/// A log in a fresh stream, or `None` (with the reason printed) when no
-/// server answers and CI did not ask for one.
+/// A log in a fresh stream, or `None` (reason printed) without a server.
 async fn open_log(max_event_bytes: Option<usize>) -> Option<(NatsLog, NatsConfig)> {
-    let url = std::env::var("BEHEST_STREAM_NATS_URL")
-        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    let mut config = NatsConfig::new(url);
-    config.stream = format!("BEHEST_TEST_{unique}");
-    config.prefix = format!("bt{unique}");
+    let mut config = common::nats::fresh_config();
     if let Some(bytes) = max_event_bytes {
         config.max_event_bytes = bytes;
     }
-    match NatsLog::open(&config).await {
-        Ok(log) => Some((log, config)),
-        Err(error) if std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() == Ok("1") => {
-            panic!("BEHEST_STREAM_REQUIRE_NATS=1 but the NATS log cannot open: {error}")
-        }
-        Err(error) => {
-            eprintln!("skipping: no NATS JetStream server ({error})");
-            None
-        }
-    }
+    let log = common::nats::or_skip(NatsLog::open(&config).await)?;
+    Some((log, config))
 }
 
 async fn context(config: &NatsConfig) -> jetstream::Context {
     jetstream::new(async_nats::connect(config.url.as_str()).await.unwrap())
-}
-
-async fn delete_stream(config: &NatsConfig) {
-    context(config)
-        .await
-        .delete_stream(&config.stream)
-        .await
-        .unwrap();
 }
 
 fn run_of(n: u64, run_id: RunId) -> Vec<RuntimeEventEnvelope> {
@@ -102,7 +80,7 @@ async fn appends_read_back_from_any_seq_with_runs_interleaved() {
             .unwrap()
             .is_empty()
     );
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// The server stored an append whose acknowledgement the writer never got
@@ -145,7 +123,7 @@ async fn a_retry_after_a_lost_acknowledgement_is_stored_once() {
         writer.append(e).await.unwrap();
     }
     assert_eq!(log.list_after(run, 0, 100).await.unwrap(), envelopes);
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Two writers of one run (two hosts): whoever appends second with a stale
@@ -175,7 +153,7 @@ async fn a_second_writer_is_fenced_off_and_stores_nothing() {
     let stored = log.list_after(run, 0, 10).await.unwrap();
     assert_eq!(seqs(&stored), vec![1, 2]);
     assert_eq!(stored[0].event_id, ours.event_id);
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }
 
 /// Refusals store nothing: a gap, an event after the terminal one, an
@@ -214,5 +192,5 @@ async fn refusals_store_nothing() {
         Err(StoreError::RunClosed { .. })
     ));
     assert_eq!(seqs(&log.list_after(run, 0, 10).await.unwrap()), vec![1, 2]);
-    delete_stream(&config).await;
+    common::nats::delete_stream(&config).await;
 }

@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "nats")]
+pub mod nats;
+
 use behest_stream::{
     AgentEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId,
     TextDelta,
