@@ -118,7 +118,8 @@ impl Config {
     /// several hosts opened on the same stream share its runs (see
     /// [`crate::nats`]). The other settings apply as for sled, except those
     /// of sled itself (path, cache, flush interval, segments) and
-    /// retention, which is the stream's own (`max_age`).
+    /// retention, which the NATS backend does not do yet (and the stream
+    /// must have no limits of its own).
     #[cfg(feature = "nats")]
     #[must_use]
     pub fn nats(nats: crate::nats::NatsConfig) -> Self {

@@ -88,8 +88,7 @@ pub enum StoreError {
         removed_at: chrono::DateTime<chrono::Utc>,
     },
     /// The store's backend does not do this (the NATS backend keeps no
-    /// run index to list, verify or remove runs by; JetStream's own limits,
-    /// such as `max_age`, are its retention). Not retryable.
+    /// run index to list, verify or remove runs by). Not retryable.
     #[error("the {backend} store backend does not support {operation}")]
     Unsupported {
         /// The backend.

@@ -1,6 +1,6 @@
-//! The JetStream run log (feature `nats`): the storage half of running
-//! behest-stream across machines (DESIGN §6). Not yet behind `EventHub`;
-//! this is the log a NATS-backed hub writes and reads.
+//! The JetStream run log (feature `nats`): what a hub opened with
+//! `Config::nats` stores its runs in, shared by every host opened on the
+//! same stream (DESIGN §6).
 //!
 //! ## Layout
 //!
@@ -46,7 +46,7 @@ use async_nats::HeaderMap;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
-use async_nats::jetstream::stream::{DirectGetErrorKind, StorageType};
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, stream};
 use thiserror::Error;
 use uuid::Uuid;
@@ -210,6 +210,19 @@ impl NatsLog {
             .info()
             .await
             .map_err(|e| stream_error(e.to_string()))?;
+        if info.config.max_age != Duration::ZERO
+            || info.config.max_messages_per_subject > 0
+            || info.config.max_messages > 0
+            || info.config.max_bytes > 0
+        {
+            // Limits would delete a run's events (or the epoch) under the
+            // hub, which would then restart a run at seq 1 or serve a
+            // shortened one: not until removal leaves a tombstone.
+            return Err(NatsOpenError::Stream {
+                stream: config.stream.clone(),
+                message: "the stream has limits (max_age, max_msgs, max_bytes or max_msgs_per_subject); the run log needs a stream without them".into(),
+            });
+        }
         if !subjects.iter().all(|s| info.config.subjects.contains(s)) || !info.config.allow_direct {
             return Err(NatsOpenError::Mismatch {
                 stream: config.stream.clone(),
@@ -280,17 +293,21 @@ impl NatsLog {
     }
 
     /// The run's last envelope and its stream sequence.
+    ///
+    /// Read from the stream's leader, not a replica (direct gets may be
+    /// served stale by a replica): writers fence on it and rooms recover
+    /// from it.
     pub(crate) async fn last(
         &self,
         run_id: RunId,
     ) -> Result<Option<(RuntimeEventEnvelope, u64)>, StoreError> {
         match self
             .stream
-            .direct_get_last_for_subject(self.subject(run_id))
+            .get_last_raw_message_by_subject(&self.subject(run_id))
             .await
         {
             Ok(message) => Ok(Some((decode(run_id, None, &message)?, message.sequence))),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
             Err(e) => Err(read_failed(&e)),
         }
     }
@@ -451,22 +468,14 @@ impl NatsLog {
     /// [`StoreError::ReadFailed`] if the server did not answer,
     /// [`StoreError::Corrupt`] if the message cannot be decoded.
     pub async fn tail(&self, run_id: RunId) -> Result<Option<RunTail>, StoreError> {
-        match self
-            .stream
-            .direct_get_last_for_subject(self.subject(run_id))
-            .await
-        {
-            Ok(message) => {
-                let envelope = decode(run_id, None, &message)?;
-                Ok(Some(RunTail {
-                    last_seq: envelope.seq,
-                    ended: envelope.is_terminal(),
-                    stream_seq: message.sequence,
-                }))
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(read_failed(&e)),
-        }
+        Ok(self
+            .last(run_id)
+            .await?
+            .map(|(envelope, stream_seq)| RunTail {
+                last_seq: envelope.seq,
+                ended: envelope.is_terminal(),
+                stream_seq,
+            }))
     }
 
     /// A writer for `run_id`, starting where the log's copy of the run ends.
@@ -632,8 +641,8 @@ impl RunWriter {
             });
         }
         if self.in_doubt {
+            // Stays in doubt until the log has answered.
             self.tail = self.log.tail(run_id).await?;
-            self.in_doubt = false;
             if self
                 .tail
                 .as_ref()
@@ -641,7 +650,9 @@ impl RunWriter {
             {
                 // That seq is stored: by the attempt in doubt, or by another
                 // writer.
-                if self.stored_id(envelope.seq).await?.as_deref() == Some(&envelope.event_id) {
+                let stored = self.stored_id(envelope.seq).await?;
+                self.in_doubt = false;
+                if stored.as_deref() == Some(&envelope.event_id) {
                     return Ok(());
                 }
                 return Err(StoreError::RunFenced {
@@ -649,6 +660,13 @@ impl RunWriter {
                     last_seq: self.last_seq(),
                 });
             }
+            self.in_doubt = false;
+        }
+        if envelope.seq != self.last_seq() + 1 {
+            // The run may have moved on without this writer (another host
+            // appended, and this host's room learned of it): look again
+            // before calling it a conflict.
+            self.tail = self.log.tail(run_id).await?;
         }
         if self.tail.as_ref().is_some_and(|t| t.ended) {
             return Err(StoreError::RunClosed { run_id });

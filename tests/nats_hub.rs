@@ -160,9 +160,23 @@ async fn a_second_host_writing_a_run_is_fenced_off() {
     })
     .await;
     assert_eq!(retried.seq, 4);
+    // The run handed back and forth. A host that has not followed the other's
+    // writes is fenced once, then its room (recovered from the log) and its
+    // writer (which last saw its own append) go on after the other's.
+    for (host, seq) in [(&host_b, 5), (&host_a, 6)] {
+        assert!(matches!(
+            host.publish(delta(run, "stale")).await,
+            Err(HubError::Store(StoreError::RunFenced { .. }))
+        ));
+        let next = common::wait_for("the room to recover", DEADLINE, async || {
+            host.publish(delta(run, "again")).await.ok()
+        })
+        .await;
+        assert_eq!(next.seq, seq);
+    }
     assert_eq!(
         seqs(&host_b.replay(run, 0, 100).await.unwrap()),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5, 6]
     );
     host_a.shutdown().await.unwrap();
     host_b.shutdown().await.unwrap();
@@ -215,6 +229,43 @@ async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
     assert_eq!(
         seqs(&read_to_end(&mut resumed).await),
         (6..=32).collect::<Vec<_>>()
+    );
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}
+
+/// A host that follows the run (it has a subscriber) learns of the other
+/// host's events as they land, so it can take the run back without being
+/// fenced: its room is up to date, and its writer, which last saw its own
+/// append, looks at the log again instead of calling the next seq a
+/// conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_following_host_takes_a_run_back_without_a_fence() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    let run = RunId::new();
+    let mut on_b = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    assert_eq!(host_b.publish(started(run, None)).await.unwrap().seq, 1);
+    assert_eq!(host_a.publish(delta(run, "a1")).await.unwrap().seq, 2);
+    assert_eq!(host_a.publish(delta(run, "a2")).await.unwrap().seq, 3);
+    for seq in 1..=3 {
+        assert_eq!(
+            next_within(&mut on_b, DEADLINE).await.unwrap().unwrap().seq,
+            seq
+        );
+    }
+    let back = host_b.publish(delta(run, "b again")).await.unwrap();
+    assert_eq!(back.seq, 4);
+    assert_eq!(
+        next_within(&mut on_b, DEADLINE).await.unwrap().unwrap(),
+        back
     );
     host_a.shutdown().await.unwrap();
     host_b.shutdown().await.unwrap();

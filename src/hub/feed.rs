@@ -94,6 +94,11 @@ impl Feed {
 
     /// No subscriber, and no activity for the idle timeout. (A run room also
     /// requires nothing in flight.)
+    /// Whether anyone holds the live feed.
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.live.receiver_count() > 0
+    }
+
     pub(crate) fn is_idle(&self) -> bool {
         self.live.receiver_count() == 0 && self.last_active.elapsed() >= self.shared.idle_timeout
     }

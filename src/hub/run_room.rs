@@ -94,6 +94,9 @@ pub(crate) enum RunMsg {
         envelopes: Vec<RuntimeEventEnvelope>,
         done: RpcReplyPort<()>,
     },
+    /// The tail stopped (its stream ended); follow again if subscribers
+    /// remain.
+    TailEnded,
 }
 
 pub(crate) struct RunRoom;
@@ -180,6 +183,9 @@ pub(crate) struct RunState {
     /// The task following the run in a shared log (NATS backend), started
     /// when the first subscriber attaches; stopped with the room.
     tail: Option<tokio::task::AbortHandle>,
+    /// The tail delivered other hosts' envelopes while an append of this
+    /// room was in flight: read them from the log once it is answered.
+    remote_behind: bool,
 }
 
 impl Actor for RunRoom {
@@ -216,11 +222,12 @@ impl Actor for RunRoom {
             next_batch: 0,
             published: ::metrics::counter!(crate::metrics::PUBLISHED),
             tail: None,
+            remote_behind: false,
         })
     }
 
-    /// Recovery runs here, not in `pre_start`, so that the router, which
-    /// awaits `pre_start`, is not held up by a store read.
+    /// Not called when a handler fails; the tail then notices within
+    /// seconds that its room is gone.
     async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
@@ -232,6 +239,8 @@ impl Actor for RunRoom {
         Ok(())
     }
 
+    /// Recovery runs here, not in `pre_start`, so that the router, which
+    /// awaits `pre_start`, is not held up by a store read.
     async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -272,6 +281,12 @@ impl Actor for RunRoom {
             RunMsg::Remote { envelopes, done } => {
                 state.remote(envelopes).await;
                 let _ = done.send(());
+            }
+            RunMsg::TailEnded => {
+                state.tail = None;
+                if state.feed.has_subscribers() {
+                    state.follow_shared_log(&myself).await;
+                }
             }
             RunMsg::LivePublish { envelope, reply } => {
                 state.feed.live_publish(envelope);
@@ -366,18 +381,22 @@ impl RunState {
                 let next = tokio::time::timeout(Duration::from_secs(5), batches.next()).await;
                 let batch = match next {
                     Ok(Some(batch)) => batch,
-                    Ok(None) => return,
+                    Ok(None) => {
+                        let _ = myself.send_message(RunMsg::TailEnded);
+                        return;
+                    }
                     Err(_) if myself.get_status() == ractor::ActorStatus::Running => continue,
                     Err(_) => return,
                 };
                 let mut envelopes = Vec::with_capacity(batch.len());
-                let mut failed = None;
                 for item in batch {
                     match item {
                         Ok(envelope) => envelopes.push(envelope),
+                        // The ordered consumer goes on after a failed pull
+                        // (it recreates itself); an envelope it could not
+                        // hand over is a gap the room fills from the log.
                         Err(error) => {
-                            failed = Some(error);
-                            break;
+                            tracing::warn!(%run_id, %error, "following the shared log: an error");
                         }
                     }
                 }
@@ -391,10 +410,6 @@ impl RunState {
                         return;
                     }
                 }
-                if let Some(error) = failed {
-                    tracing::warn!(%run_id, %error, "following the shared log failed");
-                    return;
-                }
             }
         });
         self.tail = Some(task.abort_handle());
@@ -407,7 +422,13 @@ impl RunState {
     async fn remote(&mut self, envelopes: Vec<RuntimeEventEnvelope>) {
         let mut fanned = Vec::new();
         for envelope in envelopes {
-            if envelope.seq <= self.persisted || !self.in_flight.is_empty() {
+            if envelope.seq <= self.persisted {
+                continue;
+            }
+            if !self.in_flight.is_empty() {
+                // Ours, or another host's; which, the append's answer says:
+                // then read the log for what is beyond it (`persisted`).
+                self.remote_behind = true;
                 continue;
             }
             if envelope.seq != self.persisted + 1 {
@@ -436,6 +457,48 @@ impl RunState {
             tracing::trace!(run_id = %self.run_id, seq = self.persisted, "fanned out from the shared log");
         }
         self.fan_out(fanned);
+        self.stop_tail_if_ended();
+    }
+
+    /// After the room's own appends are answered: what other hosts appended
+    /// meanwhile, read from the log (the tail's copies were set aside).
+    async fn catch_up_remote(&mut self) {
+        if !self.remote_behind || !self.in_flight.is_empty() {
+            return;
+        }
+        self.remote_behind = false;
+        let page = self.shared.catch_up_page;
+        loop {
+            let fill = match self
+                .store
+                .list_after(self.run_id, self.persisted, page)
+                .await
+            {
+                Ok(fill) => fill,
+                Err(error) => {
+                    tracing::warn!(run_id = %self.run_id, %error, "cannot read other hosts' events");
+                    return;
+                }
+            };
+            let more = fill.len() == page;
+            let fanned: Vec<_> = fill
+                .into_iter()
+                .map(|envelope| (self.take_remote(envelope), None))
+                .collect();
+            self.fan_out(fanned);
+            if !more {
+                break;
+            }
+        }
+        self.stop_tail_if_ended();
+    }
+
+    fn stop_tail_if_ended(&mut self) {
+        if self.ended_persisted
+            && let Some(tail) = self.tail.take()
+        {
+            tail.abort();
+        }
     }
 
     /// Takes another host's envelope as persisted.
@@ -488,7 +551,12 @@ impl RunState {
         };
         // A batch has one durability: a publish asking for another sends
         // what has gathered first.
-        if !self.gathering.is_empty() && self.gathering_durability != request.durability {
+        // (On a shared log durability is the server's, and a second append
+        // in flight could reach it before the first.)
+        if !self.gathering.is_empty()
+            && self.gathering_durability != request.durability
+            && !self.store.is_shared_log()
+        {
             self.send_gathered(myself).await;
         }
         self.assigned = seq;
@@ -647,6 +715,7 @@ impl RunState {
         }
         self.fan_out(fanned);
         stop?;
+        self.catch_up_remote().await;
         if self.outstanding == 0 {
             self.send_gathered(myself).await;
         }

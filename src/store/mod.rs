@@ -598,6 +598,15 @@ impl Store {
         Ok(rx)
     }
 
+    /// Whether other processes may write this store's runs (NATS).
+    pub(crate) fn is_shared_log(&self) -> bool {
+        #[cfg(feature = "nats")]
+        if self.nats().is_some() {
+            return true;
+        }
+        false
+    }
+
     /// On a shared log (NATS): the run's envelopes after `after_seq`, then
     /// every one appended later, by any host. `None` on sled, where this
     /// process's room is the run's only writer.

@@ -50,7 +50,15 @@ impl Writers {
         }
         let slot = self.cold.remove(&run_id).unwrap_or_default();
         if self.hot.len() >= WRITERS_KEPT / 2 {
-            self.cold = std::mem::take(&mut self.hot);
+            let forgotten = std::mem::replace(&mut self.cold, std::mem::take(&mut self.hot));
+            // A slot in use (an append or a recovery read holds it) is
+            // kept: a second writer for the run on this host would only be
+            // fenced by the first.
+            for (run, in_use) in forgotten {
+                if Arc::strong_count(&in_use) > 1 {
+                    self.hot.insert(run, in_use);
+                }
+            }
         }
         self.hot.insert(run_id, Arc::clone(&slot));
         slot
@@ -117,6 +125,17 @@ impl NatsStore {
     pub(crate) async fn append(&self, items: Vec<StoredEnvelope>) -> Result<(), StoreError> {
         self.check_open()?;
         let mut stored = 0usize;
+        let total = items.len();
+        // An error after something was stored leaves the append in doubt.
+        let failed = |error: StoreError, stored: usize| {
+            if stored == 0 {
+                error
+            } else {
+                StoreError::FlushFailed {
+                    message: format!("{stored} of {total} envelopes were stored before: {error}"),
+                }
+            }
+        };
         let mut index = 0;
         while index < items.len() {
             let run_id = items[index].run_id;
@@ -127,7 +146,12 @@ impl NatsStore {
             let slot = self.slot(run_id);
             let mut slot = slot.lock().await;
             if slot.writer.is_none() {
-                slot.writer = Some(self.log.writer(run_id).await?);
+                slot.writer = Some(
+                    self.log
+                        .writer(run_id)
+                        .await
+                        .map_err(|e| failed(e, stored))?,
+                );
             }
             for item in &items[index..end] {
                 // The session index is written before the run's first
@@ -138,7 +162,10 @@ impl NatsStore {
                 if let Some(session) = item.session_id
                     && !slot.indexed
                 {
-                    self.log.index_session(session, run_id).await?;
+                    self.log
+                        .index_session(session, run_id)
+                        .await
+                        .map_err(|e| failed(e, stored))?;
                     slot.indexed = true;
                 }
                 let Some(writer) = slot.writer.as_mut() else {
@@ -155,15 +182,7 @@ impl NatsStore {
                     .await;
                 match outcome {
                     Ok(()) => stored += 1,
-                    Err(error) if stored == 0 => return Err(error),
-                    Err(error) => {
-                        return Err(StoreError::FlushFailed {
-                            message: format!(
-                                "{stored} of {} envelopes were stored before: {error}",
-                                items.len()
-                            ),
-                        });
-                    }
+                    Err(error) => return Err(failed(error, stored)),
                 }
             }
             index = end;
