@@ -341,10 +341,7 @@ impl NatsLog {
         &self,
         run_id: RunId,
         after_seq: u64,
-    ) -> Result<
-        futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>,
-        StoreError,
-    > {
+    ) -> Result<EnvelopeStream, StoreError> {
         use async_nats::jetstream::consumer::{self, DeliverPolicy};
         use futures_util::StreamExt;
 
@@ -570,6 +567,10 @@ impl NatsLog {
         Ok(found)
     }
 }
+
+/// A run's envelopes as the log delivers them (see [`NatsLog::follow`]).
+pub(crate) type EnvelopeStream =
+    futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>;
 
 /// An envelope encoded for the log, with what the writer needs of it.
 pub(crate) struct Encoded<'a> {

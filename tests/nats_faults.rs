@@ -176,6 +176,37 @@ impl Drop for Server {
     }
 }
 
+/// A `nats-server` binary, a store directory and a port of the test's own,
+/// to start (and, after a kill, start again) a server on.
+struct OwnServer {
+    binary: String,
+    store: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnServer {
+    /// `None` (reason printed, or a failure under
+    /// `BEHEST_STREAM_REQUIRE_NATS=1`) without the binary.
+    fn start() -> Option<Self> {
+        let binary = std::env::var("BEHEST_STREAM_NATS_SERVER")
+            .unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+        if !std::path::Path::new(&binary).exists() {
+            skip(&format!("no nats-server binary at {binary}"));
+            return None;
+        }
+        Some(Self {
+            binary,
+            store: tempfile::tempdir().unwrap(),
+            port: free_port(),
+        })
+    }
+
+    /// Starts the server on the same port and store.
+    fn run(&self) -> Server {
+        Server::start(&self.binary, self.port, self.store.path()).unwrap()
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -191,14 +222,10 @@ fn free_port() -> u16 {
 /// crash is there, and the run goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_mid_run_loses_nothing_acknowledged() {
-    let binary = std::env::var("BEHEST_STREAM_NATS_SERVER")
-        .unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
-    if !std::path::Path::new(&binary).exists() {
-        return skip(&format!("no nats-server binary at {binary}"));
-    }
-    let store = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = Server::start(&binary, port, store.path()).unwrap();
+    let Some(own) = OwnServer::start() else {
+        return;
+    };
+    let server = own.run();
     let unique = Uuid::now_v7().simple().to_string();
     let config = config(&server.url(), &unique);
     let log = wait_for(
@@ -224,7 +251,7 @@ async fn a_server_restart_mid_run_loses_nothing_acknowledged() {
         other => panic!("an append while the server is down must be in doubt, got {other:?}"),
     }
 
-    let server = Server::start(&binary, port, store.path()).unwrap();
+    let server = own.run();
     // Retry the append in doubt until the server is back and answers.
     wait_for(
         "the append in doubt to be learned",
@@ -254,14 +281,10 @@ async fn a_hub_survives_its_server_restarting_mid_run() {
     use behest_stream::{Config, EventHub, Resume, RuntimeRoom};
     use common::{completed, delta, next_within, started};
 
-    let binary = std::env::var("BEHEST_STREAM_NATS_SERVER")
-        .unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
-    if !std::path::Path::new(&binary).exists() {
-        return skip(&format!("no nats-server binary at {binary}"));
-    }
-    let store = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = Server::start(&binary, port, store.path()).unwrap();
+    let Some(own) = OwnServer::start() else {
+        return;
+    };
+    let server = own.run();
     let unique = Uuid::now_v7().simple().to_string();
     let config = config(&server.url(), &unique);
     let hub = wait_for(
@@ -287,7 +310,7 @@ async fn a_hub_survives_its_server_restarting_mid_run() {
         "a publish with the server down must not be acknowledged"
     );
 
-    let server = Server::start(&binary, port, store.path()).unwrap();
+    let server = own.run();
     let back = wait_for("publishing to work again", DEADLINE, async || {
         hub.publish(delta(run, "after the restart")).await.ok()
     })

@@ -245,10 +245,7 @@ impl NatsStore {
         &self,
         run_id: RunId,
         after_seq: u64,
-    ) -> Result<
-        futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>,
-        StoreError,
-    > {
+    ) -> Result<crate::nats::EnvelopeStream, StoreError> {
         self.check_open()?;
         self.log.follow(run_id, after_seq).await
     }
