@@ -194,3 +194,39 @@ async fn refusals_store_nothing() {
     assert_eq!(seqs(&log.list_after(run, 0, 10).await.unwrap()), vec![1, 2]);
     common::nats::delete_stream(&config).await;
 }
+
+/// A stream that already exists with limits (which would delete a run's
+/// events, or the epoch, without a tombstone) or without direct gets is
+/// refused with an error naming it, not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsuitable_streams_are_refused() {
+    let config = common::nats::fresh_config();
+    let Some(js) =
+        common::nats::or_skip(async_nats::connect(config.url.as_str()).await).map(jetstream::new)
+    else {
+        return;
+    };
+    let subjects = vec![
+        format!("{}.run.*", config.prefix),
+        format!("{}.session.*", config.prefix),
+        format!("{}.meta", config.prefix),
+    ];
+    for (limited, direct) in [(true, true), (false, false)] {
+        js.create_stream(jetstream::stream::Config {
+            name: config.stream.clone(),
+            subjects: subjects.clone(),
+            max_age: if limited {
+                std::time::Duration::from_secs(3600)
+            } else {
+                std::time::Duration::ZERO
+            },
+            allow_direct: direct,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let error = NatsLog::open(&config).await.unwrap_err().to_string();
+        assert!(error.contains(&config.stream), "{error}");
+        common::nats::delete_stream(&config).await;
+    }
+}
