@@ -11,23 +11,15 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::envelope;
-
 use behest_stream::nats::{NatsConfig, NatsLog};
-use behest_stream::{Config, Durability, RunId, RuntimeEventEnvelope, Store};
+use behest_stream::{Config, Durability, RuntimeEventEnvelope, Store};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 /// Events appended per timed iteration.
 const EVENTS: u64 = 256;
 
 fn workload(runs: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
-    let per_run = EVENTS / runs as u64;
-    (0..runs)
-        .map(|_| {
-            let run = RunId::new();
-            (1..=per_run).map(|seq| envelope(run, seq)).collect()
-        })
-        .collect()
+    support::runs_of(EVENTS, runs)
 }
 
 /// One backend: appends each run's envelopes in order, runs concurrently.

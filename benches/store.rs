@@ -10,23 +10,14 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::envelope;
-
-use behest_stream::{Config, Durability, RunId, RuntimeEventEnvelope, Store};
+use behest_stream::{Config, Durability, RuntimeEventEnvelope, Store};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 /// Events appended per timed iteration.
 const EVENTS: u64 = 256;
 
-/// `EVENTS` envelopes split over `appenders` fresh runs.
 fn workload(appenders: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
-    let per_run = EVENTS / appenders as u64;
-    (0..appenders)
-        .map(|_| {
-            let run = RunId::new();
-            (1..=per_run).map(|seq| envelope(run, seq)).collect()
-        })
-        .collect()
+    support::runs_of(EVENTS, appenders)
 }
 
 fn store_append(c: &mut Criterion) {

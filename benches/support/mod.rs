@@ -68,3 +68,15 @@ pub fn raw_sled_append(db: &sled::Db, encoded: &[(Vec<u8>, Vec<u8>)], flush: boo
     }
     start.elapsed()
 }
+
+/// `events` envelopes split evenly over `runs` fresh runs, each run's in
+/// seq order from 1.
+pub fn runs_of(events: u64, runs: usize) -> Vec<Vec<RuntimeEventEnvelope>> {
+    let per_run = events / runs as u64;
+    (0..runs)
+        .map(|_| {
+            let run = RunId::new();
+            (1..=per_run).map(|seq| envelope(run, seq)).collect()
+        })
+        .collect()
+}
