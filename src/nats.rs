@@ -54,6 +54,7 @@ use uuid::Uuid;
 use crate::codec::{self, CodecError};
 use crate::error::StoreError;
 use crate::ids::RunId;
+use crate::store::{FollowFrom, IndexedRun};
 use crate::stream::RuntimeEventEnvelope;
 
 /// The header carrying an envelope's seq.
@@ -328,10 +329,12 @@ impl NatsLog {
         }
     }
 
-    /// The run's envelopes after `after_seq`, then every one appended later,
+    /// The run's envelopes from `from` on, then every one appended later,
     /// in order, as JetStream delivers them to an ordered consumer (which
     /// recreates itself on a gap or a reconnect, so nothing is skipped or
-    /// repeated). How a host learns of a run another host writes.
+    /// repeated). How a host learns of a run another host writes. `None`
+    /// when asked to follow from the end of a run that has ended: nothing
+    /// will come.
     ///
     /// # Errors
     ///
@@ -340,20 +343,32 @@ impl NatsLog {
     pub(crate) async fn follow(
         &self,
         run_id: RunId,
-        after_seq: u64,
-    ) -> Result<EnvelopeStream, StoreError> {
+        from: FollowFrom,
+    ) -> Result<Option<EnvelopeStream>, StoreError> {
         use async_nats::jetstream::consumer::{self, DeliverPolicy};
         use futures_util::StreamExt;
 
-        let deliver_policy = match self.last(run_id).await? {
-            None => DeliverPolicy::All,
-            Some((last, last_stream_seq)) if after_seq < last.seq => {
-                DeliverPolicy::ByStartSequence {
-                    start_sequence: self.locate(run_id, after_seq + 1, last_stream_seq).await?,
-                }
+        let deliver_policy = match from {
+            FollowFrom::Position(start_sequence) => {
+                DeliverPolicy::ByStartSequence { start_sequence }
             }
-            Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
-                start_sequence: last_stream_seq + 1,
+            FollowFrom::AfterSeq(after_seq) => match self.last(run_id).await? {
+                None => DeliverPolicy::All,
+                Some((last, last_stream_seq)) if after_seq < last.seq => {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: self.locate(run_id, after_seq + 1, last_stream_seq).await?,
+                    }
+                }
+                Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
+                    start_sequence: last_stream_seq + 1,
+                },
+            },
+            FollowFrom::End => match self.last(run_id).await? {
+                None => DeliverPolicy::All,
+                Some((last, _)) if last.is_terminal() => return Ok(None),
+                Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
+                    start_sequence: last_stream_seq + 1,
+                },
             },
         };
         let consumer = self
@@ -366,7 +381,7 @@ impl NatsLog {
             .await
             .map_err(|e| read_failed(&e))?;
         let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
-        Ok(messages
+        let envelopes = messages
             .map(move |message| {
                 let message = message.map_err(|e| read_failed(&e))?;
                 let envelope = codec::decode_envelope(&message.payload).map_err(|source| {
@@ -388,7 +403,8 @@ impl NatsLog {
                 }
                 Ok(envelope)
             })
-            .boxed())
+            .boxed();
+        Ok(Some(envelopes))
     }
 
     fn session_subject(&self, session: Uuid) -> String {
@@ -434,16 +450,51 @@ impl NatsLog {
                 Err(e) => return Err(read_failed(&e)),
             };
             next = message.sequence + 1;
-            let text = std::str::from_utf8(&message.payload).unwrap_or_default();
-            let run = Uuid::parse_str(text).map(RunId::from_uuid).map_err(|e| {
-                StoreError::ReadFailed {
-                    message: format!("NATS: session {session} index holds {text:?}: {e}"),
-                }
-            })?;
+            let run = indexed_run(session, &message.payload)?;
             if !runs.contains(&run) {
                 runs.push(run);
             }
         }
+    }
+
+    /// The runs indexed in `session` from now on, as the log delivers their
+    /// index entries to an ordered consumer, each with the entry's position
+    /// in the log: every envelope of the run appended since the entry was
+    /// written lies after it (a run may come more than once, when a writer
+    /// indexed it again after the duplicate window). How a host learns of a
+    /// session's runs that other hosts start.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ReadFailed`] if the consumer cannot be created; the
+    /// stream's items carry later failures.
+    pub(crate) async fn follow_session(
+        &self,
+        session: Uuid,
+    ) -> Result<IndexedRunStream, StoreError> {
+        use async_nats::jetstream::consumer::{self, DeliverPolicy};
+        use futures_util::StreamExt;
+
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.session_subject(session),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_failed(&e))?;
+        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
+        Ok(messages
+            .map(move |message| {
+                let message = message.map_err(|e| read_failed(&e))?;
+                let position = message.info().map_err(|e| read_failed(&e))?.stream_sequence;
+                Ok(IndexedRun {
+                    run_id: indexed_run(session, &message.payload)?,
+                    position,
+                })
+            })
+            .boxed())
     }
 
     /// The subject of `run_id`'s messages.
@@ -571,6 +622,21 @@ impl NatsLog {
 /// A run's envelopes as the log delivers them (see [`NatsLog::follow`]).
 pub(crate) type EnvelopeStream =
     futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>;
+
+/// A session's runs as their index entries arrive (see
+/// [`NatsLog::follow_session`]).
+pub(crate) type IndexedRunStream =
+    futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>;
+
+/// The run a session index entry names.
+fn indexed_run(session: Uuid, payload: &[u8]) -> Result<RunId, StoreError> {
+    let text = std::str::from_utf8(payload).unwrap_or_default();
+    Uuid::parse_str(text)
+        .map(RunId::from_uuid)
+        .map_err(|e| StoreError::ReadFailed {
+            message: format!("NATS: session {session} index holds {text:?}: {e}"),
+        })
+}
 
 /// An envelope encoded for the log, with what the writer needs of it.
 pub(crate) struct Encoded<'a> {

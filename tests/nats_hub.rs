@@ -271,3 +271,120 @@ async fn a_following_host_takes_a_run_back_without_a_fence() {
     host_b.shutdown().await.unwrap();
     common::nats::delete_stream(&config).await;
 }
+
+/// Reads `stream` until it has delivered the terminal event of every run in
+/// `runs` but those `already_ended`, advancing `cursor`, and returns what
+/// it delivered, grouped by run in `runs`' order.
+async fn read_runs_to_end(
+    stream: &mut behest_stream::BoxRuntimeEventStream,
+    runs: &[RunId],
+    already_ended: usize,
+    cursor: &mut Cursor,
+) -> Vec<Vec<RuntimeEventEnvelope>> {
+    let mut by_run = vec![Vec::new(); runs.len()];
+    let mut ended = already_ended;
+    while ended < runs.len() {
+        let envelope = next_within(stream, DEADLINE)
+            .await
+            .expect("the session stream stalled before every run ended")
+            .unwrap();
+        cursor.advance(&envelope);
+        ended += usize::from(envelope.is_terminal());
+        let index = runs.iter().position(|r| *r == envelope.run_id).unwrap();
+        by_run[index].push(envelope);
+    }
+    by_run
+}
+
+/// A session subscriber on host B follows, live, the runs host A writes in
+/// the session: one A started before B subscribed and one A starts after.
+/// B's session room follows the session's index and each of its runs on
+/// the shared log, so B gets every event of both, once and in order. A
+/// subscriber that drops partway resumes on B by its cursor while A writes
+/// a third run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    let session = Uuid::now_v7();
+    let (first, second, third) = (RunId::new(), RunId::new(), RunId::new());
+    host_a.publish(started(first, Some(session))).await.unwrap();
+    host_a.publish(delta(first, "before")).await.unwrap();
+
+    let room = RuntimeRoom::Session(session);
+    let mut whole = host_b
+        .subscribe(room.clone(), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut partial = host_b
+        .subscribe(room.clone(), Resume::FromStart)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        host_a.publish(delta(first, &i.to_string())).await.unwrap();
+    }
+    host_a
+        .publish(started(second, Some(session)))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        host_a.publish(delta(second, &i.to_string())).await.unwrap();
+        host_a.publish(delta(first, &i.to_string())).await.unwrap();
+    }
+    host_a.publish(completed(first)).await.unwrap();
+    host_a.publish(completed(second)).await.unwrap();
+
+    let mut cursor = Cursor::new(host_b.epoch());
+    let by_run = read_runs_to_end(&mut whole, &[first, second], 0, &mut cursor).await;
+    assert_eq!(seqs(&by_run[0]), (1..=23).collect::<Vec<_>>());
+    assert_eq!(seqs(&by_run[1]), (1..=12).collect::<Vec<_>>());
+    assert_eq!(by_run[0], host_a.replay(first, 0, 100).await.unwrap());
+    assert_eq!(by_run[1], host_a.replay(second, 0, 100).await.unwrap());
+
+    // Part of the session, then a resume on B while A writes a third run.
+    let mut partial_cursor = Cursor::new(host_b.epoch());
+    let mut ended_before = 0;
+    for _ in 0..15 {
+        let envelope = next_within(&mut partial, DEADLINE).await.unwrap().unwrap();
+        partial_cursor.advance(&envelope);
+        ended_before += usize::from(envelope.is_terminal());
+    }
+    drop(partial);
+    let mut resumed = host_b
+        .subscribe(room.clone(), Resume::After(partial_cursor.clone()))
+        .await
+        .unwrap();
+    host_a.publish(started(third, Some(session))).await.unwrap();
+    for i in 0..5 {
+        host_a.publish(delta(third, &i.to_string())).await.unwrap();
+    }
+    host_a.publish(completed(third)).await.unwrap();
+    let rest = read_runs_to_end(
+        &mut resumed,
+        &[first, second, third],
+        ended_before,
+        &mut partial_cursor,
+    )
+    .await;
+    for (run, rest) in [first, second, third].iter().zip(&rest) {
+        let all = host_a.replay(*run, 0, 100).await.unwrap();
+        assert_eq!(
+            partial_cursor.seq(*run),
+            all.last().unwrap().seq,
+            "run {run}"
+        );
+        // What the resumed stream delivered is exactly the tail of the run
+        // the first part had not.
+        assert_eq!(rest[..], all[all.len() - rest.len()..], "run {run}");
+    }
+    assert_eq!(seqs(&rest[2]), (1..=7).collect::<Vec<_>>());
+    // The first stream goes on live with the third run too.
+    let third_whole = read_runs_to_end(&mut whole, &[third], 0, &mut cursor).await;
+    assert_eq!(third_whole[0], rest[2]);
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}

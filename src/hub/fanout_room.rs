@@ -5,6 +5,9 @@
 //! from its run room (one sender, FIFO), and a session subscriber restores
 //! anything it missed from the store, per run. A provider subscriber that
 //! falls out of the ring is told how much it skipped.
+//!
+//! On a shared log (NATS) a session room with subscribers also follows the
+//! log for the runs other hosts write (see [`SessionLog`]).
 
 use std::sync::Arc;
 
@@ -12,8 +15,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::feed::Feed;
 use super::router::RouterMsg;
+use super::session_log::SessionLog;
 use super::{LiveFeed, RoomStats, Shared};
 use crate::error::HubError;
+use crate::ids::RunId;
+use crate::store::{IndexedRun, Store};
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 /// Every message a session or provider room takes.
@@ -34,6 +40,21 @@ pub(crate) enum FanoutMsg {
     StopIfIdle(RpcReplyPort<bool>),
     /// Report counters.
     Stats(RpcReplyPort<RoomStats>),
+    /// Runs that joined the session, from its index in the shared log.
+    /// Answered once handled, as is `Remote`, so a tail keeps at most one
+    /// batch in the mailbox.
+    RunsJoined {
+        runs: Vec<IndexedRun>,
+        done: RpcReplyPort<()>,
+    },
+    /// Envelopes of one of the session's runs, from the shared log, in seq
+    /// order.
+    Remote {
+        envelopes: Vec<RuntimeEventEnvelope>,
+        done: RpcReplyPort<()>,
+    },
+    /// A tail of the shared log stopped: the index's (`None`) or a run's.
+    TailEnded(Option<RunId>),
 }
 
 pub(crate) struct FanoutRoom;
@@ -41,6 +62,7 @@ pub(crate) struct FanoutRoom;
 pub(crate) struct FanoutRoomArgs {
     pub(crate) room: RuntimeRoom,
     pub(crate) router: ActorRef<RouterMsg>,
+    pub(crate) store: Store,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -48,6 +70,22 @@ pub(crate) struct FanoutState {
     room: RuntimeRoom,
     router: ActorRef<RouterMsg>,
     feed: Feed,
+    /// A session room's following of the shared log; `None` for a provider
+    /// room.
+    log: Option<SessionLog>,
+}
+
+impl FanoutState {
+    /// Fans out what of `envelopes` this room has not yet.
+    fn push(&mut self, envelopes: Vec<Arc<RuntimeEventEnvelope>>) {
+        let envelopes = match self.log.as_mut() {
+            Some(log) => log.fresh(envelopes),
+            None => envelopes,
+        };
+        if !envelopes.is_empty() {
+            self.feed.push(envelopes);
+        }
+    }
 }
 
 impl Actor for FanoutRoom {
@@ -61,10 +99,15 @@ impl Actor for FanoutRoom {
         args: FanoutRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(args.shared.idle_timeout / 2, || FanoutMsg::Tick);
+        let log = match &args.room {
+            RuntimeRoom::Session(session_id) => Some(SessionLog::new(*session_id, args.store)),
+            _ => None,
+        };
         Ok(FanoutState {
             room: args.room,
             router: args.router,
             feed: Feed::new(args.shared),
+            log,
         })
     }
 
@@ -75,15 +118,43 @@ impl Actor for FanoutRoom {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            FanoutMsg::Fanout(envelopes) => state.feed.push(envelopes),
+            FanoutMsg::Fanout(envelopes) => state.push(envelopes),
             FanoutMsg::Attach(reply) => {
+                // Following before answering: whatever another host appends
+                // after the subscriber's catch-up reaches it live.
+                if let Some(log) = state.log.as_mut() {
+                    log.follow(&myself).await;
+                }
                 let _ = reply.send(Ok(state.feed.subscribe()));
+            }
+            FanoutMsg::RunsJoined { runs, done } => {
+                if let Some(log) = state.log.as_mut() {
+                    log.joined(&myself, runs).await;
+                }
+                let _ = done.send(());
+            }
+            FanoutMsg::Remote { envelopes, done } => {
+                state.push(envelopes.into_iter().map(Arc::new).collect());
+                let _ = done.send(());
+            }
+            FanoutMsg::TailEnded(run_id) => {
+                let subscribed = state.feed.has_subscribers();
+                if let Some(log) = state.log.as_mut() {
+                    log.tail_ended(&myself, run_id, subscribed).await;
+                }
             }
             FanoutMsg::LivePublish { envelope, reply } => {
                 state.feed.live_publish(envelope);
                 let _ = reply.send(Ok(()));
             }
             FanoutMsg::Tick => {
+                // Following that failed (the log was unreachable) is tried
+                // again while subscribers wait for it.
+                if state.feed.has_subscribers()
+                    && let Some(log) = state.log.as_mut()
+                {
+                    log.follow(&myself).await;
+                }
                 if state.feed.is_idle() {
                     let _ = state.router.send_message(RouterMsg::Idle {
                         room: state.room.clone(),

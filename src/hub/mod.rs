@@ -119,6 +119,8 @@ mod feed;
 mod follow;
 mod router;
 mod run_room;
+mod session_log;
+mod tail;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

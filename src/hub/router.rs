@@ -368,6 +368,7 @@ impl RouterState {
                 let args = FanoutRoomArgs {
                     room: room.clone(),
                     router: myself.clone(),
+                    store: self.store.clone(),
                     shared: Arc::clone(&self.shared),
                 };
                 let (r, _) = Actor::spawn_linked(None, FanoutRoom, args, myself.get_cell())

@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -21,12 +20,13 @@ use uuid::Uuid;
 
 use super::feed::Feed;
 use super::router::RouterMsg;
+use super::tail::{self, Tail};
 use super::{Delivery, LiveFeed, RoomStats, Shared};
 use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
 use crate::ids::{ProviderId, RunId};
-use crate::store::{Store, StoredEnvelope, encoded_len};
+use crate::store::{FollowFrom, Store, StoredEnvelope, encoded_len};
 use crate::stream::{RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom};
 
 /// The answer to one publish: its envelope once stored and fanned out. An
@@ -182,7 +182,7 @@ pub(crate) struct RunState {
     published: ::metrics::Counter,
     /// The task following the run in a shared log (NATS backend), started
     /// when the first subscriber attaches; stopped with the room.
-    tail: Option<tokio::task::AbortHandle>,
+    tail: Option<Tail>,
     /// The tail delivered other hosts' envelopes while an append of this
     /// room was in flight: read them from the log once it is answered.
     remote_behind: bool,
@@ -224,19 +224,6 @@ impl Actor for RunRoom {
             tail: None,
             remote_behind: false,
         })
-    }
-
-    /// Not called when a handler fails; the tail then notices within
-    /// seconds that its room is gone.
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(tail) = state.tail.take() {
-            tail.abort();
-        }
-        Ok(())
     }
 
     /// Recovery runs here, not in `pre_start`, so that the router, which
@@ -293,6 +280,11 @@ impl Actor for RunRoom {
                 let _ = reply.send(Ok(()));
             }
             RunMsg::Tick => {
+                // A tail that could not be started (the log was unreachable)
+                // is tried again while subscribers wait for it.
+                if state.feed.has_subscribers() {
+                    state.follow_shared_log(&myself).await;
+                }
                 if state.is_idle() {
                     let room = RuntimeRoom::Run(state.run_id);
                     let _ = state.router.send_message(RouterMsg::Idle {
@@ -357,10 +349,18 @@ impl RunState {
     /// subscribers see their events too. Nothing to do on sled, or once the
     /// run has ended.
     async fn follow_shared_log(&mut self, myself: &ActorRef<RunMsg>) {
-        if self.tail.is_some() || self.ended_persisted || self.broken.is_some() {
+        if !self.store.is_shared_log()
+            || self.tail.is_some()
+            || self.ended_persisted
+            || self.broken.is_some()
+        {
             return;
         }
-        let stream = match self.store.follow_run(self.run_id, self.persisted).await {
+        let stream = match self
+            .store
+            .follow_run(self.run_id, FollowFrom::AfterSeq(self.persisted))
+            .await
+        {
             Ok(Some(stream)) => stream,
             Ok(None) => return,
             Err(error) => {
@@ -370,49 +370,13 @@ impl RunState {
                 return;
             }
         };
-        let myself = myself.clone();
-        let run_id = self.run_id;
-        let task = tokio::spawn(async move {
-            use futures_util::StreamExt;
-            let mut batches = stream.ready_chunks(256);
-            loop {
-                // Wake now and then to notice a room that died without
-                // stopping this task.
-                let next = tokio::time::timeout(Duration::from_secs(5), batches.next()).await;
-                let batch = match next {
-                    Ok(Some(batch)) => batch,
-                    Ok(None) => {
-                        let _ = myself.send_message(RunMsg::TailEnded);
-                        return;
-                    }
-                    Err(_) if myself.get_status() == ractor::ActorStatus::Running => continue,
-                    Err(_) => return,
-                };
-                let mut envelopes = Vec::with_capacity(batch.len());
-                for item in batch {
-                    match item {
-                        Ok(envelope) => envelopes.push(envelope),
-                        // The ordered consumer goes on after a failed pull
-                        // (it recreates itself); an envelope it could not
-                        // hand over is a gap the room fills from the log.
-                        Err(error) => {
-                            tracing::warn!(%run_id, %error, "following the shared log: an error");
-                        }
-                    }
-                }
-                if !envelopes.is_empty() {
-                    let (done, handled) = oneshot::channel();
-                    let message = RunMsg::Remote {
-                        envelopes,
-                        done: done.into(),
-                    };
-                    if myself.send_message(message).is_err() || handled.await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        self.tail = Some(task.abort_handle());
+        self.tail = Some(tail::spawn(
+            stream,
+            myself.clone(),
+            format!("run {}", self.run_id),
+            |envelopes, done| RunMsg::Remote { envelopes, done },
+            || RunMsg::TailEnded,
+        ));
     }
 
     /// Fans out, in seq order, the log's envelopes this room has not: those
@@ -494,10 +458,8 @@ impl RunState {
     }
 
     fn stop_tail_if_ended(&mut self) {
-        if self.ended_persisted
-            && let Some(tail) = self.tail.take()
-        {
-            tail.abort();
+        if self.ended_persisted {
+            self.tail = None;
         }
     }
 

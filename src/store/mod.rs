@@ -198,6 +198,25 @@ pub(crate) struct StoredEnvelope {
     pub(crate) bytes: Vec<u8>,
 }
 
+/// Where following a run on a shared log starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FollowFrom {
+    /// After the run's envelope with this seq.
+    AfterSeq(u64),
+    /// After the run's last envelope; nothing for a run that has ended.
+    End,
+    /// At this position of the shared log (see [`IndexedRun`]).
+    Position(u64),
+}
+
+/// A run a session's index names on a shared log, with the log position of
+/// the index entry: the run's envelopes appended since lie after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexedRun {
+    pub(crate) run_id: RunId,
+    pub(crate) position: u64,
+}
+
 /// Total encoded bytes of `items`.
 pub(crate) fn encoded_len(items: &[StoredEnvelope]) -> usize {
     items.iter().map(|i| i.bytes.len()).sum()
@@ -607,22 +626,41 @@ impl Store {
         false
     }
 
-    /// On a shared log (NATS): the run's envelopes after `after_seq`, then
+    /// On a shared log (NATS): the run's envelopes from `from` on, then
     /// every one appended later, by any host. `None` on sled, where this
-    /// process's room is the run's only writer.
+    /// process's room is the run's only writer, and from the end of a run
+    /// that has ended.
     pub(crate) async fn follow_run(
         &self,
         run_id: RunId,
-        after_seq: u64,
+        from: FollowFrom,
     ) -> Result<
         Option<futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>>,
         StoreError,
     > {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
-            return nats.follow(run_id, after_seq).await.map(Some);
+            return nats.follow(run_id, from).await;
         }
-        let _ = (run_id, after_seq);
+        let _ = (run_id, from);
+        Ok(None)
+    }
+
+    /// On a shared log (NATS): the runs indexed in `session_id` from now
+    /// on, by any host. `None` on sled, where every run of the session is
+    /// written by this process's rooms.
+    pub(crate) async fn follow_session(
+        &self,
+        session_id: Uuid,
+    ) -> Result<
+        Option<futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>>,
+        StoreError,
+    > {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            return nats.follow_session(session_id).await.map(Some);
+        }
+        let _ = session_id;
         Ok(None)
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{RunInfo, StoredEnvelope};
+use super::{FollowFrom, RunInfo, StoredEnvelope};
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
 use crate::nats::{Encoded, NatsConfig, NatsLog, RunWriter};
@@ -244,10 +244,18 @@ impl NatsStore {
     pub(crate) async fn follow(
         &self,
         run_id: RunId,
-        after_seq: u64,
-    ) -> Result<crate::nats::EnvelopeStream, StoreError> {
+        from: FollowFrom,
+    ) -> Result<Option<crate::nats::EnvelopeStream>, StoreError> {
         self.check_open()?;
-        self.log.follow(run_id, after_seq).await
+        self.log.follow(run_id, from).await
+    }
+
+    pub(crate) async fn follow_session(
+        &self,
+        session: Uuid,
+    ) -> Result<crate::nats::IndexedRunStream, StoreError> {
+        self.check_open()?;
+        self.log.follow_session(session).await
     }
 
     pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
