@@ -48,13 +48,14 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, stream};
+use futures_util::stream::BoxStream;
 use thiserror::Error;
 use uuid::Uuid;
 
 use crate::codec::{self, CodecError};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::store::{FollowFrom, IndexedRun};
+use crate::store::{FollowFrom, Following, IndexedRun};
 use crate::stream::RuntimeEventEnvelope;
 
 /// The header carrying an envelope's seq.
@@ -344,46 +345,30 @@ impl NatsLog {
         &self,
         run_id: RunId,
         from: FollowFrom,
-    ) -> Result<Option<EnvelopeStream>, StoreError> {
-        use async_nats::jetstream::consumer::{self, DeliverPolicy};
+    ) -> Result<Option<Following<RuntimeEventEnvelope>>, StoreError> {
         use futures_util::StreamExt;
 
-        let deliver_policy = match from {
-            FollowFrom::Position(start_sequence) => {
-                DeliverPolicy::ByStartSequence { start_sequence }
-            }
+        // Where the consumer starts, as a stream sequence (0: the subject's
+        // first message).
+        let start = match from {
+            FollowFrom::Position(position) => position,
             FollowFrom::AfterSeq(after_seq) => match self.last(run_id).await? {
-                None => DeliverPolicy::All,
+                None => 0,
                 Some((last, last_stream_seq)) if after_seq < last.seq => {
-                    DeliverPolicy::ByStartSequence {
-                        start_sequence: self.locate(run_id, after_seq + 1, last_stream_seq).await?,
-                    }
+                    self.locate(run_id, after_seq + 1, last_stream_seq).await?
                 }
-                Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
-                    start_sequence: last_stream_seq + 1,
-                },
+                Some((_, last_stream_seq)) => last_stream_seq + 1,
             },
             FollowFrom::End => match self.last(run_id).await? {
-                None => DeliverPolicy::All,
+                None => 0,
                 Some((last, _)) if last.is_terminal() => return Ok(None),
-                Some((_, last_stream_seq)) => DeliverPolicy::ByStartSequence {
-                    start_sequence: last_stream_seq + 1,
-                },
+                Some((_, last_stream_seq)) => last_stream_seq + 1,
             },
         };
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.subject(run_id),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| read_failed(&e))?;
-        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
+        let messages = self.ordered(self.subject(run_id), start).await?;
         let envelopes = messages
             .map(move |message| {
-                let message = message.map_err(|e| read_failed(&e))?;
+                let message = message?;
                 let envelope = codec::decode_envelope(&message.payload).map_err(|source| {
                     StoreError::Corrupt {
                         run_id,
@@ -404,7 +389,64 @@ impl NatsLog {
                 Ok(envelope)
             })
             .boxed();
-        Ok(Some(envelopes))
+        Ok(Some(Following {
+            start,
+            items: envelopes,
+        }))
+    }
+
+    /// The messages of `subject` from stream sequence `start` on (0: from
+    /// its first), then every one appended later, through an ordered
+    /// consumer, ending after an error it does not recover from. The
+    /// consumer recreates itself after a missed heartbeat from the message
+    /// after the last it delivered, or, before it delivered any, from the
+    /// subject's first message: those before `start` are dropped here, so a
+    /// reconnect replays nothing.
+    async fn ordered(
+        &self,
+        subject: String,
+        start: u64,
+    ) -> Result<BoxStream<'static, Result<jetstream::Message, StoreError>>, StoreError> {
+        use async_nats::jetstream::consumer::{self, DeliverPolicy};
+        use futures_util::StreamExt;
+
+        let deliver_policy = match start {
+            0 => DeliverPolicy::All,
+            start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
+        };
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_failed(&e))?;
+        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
+        // An error the consumer hands over is one it does not recover from
+        // by itself (a pull refused because the server lost the consumer in
+        // a restart, after which it would wait for missed heartbeats): end
+        // right after it, and the room follows again from what it has.
+        let messages = futures_util::stream::unfold(Some(messages), |messages| async move {
+            let mut messages = messages?;
+            let message = messages.next().await?;
+            let go_on = message.is_ok();
+            Some((message, go_on.then_some(messages)))
+        });
+        Ok(messages
+            .filter_map(move |message| {
+                let kept = match message {
+                    Ok(message) => match stream_sequence(&message) {
+                        Ok(sequence) if sequence < start => None,
+                        Ok(_) => Some(Ok(message)),
+                        Err(error) => Some(Err(error)),
+                    },
+                    Err(error) => Some(Err(read_failed(&error))),
+                };
+                std::future::ready(kept)
+            })
+            .boxed())
     }
 
     fn session_subject(&self, session: Uuid) -> String {
@@ -457,7 +499,8 @@ impl NatsLog {
         }
     }
 
-    /// The runs indexed in `session` from now on, as the log delivers their
+    /// The runs indexed in `session` from position `start` on (`None`: after
+    /// its last entry so far), as the log delivers their
     /// index entries to an ordered consumer, each with the entry's position
     /// in the log: every envelope of the run appended since the entry was
     /// written lies after it (a run may come more than once, when a writer
@@ -471,30 +514,33 @@ impl NatsLog {
     pub(crate) async fn follow_session(
         &self,
         session: Uuid,
-    ) -> Result<IndexedRunStream, StoreError> {
-        use async_nats::jetstream::consumer::{self, DeliverPolicy};
+        start: Option<u64>,
+    ) -> Result<Following<IndexedRun>, StoreError> {
         use futures_util::StreamExt;
 
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.session_subject(session),
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| read_failed(&e))?;
-        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
-        Ok(messages
+        let subject = self.session_subject(session);
+        let start = match start {
+            Some(start) => start,
+            // After the index's last entry (read from the leader): an entry
+            // written since is new.
+            None => match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => message.sequence + 1,
+                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => 0,
+                Err(e) => return Err(read_failed(&e)),
+            },
+        };
+        let messages = self.ordered(subject, start).await?;
+        let runs = messages
             .map(move |message| {
-                let message = message.map_err(|e| read_failed(&e))?;
-                let position = message.info().map_err(|e| read_failed(&e))?.stream_sequence;
+                let message = message?;
+                let position = stream_sequence(&message)?;
                 Ok(IndexedRun {
                     run_id: indexed_run(session, &message.payload)?,
                     position,
                 })
             })
-            .boxed())
+            .boxed();
+        Ok(Following { start, items: runs })
     }
 
     /// The subject of `run_id`'s messages.
@@ -619,14 +665,13 @@ impl NatsLog {
     }
 }
 
-/// A run's envelopes as the log delivers them (see [`NatsLog::follow`]).
-pub(crate) type EnvelopeStream =
-    futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>;
-
-/// A session's runs as their index entries arrive (see
-/// [`NatsLog::follow_session`]).
-pub(crate) type IndexedRunStream =
-    futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>;
+/// A consumed message's position in the stream.
+fn stream_sequence(message: &jetstream::Message) -> Result<u64, StoreError> {
+    message
+        .info()
+        .map(|info| info.stream_sequence)
+        .map_err(|e| read_failed(&e))
+}
 
 /// The run a session index entry names.
 fn indexed_run(session: Uuid, payload: &[u8]) -> Result<RunId, StoreError> {

@@ -361,3 +361,84 @@ async fn a_hub_survives_its_server_restarting_mid_run() {
     hub.shutdown().await.unwrap();
     drop(server);
 }
+
+/// A session subscriber on host B while the server restarts: B's session
+/// room follows the session's index and runs on the log through consumers
+/// that the client recreates after the restart, which, for a consumer that
+/// had delivered nothing yet, starts over from the subject's first message.
+/// The subscriber gets the run A writes after the restart, once, and B's
+/// room fans out nothing of the run that ended before it attached (what it
+/// fanned out is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_followed_across_hosts_goes_on_after_a_server_restart_without_replays() {
+    use behest_stream::{Config, EventHub, Resume, RuntimeRoom};
+    use common::{completed, delta, next_within, started};
+
+    let Some(own) = OwnServer::start() else {
+        return;
+    };
+    let server = own.run();
+    let unique = Uuid::now_v7().simple().to_string();
+    let config = config(&server.url(), &unique);
+    let open = async || {
+        wait_for(
+            "our nats-server to take connections",
+            DEADLINE,
+            async || EventHub::open(Config::nats(config.clone())).await.ok(),
+        )
+        .await
+    };
+    let (host_a, host_b) = (open().await, open().await);
+    let session = Uuid::now_v7();
+    let (before, after, probe) = (RunId::new(), RunId::new(), RunId::new());
+    host_a
+        .publish(started(before, Some(session)))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        host_a.publish(delta(before, &i.to_string())).await.unwrap();
+    }
+    host_a.publish(completed(before)).await.unwrap();
+
+    let room = RuntimeRoom::Session(session);
+    let mut on_b = host_b
+        .subscribe(room.clone(), Resume::FromStart)
+        .await
+        .unwrap();
+    for seq in 1..=5 {
+        let envelope = next_within(&mut on_b, DEADLINE).await.unwrap().unwrap();
+        assert_eq!((envelope.run_id, envelope.seq), (before, seq));
+    }
+
+    server.kill();
+    let server = own.run();
+    wait_for("publishing to work again", DEADLINE, async || {
+        host_a.publish(started(probe, None)).await.ok()
+    })
+    .await;
+    let mut written = vec![host_a.publish(started(after, Some(session))).await.unwrap()];
+    for i in 0..4 {
+        written.push(host_a.publish(delta(after, &i.to_string())).await.unwrap());
+    }
+    written.push(host_a.publish(completed(after)).await.unwrap());
+
+    let mut streamed = Vec::new();
+    while streamed.len() < written.len() {
+        match next_within(&mut on_b, DEADLINE).await {
+            Some(Ok(envelope)) => streamed.push(envelope),
+            Some(Err(error)) => panic!("the session subscriber saw an error: {error}"),
+            None => panic!("the session stream ended"),
+        }
+    }
+    assert_eq!(streamed, written);
+    let stats = host_b.stats().await.unwrap();
+    let session_room = stats.rooms.iter().find(|r| r.room == room).unwrap();
+    assert_eq!(
+        session_room.fanned_out,
+        written.len() as u64,
+        "B's session room fanned out only the run written after the restart"
+    );
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    drop(server);
+}

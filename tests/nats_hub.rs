@@ -388,3 +388,71 @@ async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
     host_b.shutdown().await.unwrap();
     common::nats::delete_stream(&config).await;
 }
+
+/// The client recreates an ordered consumer the server deleted, and one
+/// that had delivered nothing yet starts over from its subject's first
+/// message. A session room following the index of a session whose run
+/// ended before it started then gets that run's index entry again: it must
+/// not follow the run and fan it out again. Deleting the consumers under a
+/// session room on host B shows it: B's room fans out exactly the run A
+/// writes after, and its subscriber gets that run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_consumer_replays_nothing_into_a_session_room() {
+    use futures_util::StreamExt;
+
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = open_hub(&config).await.unwrap();
+    let session = Uuid::now_v7();
+    let (before, after) = (RunId::new(), RunId::new());
+    host_a
+        .publish(started(before, Some(session)))
+        .await
+        .unwrap();
+    host_a.publish(delta(before, "x")).await.unwrap();
+    host_a.publish(completed(before)).await.unwrap();
+
+    let room = RuntimeRoom::Session(session);
+    let mut on_b = host_b.subscribe(room.clone(), Resume::Live).await.unwrap();
+    let client = async_nats::connect(config.url.as_str()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(&config.stream)
+        .await
+        .unwrap();
+    let names: Vec<String> = stream
+        .consumer_names()
+        .map(|name| name.unwrap())
+        .collect()
+        .await;
+    assert!(!names.is_empty(), "B's session room follows the index");
+    for name in names {
+        stream.delete_consumer(&name).await.unwrap();
+    }
+
+    let mut written = vec![host_a.publish(started(after, Some(session))).await.unwrap()];
+    for i in 0..3 {
+        written.push(host_a.publish(delta(after, &i.to_string())).await.unwrap());
+    }
+    written.push(host_a.publish(completed(after)).await.unwrap());
+    let mut streamed = Vec::new();
+    while streamed.len() < written.len() {
+        streamed.push(next_within(&mut on_b, DEADLINE).await.unwrap().unwrap());
+    }
+    assert_eq!(streamed, written);
+    // Another run after it, so that a replay had time to show.
+    let last = RunId::new();
+    written.push(host_a.publish(started(last, Some(session))).await.unwrap());
+    written.push(host_a.publish(completed(last)).await.unwrap());
+    for _ in 0..2 {
+        streamed.push(next_within(&mut on_b, DEADLINE).await.unwrap().unwrap());
+    }
+    assert_eq!(streamed, written);
+    let stats = host_b.stats().await.unwrap();
+    let session_room = stats.rooms.iter().find(|r| r.room == room).unwrap();
+    assert_eq!(session_room.fanned_out, written.len() as u64);
+    host_a.shutdown().await.unwrap();
+    host_b.shutdown().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}

@@ -94,8 +94,8 @@ pub(crate) enum RunMsg {
         envelopes: Vec<RuntimeEventEnvelope>,
         done: RpcReplyPort<()>,
     },
-    /// The tail stopped (its stream ended); follow again if subscribers
-    /// remain.
+    /// The tail stopped (its stream ended), or following could not start
+    /// and it is time to try again: follow again if subscribers remain.
     TailEnded,
 }
 
@@ -181,11 +181,14 @@ pub(crate) struct RunState {
     /// `behest_events_published_total`, registered once.
     published: ::metrics::Counter,
     /// The task following the run in a shared log (NATS backend), started
-    /// when the first subscriber attaches; stopped with the room.
+    /// when the first subscriber attaches, started again after it ends
+    /// while subscribers remain; stopped with the room.
     tail: Option<Tail>,
     /// The tail delivered other hosts' envelopes while an append of this
     /// room was in flight: read them from the log once it is answered.
     remote_behind: bool,
+    /// A `TailEnded` is on its way to try following the log again.
+    retry_pending: bool,
 }
 
 impl Actor for RunRoom {
@@ -223,6 +226,7 @@ impl Actor for RunRoom {
             published: ::metrics::counter!(crate::metrics::PUBLISHED),
             tail: None,
             remote_behind: false,
+            retry_pending: false,
         })
     }
 
@@ -271,6 +275,7 @@ impl Actor for RunRoom {
             }
             RunMsg::TailEnded => {
                 state.tail = None;
+                state.retry_pending = false;
                 if state.feed.has_subscribers() {
                     state.follow_shared_log(&myself).await;
                 }
@@ -280,11 +285,6 @@ impl Actor for RunRoom {
                 let _ = reply.send(Ok(()));
             }
             RunMsg::Tick => {
-                // A tail that could not be started (the log was unreachable)
-                // is tried again while subscribers wait for it.
-                if state.feed.has_subscribers() {
-                    state.follow_shared_log(&myself).await;
-                }
                 if state.is_idle() {
                     let room = RuntimeRoom::Run(state.run_id);
                     let _ = state.router.send_message(RouterMsg::Idle {
@@ -356,22 +356,23 @@ impl RunState {
         {
             return;
         }
-        let stream = match self
-            .store
-            .follow_run(self.run_id, FollowFrom::AfterSeq(self.persisted))
-            .await
-        {
-            Ok(Some(stream)) => stream,
+        let from = FollowFrom::AfterSeq(self.persisted);
+        let following = match self.store.follow_run(self.run_id, from).await {
+            Ok(Some(following)) => following,
             Ok(None) => return,
             Err(error) => {
                 // Subscribers still catch up from the log on attach; what
-                // other hosts append meanwhile waits for the next attach.
+                // other hosts append meanwhile waits for the retry.
                 tracing::warn!(run_id = %self.run_id, %error, "cannot follow the shared log");
+                if !self.retry_pending {
+                    self.retry_pending = true;
+                    myself.send_after(tail::RETRY, || RunMsg::TailEnded);
+                }
                 return;
             }
         };
         self.tail = Some(tail::spawn(
-            stream,
+            following.items,
             myself.clone(),
             format!("run {}", self.run_id),
             |envelopes, done| RunMsg::Remote { envelopes, done },

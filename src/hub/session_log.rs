@@ -40,9 +40,22 @@ pub(crate) struct SessionLog {
     store: Store,
     /// The tail of the session's index; `None` when not following.
     index: Option<Tail>,
-    /// A tail per followed run that has not ended.
-    tails: HashMap<RunId, Tail>,
+    /// Where the index is read from next: after the last entry delivered,
+    /// so following it again misses none.
+    index_next: Option<u64>,
+    /// The followed runs that have not ended.
+    runs: HashMap<RunId, FollowedRun>,
     fanned: Fanned,
+    /// A `TailEnded(None)` is on its way to try following again.
+    retry_pending: bool,
+}
+
+struct FollowedRun {
+    /// Where its tail started in the log, to start again from there when
+    /// nothing of it has been fanned out.
+    start: u64,
+    /// `None` while stopped (following failed or was stopped).
+    tail: Option<Tail>,
 }
 
 impl SessionLog {
@@ -51,68 +64,102 @@ impl SessionLog {
             session_id,
             store,
             index: None,
-            tails: HashMap::new(),
+            index_next: None,
+            runs: HashMap::new(),
             fanned: Fanned::new(MAX_FOLLOWED_RUNS),
+            retry_pending: false,
         }
     }
 
     /// Starts following, unless it is already or the store is not a shared
-    /// log: the index from now on first, then every run already indexed
-    /// from its end, so no run falls between the two. A failure is logged
-    /// and leaves it not following; the room tries again later.
+    /// log: the index first (from now, or from where it was left), then
+    /// every run already indexed (from its end, or from where it was left),
+    /// so no run falls between the two. A failure stops every tail and
+    /// tries again shortly.
     pub(crate) async fn follow(&mut self, room: &ActorRef<FanoutMsg>) {
         if self.index.is_some() || !self.store.is_shared_log() {
             return;
         }
         if let Err(error) = self.try_follow(room).await {
             tracing::warn!(session_id = %self.session_id, %error, "cannot follow the session in the shared log");
-            self.stop();
+            self.stop_and_retry(room);
         }
     }
 
     async fn try_follow(&mut self, room: &ActorRef<FanoutMsg>) -> Result<(), StoreError> {
-        let Some(index) = self.store.follow_session(self.session_id).await? else {
+        let Some(index) = self
+            .store
+            .follow_session(self.session_id, self.index_next)
+            .await?
+        else {
             return Ok(());
         };
+        self.index_next = Some(index.start);
         self.index = Some(tail::spawn(
-            index,
+            index.items,
             room.clone(),
             format!("session {}", self.session_id),
             |runs, done| FanoutMsg::RunsJoined { runs, done },
             || FanoutMsg::TailEnded(None),
         ));
+        let stopped: Vec<(RunId, u64)> = self
+            .runs
+            .iter()
+            .filter(|(_, run)| run.tail.is_none())
+            .map(|(run_id, run)| (*run_id, run.start))
+            .collect();
+        for (run_id, start) in stopped {
+            self.follow_run(room, run_id, FollowFrom::Position(start))
+                .await?;
+        }
         for run_id in self.store.session_runs(self.session_id).await? {
             self.follow_run(room, run_id, FollowFrom::End).await?;
         }
         Ok(())
     }
 
-    /// Stops every tail; what was fanned out is remembered.
+    /// Stops every tail, remembering where each was, and tries again
+    /// shortly.
+    fn stop_and_retry(&mut self, room: &ActorRef<FanoutMsg>) {
+        self.stop();
+        if !self.retry_pending {
+            self.retry_pending = true;
+            room.send_after(tail::RETRY, || FanoutMsg::TailEnded(None));
+        }
+    }
+
     fn stop(&mut self) {
         self.index = None;
-        self.tails.clear();
+        for run in self.runs.values_mut() {
+            run.tail = None;
+        }
     }
 
     /// Follows runs that joined the session, each from its index entry.
     pub(crate) async fn joined(&mut self, room: &ActorRef<FanoutMsg>, runs: Vec<IndexedRun>) {
         for run in runs {
+            self.index_next = Some(self.index_next.unwrap_or(0).max(run.position + 1));
             let from = FollowFrom::Position(run.position);
             if let Err(error) = self.follow_run(room, run.run_id, from).await {
                 tracing::warn!(run_id = %run.run_id, %error, "cannot follow a session's run in the shared log");
-                self.stop();
+                self.stop_and_retry(room);
                 return;
             }
         }
     }
 
-    /// A tail's stream ended (`None`: the index's): start it again while
-    /// the room has `subscribers`, else stop following until one attaches.
+    /// A tail's stream ended (`None`: the index's, or a retry is due):
+    /// start it again while the room has `subscribers`, else stop following
+    /// until one attaches.
     pub(crate) async fn tail_ended(
         &mut self,
         room: &ActorRef<FanoutMsg>,
         run_id: Option<RunId>,
         subscribers: bool,
     ) {
+        if run_id.is_none() {
+            self.retry_pending = false;
+        }
         if !subscribers {
             self.stop();
             return;
@@ -123,10 +170,14 @@ impl SessionLog {
                 self.follow(room).await;
             }
             Some(run_id) => {
-                self.tails.remove(&run_id);
-                if let Err(error) = self.follow_run(room, run_id, FollowFrom::AfterSeq(0)).await {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                run.tail = None;
+                let from = FollowFrom::Position(run.start);
+                if let Err(error) = self.follow_run(room, run_id, from).await {
                     tracing::warn!(%run_id, %error, "cannot follow a session's run in the shared log");
-                    self.stop();
+                    self.stop_and_retry(room);
                 }
             }
         }
@@ -140,15 +191,17 @@ impl SessionLog {
         run_id: RunId,
         from: FollowFrom,
     ) -> Result<(), StoreError> {
-        if self.tails.contains_key(&run_id) {
-            return Ok(());
-        }
-        let from = match self.fanned.get(run_id) {
-            Some(Seen { ended: true, .. }) => return Ok(()),
-            Some(Seen { seq, .. }) => FollowFrom::AfterSeq(seq),
-            None => from,
+        let from = match (self.runs.get(&run_id), self.fanned.get(run_id)) {
+            (Some(FollowedRun { tail: Some(_), .. }), _) => return Ok(()),
+            (_, Some(Seen { ended: true, .. })) => {
+                self.runs.remove(&run_id);
+                return Ok(());
+            }
+            (_, Some(Seen { seq, .. })) => FollowFrom::AfterSeq(seq),
+            (Some(run), None) => FollowFrom::Position(run.start),
+            (None, None) => from,
         };
-        if self.tails.len() >= MAX_FOLLOWED_RUNS {
+        if !self.runs.contains_key(&run_id) && self.runs.len() >= MAX_FOLLOWED_RUNS {
             tracing::warn!(
                 session_id = %self.session_id,
                 %run_id,
@@ -157,17 +210,29 @@ impl SessionLog {
             );
             return Ok(());
         }
-        let Some(envelopes) = self.store.follow_run(run_id, from).await? else {
+        let Some(following) = self.store.follow_run(run_id, from).await? else {
+            self.runs.remove(&run_id);
             return Ok(());
         };
         let tail = tail::spawn(
-            envelopes,
+            following.items,
             room.clone(),
             format!("run {run_id} of session {}", self.session_id),
             |envelopes, done| FanoutMsg::Remote { envelopes, done },
             move || FanoutMsg::TailEnded(Some(run_id)),
         );
-        self.tails.insert(run_id, tail);
+        let start = match from {
+            // Where nothing was fanned out yet, keep the first start.
+            FollowFrom::AfterSeq(_) => self.runs.get(&run_id).map_or(following.start, |r| r.start),
+            _ => following.start,
+        };
+        self.runs.insert(
+            run_id,
+            FollowedRun {
+                start,
+                tail: Some(tail),
+            },
+        );
         Ok(())
     }
 
@@ -177,13 +242,13 @@ impl SessionLog {
         &mut self,
         envelopes: Vec<Arc<RuntimeEventEnvelope>>,
     ) -> Vec<Arc<RuntimeEventEnvelope>> {
-        if self.index.is_none() && self.fanned.is_empty() {
+        if self.index.is_none() && self.runs.is_empty() && self.fanned.is_empty() {
             return envelopes;
         }
         let fresh = self.fanned.fresh(envelopes);
         for envelope in &fresh {
             if envelope.is_terminal() {
-                self.tails.remove(&envelope.run_id);
+                self.runs.remove(&envelope.run_id);
             }
         }
         fresh

@@ -19,6 +19,10 @@ const BATCH: usize = 256;
 /// so that it does not outlive a room that died without dropping it.
 const LIVENESS: Duration = Duration::from_secs(5);
 
+/// How soon a room tries again to follow the log after it could not (the
+/// server was unreachable), while subscribers wait.
+pub(crate) const RETRY: Duration = Duration::from_millis(500);
+
 /// A running tail; dropping it stops the task.
 pub(crate) struct Tail(tokio::task::AbortHandle);
 

@@ -209,6 +209,12 @@ pub(crate) enum FollowFrom {
     Position(u64),
 }
 
+/// A stream followed in a shared log, and the log position it starts at.
+pub(crate) struct Following<T> {
+    pub(crate) start: u64,
+    pub(crate) items: futures_util::stream::BoxStream<'static, Result<T, StoreError>>,
+}
+
 /// A run a session's index names on a shared log, with the log position of
 /// the index entry: the run's envelopes appended since lie after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -634,10 +640,7 @@ impl Store {
         &self,
         run_id: RunId,
         from: FollowFrom,
-    ) -> Result<
-        Option<futures_util::stream::BoxStream<'static, Result<RuntimeEventEnvelope, StoreError>>>,
-        StoreError,
-    > {
+    ) -> Result<Option<Following<RuntimeEventEnvelope>>, StoreError> {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
             return nats.follow(run_id, from).await;
@@ -646,21 +649,19 @@ impl Store {
         Ok(None)
     }
 
-    /// On a shared log (NATS): the runs indexed in `session_id` from now
-    /// on, by any host. `None` on sled, where every run of the session is
-    /// written by this process's rooms.
+    /// On a shared log (NATS): the runs indexed in `session_id` from
+    /// position `start` on (`None`: from now), by any host. `None` on sled,
+    /// where every run of the session is written by this process's rooms.
     pub(crate) async fn follow_session(
         &self,
         session_id: Uuid,
-    ) -> Result<
-        Option<futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>>,
-        StoreError,
-    > {
+        start: Option<u64>,
+    ) -> Result<Option<Following<IndexedRun>>, StoreError> {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
-            return nats.follow_session(session_id).await.map(Some);
+            return nats.follow_session(session_id, start).await.map(Some);
         }
-        let _ = session_id;
+        let _ = (session_id, start);
         Ok(None)
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{FollowFrom, RunInfo, StoredEnvelope};
+use super::{FollowFrom, Following, IndexedRun, RunInfo, StoredEnvelope};
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
 use crate::nats::{Encoded, NatsConfig, NatsLog, RunWriter};
@@ -245,7 +245,7 @@ impl NatsStore {
         &self,
         run_id: RunId,
         from: FollowFrom,
-    ) -> Result<Option<crate::nats::EnvelopeStream>, StoreError> {
+    ) -> Result<Option<Following<RuntimeEventEnvelope>>, StoreError> {
         self.check_open()?;
         self.log.follow(run_id, from).await
     }
@@ -253,9 +253,10 @@ impl NatsStore {
     pub(crate) async fn follow_session(
         &self,
         session: Uuid,
-    ) -> Result<crate::nats::IndexedRunStream, StoreError> {
+        start: Option<u64>,
+    ) -> Result<Following<IndexedRun>, StoreError> {
         self.check_open()?;
-        self.log.follow_session(session).await
+        self.log.follow_session(session, start).await
     }
 
     pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
