@@ -26,6 +26,16 @@ use crate::stream::RuntimeEventEnvelope;
 /// The format version this build writes and the only one it reads.
 pub const FORMAT_VERSION: u8 = 1;
 
+/// The store layout version this build writes in a store's metadata. It
+/// opens stores from version 1 up to this one, and upgrades an older one on
+/// open; a build whose version is older refuses a store at this one.
+///
+/// - 1: runs, segments and the session index.
+/// - 2: retention: tombstones of removed runs and the index of ended runs.
+///   A build at 1 would read a tombstone (a run record without segments) as
+///   damage.
+pub const STORE_FORMAT_VERSION: u8 = 2;
+
 /// Deepest JSON nesting accepted in an event's JSON payloads, as in
 /// `serde_json`'s own parser; deeper values are refused when encoded so
 /// that everything stored can be decoded again.

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use behest_stream::codec::FORMAT_VERSION;
+use behest_stream::codec::{FORMAT_VERSION, STORE_FORMAT_VERSION};
 use behest_stream::{Config, RunId, Store};
 use common::{envelope, terminal};
 
@@ -62,7 +62,9 @@ async fn inspect_replay_and_verify_a_healthy_store() {
     );
     assert!(text.contains("events     8"), "{text}");
     assert!(
-        text.contains(&format!("format     version {FORMAT_VERSION}")),
+        text.contains(&format!(
+            "format     store version {STORE_FORMAT_VERSION}, values version {FORMAT_VERSION}"
+        )),
         "{text}"
     );
 

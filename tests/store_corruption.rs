@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use behest_stream::codec::{CodecError, FORMAT_VERSION};
+use behest_stream::codec::{CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use behest_stream::{Config, OpenError, RunId, Store, StoreError};
 use common::envelope;
 
@@ -322,4 +322,62 @@ async fn runs_page_in_run_id_order() {
     }
     assert_eq!(seen, runs);
     store.close().await.unwrap();
+}
+
+/// The store's metadata, as the store writes it (named MessagePack fields
+/// after the version byte).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    epoch: uuid::Uuid,
+    format_version: u8,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn read_meta(dir: &Path) -> Meta {
+    let db = common::open_sled(dir);
+    let bytes = db.get(b"mstore").unwrap().unwrap();
+    common::close_sled(db, dir);
+    assert_eq!(bytes[0], FORMAT_VERSION);
+    rmp_serde::from_slice(&bytes[1..]).unwrap()
+}
+
+fn write_meta(dir: &Path, meta: &Meta) {
+    let mut bytes = vec![FORMAT_VERSION];
+    bytes.extend(rmp_serde::to_vec_named(meta).unwrap());
+    plant(dir, b"mstore", &bytes);
+}
+
+/// A store at an older layout version (from before retention) opens, keeps
+/// its epoch and runs, and is upgraded, so that a build reading only the
+/// older version refuses it rather than reading a tombstone as damage. A
+/// store at a newer version than this build's is refused, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_store_format_is_upgraded_and_a_newer_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunId::new();
+    store_with_runs(dir.path(), &[run]).await;
+    let mut meta = read_meta(dir.path());
+    assert_eq!(meta.format_version, STORE_FORMAT_VERSION);
+    let epoch = meta.epoch;
+
+    meta.format_version = 1;
+    write_meta(dir.path(), &meta);
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    assert_eq!(store.epoch(), epoch);
+    assert_eq!(store.list_after(run, 0, 100).await.unwrap().len(), 9);
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(read_meta(dir.path()).format_version, STORE_FORMAT_VERSION);
+
+    meta.format_version = STORE_FORMAT_VERSION + 1;
+    write_meta(dir.path(), &meta);
+    let error = Store::open(Config::new(dir.path())).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            OpenError::UnsupportedFormat { found, supported, .. }
+                if found == STORE_FORMAT_VERSION + 1 && supported == STORE_FORMAT_VERSION
+        ),
+        "{error:?}"
+    );
 }

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use behest_stream::codec::{self, FORMAT_VERSION};
+use behest_stream::codec::{self, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use behest_stream::{Config, RunId, Store, StoreError};
 use clap::{Parser, Subcommand};
 
@@ -150,7 +150,7 @@ async fn for_each_run(
 async fn inspect(store: &Store, dir: &Path) -> Result<(), String> {
     println!("store      {}", dir.display());
     println!("epoch      {}", store.epoch());
-    println!("format     version {FORMAT_VERSION}");
+    println!("format     store version {STORE_FORMAT_VERSION}, values version {FORMAT_VERSION}");
     let (mut runs, mut ended, mut removed, mut events) = (0u64, 0u64, 0u64, 0u64);
     for_each_run(store, |info| {
         runs += 1;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
 use super::{Counters, RunCheck, RunInfo, StoredEnvelope};
-use crate::codec::{self, CodecError, FORMAT_VERSION};
+use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
@@ -115,19 +115,39 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
                     reason: format!("store metadata: {other}"),
                 },
             })?;
-            if meta.format_version != FORMAT_VERSION {
+            if !(1..=STORE_FORMAT_VERSION).contains(&meta.format_version) {
                 return Err(OpenError::UnsupportedFormat {
                     path: path.to_path_buf(),
                     found: meta.format_version,
-                    supported: FORMAT_VERSION,
+                    supported: STORE_FORMAT_VERSION,
                 });
+            }
+            if meta.format_version < STORE_FORMAT_VERSION {
+                // From here on this build may write what older builds
+                // cannot read; they must refuse the store, not misread it.
+                let upgraded = StoreMeta {
+                    format_version: STORE_FORMAT_VERSION,
+                    ..meta.clone()
+                };
+                let bytes = codec::encode_value(&upgraded).map_err(|e| OpenError::NotAStore {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                db.insert(layout::META_STORE, bytes).map_err(storage)?;
+                db.flush().map_err(storage)?;
+                tracing::info!(
+                    path = %path.display(),
+                    from = meta.format_version,
+                    to = STORE_FORMAT_VERSION,
+                    "upgraded the store's format"
+                );
             }
             meta.epoch
         }
         None if db.is_empty() => {
             let meta = StoreMeta {
                 epoch: Uuid::now_v7(),
-                format_version: FORMAT_VERSION,
+                format_version: STORE_FORMAT_VERSION,
                 created_at: Utc::now(),
             };
             let bytes = codec::encode_value(&meta).map_err(|e| OpenError::NotAStore {
