@@ -332,10 +332,11 @@ impl NatsLog {
 
     /// The run's envelopes from `from` on, then every one appended later,
     /// in order, as JetStream delivers them to an ordered consumer (which
-    /// recreates itself on a gap or a reconnect, so nothing is skipped or
-    /// repeated). How a host learns of a run another host writes. `None`
-    /// when asked to follow from the end of a run that has ended: nothing
-    /// will come.
+    /// recreates itself after a gap or a missed heartbeat, so nothing is
+    /// skipped or repeated; the stream ends after a failure it does not
+    /// recover from, see [`NatsLog::ordered`]). How a host learns of a run
+    /// another host writes. `None` when asked to follow from the end of a
+    /// run that has ended: nothing will come.
     ///
     /// # Errors
     ///
@@ -400,8 +401,8 @@ impl NatsLog {
     /// consumer, ending after an error it does not recover from. The
     /// consumer recreates itself after a missed heartbeat from the message
     /// after the last it delivered, or, before it delivered any, from the
-    /// subject's first message: those before `start` are dropped here, so a
-    /// reconnect replays nothing.
+    /// subject's first message: that ends the stream too, so a reconnect
+    /// replays nothing.
     async fn ordered(
         &self,
         subject: String,
@@ -424,29 +425,33 @@ impl NatsLog {
             .await
             .map_err(|e| read_failed(&e))?;
         let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
-        // An error the consumer hands over is one it does not recover from
-        // by itself (a pull refused because the server lost the consumer in
-        // a restart, after which it would wait for missed heartbeats): end
-        // right after it, and the room follows again from what it has.
-        let messages = futures_util::stream::unfold(Some(messages), |messages| async move {
-            let mut messages = messages?;
-            let message = messages.next().await?;
-            let go_on = message.is_ok();
-            Some((message, go_on.then_some(messages)))
-        });
-        Ok(messages
-            .filter_map(move |message| {
-                let kept = match message {
+        // The stream ends right after an error: one the consumer hands over
+        // is one it does not recover from by itself (a pull refused because
+        // the server lost the consumer in a restart, after which it would
+        // wait for missed heartbeats), and a message before `start` means
+        // it recreated itself from the subject's first message, which would
+        // stream the whole subject to drop it. The room then follows again
+        // from what it has.
+        Ok(
+            futures_util::stream::unfold(Some(messages), move |messages| async move {
+                let mut messages = messages?;
+                let message = match messages.next().await? {
                     Ok(message) => match stream_sequence(&message) {
-                        Ok(sequence) if sequence < start => None,
-                        Ok(_) => Some(Ok(message)),
-                        Err(error) => Some(Err(error)),
+                        Ok(sequence) if sequence < start => Err(StoreError::ReadFailed {
+                            message: format!(
+                                "NATS: the consumer started over at {sequence}, before {start}"
+                            ),
+                        }),
+                        Ok(_) => Ok(message),
+                        Err(error) => Err(error),
                     },
-                    Err(error) => Some(Err(read_failed(&error))),
+                    Err(error) => Err(read_failed(&error)),
                 };
-                std::future::ready(kept)
+                let go_on = message.is_ok();
+                Some((message, go_on.then_some(messages)))
             })
-            .boxed())
+            .boxed(),
+        )
     }
 
     fn session_subject(&self, session: Uuid) -> String {
@@ -478,6 +483,12 @@ impl NatsLog {
 
     /// The runs of `session`, in the order they were indexed.
     pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.session_runs_until(session).await?.0)
+    }
+
+    /// The runs of `session`, in the order they were indexed, and the log
+    /// position after the last entry read.
+    async fn session_runs_until(&self, session: Uuid) -> Result<(Vec<RunId>, u64), StoreError> {
         let subject = self.session_subject(session);
         let mut runs: Vec<RunId> = Vec::new();
         let mut next = 1;
@@ -488,7 +499,7 @@ impl NatsLog {
                 .await
             {
                 Ok(message) => message,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(runs),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok((runs, next)),
                 Err(e) => return Err(read_failed(&e)),
             };
             next = message.sequence + 1;
@@ -499,36 +510,34 @@ impl NatsLog {
         }
     }
 
-    /// The runs indexed in `session` from position `start` on (`None`: after
-    /// its last entry so far), as the log delivers their
-    /// index entries to an ordered consumer, each with the entry's position
-    /// in the log: every envelope of the run appended since the entry was
-    /// written lies after it (a run may come more than once, when a writer
-    /// indexed it again after the duplicate window). How a host learns of a
-    /// session's runs that other hosts start.
+    /// The runs indexed in `session` from position `start` on, as the log
+    /// delivers their index entries to an ordered consumer, each with the
+    /// entry's position in the log: every envelope of the run appended since
+    /// the entry was written lies after it (a run may come more than once,
+    /// when a writer indexed it again after the duplicate window). How a
+    /// host learns of a session's runs that other hosts start.
+    ///
+    /// With no `start`, first lists the runs indexed so far (returned) and
+    /// follows from the entry after the last one listed, so that every run
+    /// is either listed or delivered, even where the listing was served by a
+    /// replica a little behind.
     ///
     /// # Errors
     ///
-    /// [`StoreError::ReadFailed`] if the consumer cannot be created; the
-    /// stream's items carry later failures.
+    /// [`StoreError::ReadFailed`] if the listing fails or the consumer
+    /// cannot be created; the stream's items carry later failures.
     pub(crate) async fn follow_session(
         &self,
         session: Uuid,
         start: Option<u64>,
-    ) -> Result<Following<IndexedRun>, StoreError> {
+    ) -> Result<(Vec<RunId>, Following<IndexedRun>), StoreError> {
         use futures_util::StreamExt;
 
-        let subject = self.session_subject(session);
-        let start = match start {
-            Some(start) => start,
-            // After the index's last entry (read from the leader): an entry
-            // written since is new.
-            None => match self.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(message) => message.sequence + 1,
-                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => 0,
-                Err(e) => return Err(read_failed(&e)),
-            },
+        let (listed, start) = match start {
+            Some(start) => (Vec::new(), start),
+            None => self.session_runs_until(session).await?,
         };
+        let subject = self.session_subject(session);
         let messages = self.ordered(subject, start).await?;
         let runs = messages
             .map(move |message| {
@@ -540,7 +549,7 @@ impl NatsLog {
                 })
             })
             .boxed();
-        Ok(Following { start, items: runs })
+        Ok((listed, Following { start, items: runs }))
     }
 
     /// The subject of `run_id`'s messages.

@@ -53,8 +53,14 @@ pub(crate) enum FanoutMsg {
         envelopes: Vec<RuntimeEventEnvelope>,
         done: RpcReplyPort<()>,
     },
-    /// A tail of the shared log stopped: the index's (`None`) or a run's.
-    TailEnded(Option<RunId>),
+    /// A tail of the shared log stopped: the index's (`run_id` `None`) or a
+    /// run's, numbered so that the end of a replaced tail is ignored.
+    TailEnded {
+        run_id: Option<RunId>,
+        generation: u64,
+    },
+    /// Time to follow the shared log again after a failure.
+    Refollow,
 }
 
 pub(crate) struct FanoutRoom;
@@ -122,8 +128,11 @@ impl Actor for FanoutRoom {
             FanoutMsg::Attach(reply) => {
                 // Following before answering: whatever another host appends
                 // after the subscriber's catch-up reaches it live.
-                if let Some(log) = state.log.as_mut() {
-                    log.follow(&myself).await;
+                if let Some(log) = state.log.as_mut()
+                    && let Err(error) = log.attach(&myself).await
+                {
+                    let _ = reply.send(Err(error.into()));
+                    return Ok(());
                 }
                 let _ = reply.send(Ok(state.feed.subscribe()));
             }
@@ -137,10 +146,15 @@ impl Actor for FanoutRoom {
                 state.push(envelopes.into_iter().map(Arc::new).collect());
                 let _ = done.send(());
             }
-            FanoutMsg::TailEnded(run_id) => {
+            FanoutMsg::TailEnded { run_id, generation } => {
+                if let Some(log) = state.log.as_mut() {
+                    log.tail_ended(&myself, run_id, generation);
+                }
+            }
+            FanoutMsg::Refollow => {
                 let subscribed = state.feed.has_subscribers();
                 if let Some(log) = state.log.as_mut() {
-                    log.tail_ended(&myself, run_id, subscribed).await;
+                    log.retry(&myself, subscribed).await;
                 }
             }
             FanoutMsg::LivePublish { envelope, reply } => {
@@ -148,13 +162,6 @@ impl Actor for FanoutRoom {
                 let _ = reply.send(Ok(()));
             }
             FanoutMsg::Tick => {
-                // Following that failed (the log was unreachable) is tried
-                // again while subscribers wait for it.
-                if state.feed.has_subscribers()
-                    && let Some(log) = state.log.as_mut()
-                {
-                    log.follow(&myself).await;
-                }
                 if state.feed.is_idle() {
                     let _ = state.router.send_message(RouterMsg::Idle {
                         room: state.room.clone(),

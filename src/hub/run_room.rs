@@ -94,9 +94,11 @@ pub(crate) enum RunMsg {
         envelopes: Vec<RuntimeEventEnvelope>,
         done: RpcReplyPort<()>,
     },
-    /// The tail stopped (its stream ended), or following could not start
-    /// and it is time to try again: follow again if subscribers remain.
-    TailEnded,
+    /// The tail stopped (its stream ended), numbered so that the end of a
+    /// replaced tail is ignored: follow again shortly.
+    TailEnded(u64),
+    /// Time to follow the shared log again, if subscribers remain.
+    Refollow,
 }
 
 pub(crate) struct RunRoom;
@@ -183,11 +185,13 @@ pub(crate) struct RunState {
     /// The task following the run in a shared log (NATS backend), started
     /// when the first subscriber attaches, started again after it ends
     /// while subscribers remain; stopped with the room.
-    tail: Option<Tail>,
+    tail: Option<(u64, Tail)>,
+    /// Numbers the tails.
+    tail_generation: u64,
     /// The tail delivered other hosts' envelopes while an append of this
     /// room was in flight: read them from the log once it is answered.
     remote_behind: bool,
-    /// A `TailEnded` is on its way to try following the log again.
+    /// A `Refollow` is on its way.
     retry_pending: bool,
 }
 
@@ -227,6 +231,7 @@ impl Actor for RunRoom {
             tail: None,
             remote_behind: false,
             retry_pending: false,
+            tail_generation: 0,
         })
     }
 
@@ -273,8 +278,13 @@ impl Actor for RunRoom {
                 state.remote(envelopes).await;
                 let _ = done.send(());
             }
-            RunMsg::TailEnded => {
-                state.tail = None;
+            RunMsg::TailEnded(generation) => {
+                if state.tail.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    state.tail = None;
+                    state.refollow_later(&myself);
+                }
+            }
+            RunMsg::Refollow => {
                 state.retry_pending = false;
                 if state.feed.has_subscribers() {
                     state.follow_shared_log(&myself).await;
@@ -364,20 +374,29 @@ impl RunState {
                 // Subscribers still catch up from the log on attach; what
                 // other hosts append meanwhile waits for the retry.
                 tracing::warn!(run_id = %self.run_id, %error, "cannot follow the shared log");
-                if !self.retry_pending {
-                    self.retry_pending = true;
-                    myself.send_after(tail::RETRY, || RunMsg::TailEnded);
-                }
+                self.refollow_later(myself);
                 return;
             }
         };
-        self.tail = Some(tail::spawn(
+        self.tail_generation += 1;
+        let generation = self.tail_generation;
+        let tail = tail::spawn(
             following.items,
             myself.clone(),
             format!("run {}", self.run_id),
             |envelopes, done| RunMsg::Remote { envelopes, done },
-            || RunMsg::TailEnded,
-        ));
+            move || RunMsg::TailEnded(generation),
+        );
+        self.tail = Some((generation, tail));
+    }
+
+    /// Follows the log again shortly (a stream that ends at once again
+    /// does not spin).
+    fn refollow_later(&mut self, myself: &ActorRef<RunMsg>) {
+        if !self.retry_pending {
+            self.retry_pending = true;
+            myself.send_after(tail::RETRY, || RunMsg::Refollow);
+        }
     }
 
     /// Fans out, in seq order, the log's envelopes this room has not: those

@@ -9,12 +9,14 @@
 //!
 //! What a session subscriber needs of its room is every envelope appended
 //! after it attached, each run's in seq order (a gap it fills from the
-//! log). So the index is followed from the moment the room starts
-//! following, the runs already indexed from their ends, and a run that
-//! joins later from its index entry, before which none of its envelopes
-//! since lie.
+//! log). So the first attach lists the runs indexed so far and follows the
+//! index from the entry after the last one listed, each listed run from its
+//! end, and a run that joins later from its index entry, before which none
+//! of its envelopes lie. Where following stops (the server restarted, a
+//! read failed), it starts again from where each tail was, never from "now",
+//! so nothing appended in between is missed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ractor::ActorRef;
@@ -27,12 +29,12 @@ use crate::ids::RunId;
 use crate::store::{FollowFrom, IndexedRun, Store};
 use crate::stream::RuntimeEventEnvelope;
 
-/// The most runs of one session a room follows at once, and the most ended
-/// runs it remembers. A run past the first bound is followed only by the
-/// room on the host that writes it (logged); its envelopes reach other
-/// hosts' session subscribers when they next catch up from the log. An
-/// ended run forgotten past the second may have a late copy fanned out
-/// again, which subscribers skip by their cursor.
+/// The most runs of one session a room follows at once, and the most runs
+/// it remembers what it fanned out of. A run that joins past the first
+/// bound is not followed (logged): on other hosts, its envelopes reach the
+/// session's subscribers only when they next catch up from the log (on
+/// resuming, or after lagging). A run whose writer died before its end
+/// holds its place until the room stops.
 pub(crate) const MAX_FOLLOWED_RUNS: usize = 1024;
 
 pub(crate) struct SessionLog {
@@ -40,13 +42,16 @@ pub(crate) struct SessionLog {
     store: Store,
     /// The tail of the session's index; `None` when not following.
     index: Option<Tail>,
-    /// Where the index is read from next: after the last entry delivered,
-    /// so following it again misses none.
+    /// Where the index is read from next: after the last entry handled.
+    /// `None` until a first attach has followed the session, and again
+    /// after the room stopped following with no one subscribed.
     index_next: Option<u64>,
     /// The followed runs that have not ended.
     runs: HashMap<RunId, FollowedRun>,
     fanned: Fanned,
-    /// A `TailEnded(None)` is on its way to try following again.
+    /// Numbers tails, so that the end of one that was replaced is ignored.
+    generation: u64,
+    /// A `Refollow` is on its way.
     retry_pending: bool,
 }
 
@@ -54,8 +59,8 @@ struct FollowedRun {
     /// Where its tail started in the log, to start again from there when
     /// nothing of it has been fanned out.
     start: u64,
-    /// `None` while stopped (following failed or was stopped).
-    tail: Option<Tail>,
+    /// The running tail and its generation; `None` while stopped.
+    tail: Option<(u64, Tail)>,
 }
 
 impl SessionLog {
@@ -67,41 +72,85 @@ impl SessionLog {
             index_next: None,
             runs: HashMap::new(),
             fanned: Fanned::new(MAX_FOLLOWED_RUNS),
+            generation: 0,
             retry_pending: false,
         }
     }
 
-    /// Starts following, unless it is already or the store is not a shared
-    /// log: the index first (from now, or from where it was left), then
-    /// every run already indexed (from its end, or from where it was left),
-    /// so no run falls between the two. A failure stops every tail and
-    /// tries again shortly.
-    pub(crate) async fn follow(&mut self, room: &ActorRef<FanoutMsg>) {
+    /// Before a subscriber attaches: starts following unless it is already
+    /// (or the store is not a shared log). The first time, a failure is the
+    /// attach's: the subscriber would otherwise miss what the room does not
+    /// follow. After that, following goes on from where it was, and a
+    /// failure is retried shortly.
+    pub(crate) async fn attach(&mut self, room: &ActorRef<FanoutMsg>) -> Result<(), StoreError> {
         if self.index.is_some() || !self.store.is_shared_log() {
-            return;
+            return Ok(());
         }
-        if let Err(error) = self.try_follow(room).await {
-            tracing::warn!(session_id = %self.session_id, %error, "cannot follow the session in the shared log");
-            self.stop_and_retry(room);
+        if self.index_next.is_some() {
+            self.refollow(room).await;
+            return Ok(());
         }
+        let followed = self.first_follow(room).await;
+        if followed.is_err() {
+            self.reset();
+        }
+        followed
     }
 
-    async fn try_follow(&mut self, room: &ActorRef<FanoutMsg>) -> Result<(), StoreError> {
-        let Some(index) = self
-            .store
-            .follow_session(self.session_id, self.index_next)
-            .await?
-        else {
+    /// Lists the session's runs, follows the index after them and each of
+    /// them from its end.
+    async fn first_follow(&mut self, room: &ActorRef<FanoutMsg>) -> Result<(), StoreError> {
+        let Some((listed, index)) = self.store.follow_session(self.session_id, None).await? else {
             return Ok(());
         };
         self.index_next = Some(index.start);
+        self.start_index(room, index.items);
+        for run_id in listed {
+            self.follow_run(room, run_id, FollowFrom::End).await?;
+        }
+        Ok(())
+    }
+
+    fn start_index(
+        &mut self,
+        room: &ActorRef<FanoutMsg>,
+        items: futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>,
+    ) {
+        self.generation += 1;
+        let generation = self.generation;
         self.index = Some(tail::spawn(
-            index.items,
+            items,
             room.clone(),
             format!("session {}", self.session_id),
             |runs, done| FanoutMsg::RunsJoined { runs, done },
-            || FanoutMsg::TailEnded(None),
+            move || FanoutMsg::TailEnded {
+                run_id: None,
+                generation,
+            },
         ));
+    }
+
+    /// Follows again whatever stopped, from where it was: the index, and
+    /// every followed run without a tail. A failure is retried shortly.
+    pub(crate) async fn refollow(&mut self, room: &ActorRef<FanoutMsg>) {
+        let Some(index_next) = self.index_next else {
+            return;
+        };
+        if self.index.is_none() {
+            match self
+                .store
+                .follow_session(self.session_id, Some(index_next))
+                .await
+            {
+                Ok(Some((_, index))) => self.start_index(room, index.items),
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(session_id = %self.session_id, %error, "cannot follow the session's index in the shared log");
+                    self.retry_later(room);
+                    return;
+                }
+            }
+        }
         let stopped: Vec<(RunId, u64)> = self
             .runs
             .iter()
@@ -109,78 +158,115 @@ impl SessionLog {
             .map(|(run_id, run)| (*run_id, run.start))
             .collect();
         for (run_id, start) in stopped {
-            self.follow_run(room, run_id, FollowFrom::Position(start))
-                .await?;
+            let followed = self
+                .follow_run(room, run_id, FollowFrom::Position(start))
+                .await;
+            self.failed_run(room, run_id, start, followed);
         }
-        for run_id in self.store.session_runs(self.session_id).await? {
-            self.follow_run(room, run_id, FollowFrom::End).await?;
-        }
-        Ok(())
     }
 
-    /// Stops every tail, remembering where each was, and tries again
-    /// shortly.
-    fn stop_and_retry(&mut self, room: &ActorRef<FanoutMsg>) {
-        self.stop();
+    /// What a failure to follow a run leaves: a failure a retry may fix
+    /// keeps the run, stopped, and retries shortly; another gives it up.
+    fn failed_run(
+        &mut self,
+        room: &ActorRef<FanoutMsg>,
+        run_id: RunId,
+        start: u64,
+        followed: Result<(), StoreError>,
+    ) {
+        let Err(error) = followed else {
+            return;
+        };
+        if error.is_retryable() {
+            tracing::warn!(%run_id, %error, "cannot follow a session's run in the shared log; trying again");
+            self.runs
+                .entry(run_id)
+                .or_insert(FollowedRun { start, tail: None });
+            self.retry_later(room);
+        } else {
+            tracing::error!(%run_id, %error, "cannot follow a session's run in the shared log; giving it up");
+            self.runs.remove(&run_id);
+        }
+    }
+
+    fn retry_later(&mut self, room: &ActorRef<FanoutMsg>) {
         if !self.retry_pending {
             self.retry_pending = true;
-            room.send_after(tail::RETRY, || FanoutMsg::TailEnded(None));
+            room.send_after(tail::RETRY, || FanoutMsg::Refollow);
         }
     }
 
-    fn stop(&mut self) {
-        self.index = None;
-        for run in self.runs.values_mut() {
-            run.tail = None;
+    /// The retry is due: follow again what stopped while the room has
+    /// `subscribers`, else forget it all (the next subscriber catches up
+    /// from the log, and following starts afresh).
+    pub(crate) async fn retry(&mut self, room: &ActorRef<FanoutMsg>, subscribers: bool) {
+        self.retry_pending = false;
+        if subscribers {
+            self.refollow(room).await;
+        } else {
+            self.reset();
         }
+    }
+
+    fn reset(&mut self) {
+        self.index = None;
+        self.index_next = None;
+        self.runs.clear();
+        self.fanned = Fanned::new(MAX_FOLLOWED_RUNS);
     }
 
     /// Follows runs that joined the session, each from its index entry.
+    /// A batch from an index tail that has since stopped is ignored: the
+    /// next one reads it again.
     pub(crate) async fn joined(&mut self, room: &ActorRef<FanoutMsg>, runs: Vec<IndexedRun>) {
+        if self.index.is_none() {
+            return;
+        }
         for run in runs {
-            self.index_next = Some(self.index_next.unwrap_or(0).max(run.position + 1));
-            let from = FollowFrom::Position(run.position);
-            if let Err(error) = self.follow_run(room, run.run_id, from).await {
-                tracing::warn!(run_id = %run.run_id, %error, "cannot follow a session's run in the shared log");
-                self.stop_and_retry(room);
-                return;
+            if self.runs.len() >= MAX_FOLLOWED_RUNS && !self.runs.contains_key(&run.run_id) {
+                tracing::warn!(
+                    session_id = %self.session_id,
+                    run_id = %run.run_id,
+                    limit = MAX_FOLLOWED_RUNS,
+                    "too many live runs in one session to follow them all in the shared log"
+                );
+            } else {
+                let from = FollowFrom::Position(run.position);
+                let followed = self.follow_run(room, run.run_id, from).await;
+                self.failed_run(room, run.run_id, run.position, followed);
             }
+            self.index_next = Some(self.index_next.unwrap_or(0).max(run.position + 1));
         }
     }
 
-    /// A tail's stream ended (`None`: the index's, or a retry is due):
-    /// start it again while the room has `subscribers`, else stop following
-    /// until one attaches.
-    pub(crate) async fn tail_ended(
+    /// A tail's stream ended (`run_id` `None`: the index's): unless it was
+    /// replaced meanwhile, follow again shortly (a stream that ends at once
+    /// again does not spin).
+    pub(crate) fn tail_ended(
         &mut self,
         room: &ActorRef<FanoutMsg>,
         run_id: Option<RunId>,
-        subscribers: bool,
+        generation: u64,
     ) {
-        if run_id.is_none() {
-            self.retry_pending = false;
-        }
-        if !subscribers {
-            self.stop();
+        let current = match run_id {
+            None => self.index.as_ref().map(|_| self.generation),
+            Some(run_id) => self
+                .runs
+                .get(&run_id)
+                .and_then(|run| run.tail.as_ref().map(|(g, _)| *g)),
+        };
+        if current != Some(generation) {
             return;
         }
         match run_id {
-            None => {
-                self.index = None;
-                self.follow(room).await;
-            }
+            None => self.index = None,
             Some(run_id) => {
-                let Some(run) = self.runs.get_mut(&run_id) else {
-                    return;
-                };
-                run.tail = None;
-                let from = FollowFrom::Position(run.start);
-                if let Err(error) = self.follow_run(room, run_id, from).await {
-                    tracing::warn!(%run_id, %error, "cannot follow a session's run in the shared log");
-                    self.stop_and_retry(room);
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.tail = None;
                 }
             }
         }
+        self.retry_later(room);
     }
 
     /// Starts a tail of `run_id` unless one runs or the run has ended: after
@@ -191,46 +277,39 @@ impl SessionLog {
         run_id: RunId,
         from: FollowFrom,
     ) -> Result<(), StoreError> {
-        let from = match (self.runs.get(&run_id), self.fanned.get(run_id)) {
-            (Some(FollowedRun { tail: Some(_), .. }), _) => return Ok(()),
-            (_, Some(Seen { ended: true, .. })) => {
+        if self.runs.get(&run_id).is_some_and(|run| run.tail.is_some()) {
+            return Ok(());
+        }
+        let from = match self.fanned.get(run_id) {
+            Some(seen) if seen.ended => {
                 self.runs.remove(&run_id);
                 return Ok(());
             }
-            (_, Some(Seen { seq, .. })) => FollowFrom::AfterSeq(seq),
-            (Some(run), None) => FollowFrom::Position(run.start),
-            (None, None) => from,
+            Some(seen) => FollowFrom::AfterSeq(seen.high()),
+            None => from,
         };
-        if !self.runs.contains_key(&run_id) && self.runs.len() >= MAX_FOLLOWED_RUNS {
-            tracing::warn!(
-                session_id = %self.session_id,
-                %run_id,
-                limit = MAX_FOLLOWED_RUNS,
-                "too many live runs in one session to follow them all in the shared log"
-            );
-            return Ok(());
-        }
         let Some(following) = self.store.follow_run(run_id, from).await? else {
             self.runs.remove(&run_id);
             return Ok(());
         };
+        self.generation += 1;
+        let generation = self.generation;
         let tail = tail::spawn(
             following.items,
             room.clone(),
             format!("run {run_id} of session {}", self.session_id),
             |envelopes, done| FanoutMsg::Remote { envelopes, done },
-            move || FanoutMsg::TailEnded(Some(run_id)),
+            move || FanoutMsg::TailEnded {
+                run_id: Some(run_id),
+                generation,
+            },
         );
-        let start = match from {
-            // Where nothing was fanned out yet, keep the first start.
-            FollowFrom::AfterSeq(_) => self.runs.get(&run_id).map_or(following.start, |r| r.start),
-            _ => following.start,
-        };
+        let start = self.runs.get(&run_id).map_or(following.start, |r| r.start);
         self.runs.insert(
             run_id,
             FollowedRun {
                 start,
-                tail: Some(tail),
+                tail: Some((generation, tail)),
             },
         );
         Ok(())
@@ -242,7 +321,7 @@ impl SessionLog {
         &mut self,
         envelopes: Vec<Arc<RuntimeEventEnvelope>>,
     ) -> Vec<Arc<RuntimeEventEnvelope>> {
-        if self.index.is_none() && self.runs.is_empty() && self.fanned.is_empty() {
+        if self.index_next.is_none() && self.runs.is_empty() && self.fanned.is_empty() {
             return envelopes;
         }
         let fresh = self.fanned.fresh(envelopes);
@@ -255,30 +334,69 @@ impl SessionLog {
     }
 }
 
+/// The most seqs of one run a room remembers fanning out beyond the first
+/// gap in what it fanned out.
+const AHEAD: usize = 64;
+
 /// What a session room fanned out of each run it has seen, so that an
 /// envelope that reaches it twice (from this host's run room and from the
-/// log) goes out once. Bounded: ended runs are forgotten oldest first past
-/// the limit, and so are live runs past it (a late copy of an envelope of a
-/// forgotten run goes out again; subscribers skip it by their cursor).
+/// log) goes out once, and one that reaches it late (after a later one of
+/// its run) still goes out. Bounded: past the limit, ended runs are
+/// forgotten oldest first, then live ones; a late copy of an envelope of a
+/// forgotten run goes out again (session subscribers skip it by cursor).
 struct Fanned {
     runs: HashMap<RunId, Seen>,
     /// Runs in the order they were first seen.
-    order: VecDeque<RunId>,
+    order: std::collections::VecDeque<RunId>,
     limit: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Seen {
-    /// The last seq fanned out.
-    seq: u64,
+    /// Every seq up to this one went out, or was given up on (see
+    /// [`AHEAD`]).
+    prefix: u64,
+    /// Seqs beyond `prefix + 1` that went out, at most [`AHEAD`].
+    ahead: BTreeSet<u64>,
     ended: bool,
+}
+
+impl Seen {
+    /// The highest seq that went out.
+    fn high(&self) -> u64 {
+        self.ahead.last().copied().unwrap_or(self.prefix)
+    }
+
+    /// Records `seq` going out, unless it already has.
+    fn take(&mut self, seq: u64) -> bool {
+        if seq <= self.prefix || self.ahead.contains(&seq) {
+            return false;
+        }
+        if seq == self.prefix + 1 {
+            self.prefix = seq;
+            while self.ahead.remove(&(self.prefix + 1)) {
+                self.prefix += 1;
+            }
+        } else {
+            if self.ahead.len() == AHEAD {
+                // Give up on the gap: what fills it later is dropped (a
+                // session subscriber fills it from the log).
+                self.prefix = self.high();
+                self.ahead.clear();
+            }
+            if seq > self.prefix {
+                self.ahead.insert(seq);
+            }
+        }
+        true
+    }
 }
 
 impl Fanned {
     fn new(limit: usize) -> Self {
         Self {
             runs: HashMap::new(),
-            order: VecDeque::new(),
+            order: std::collections::VecDeque::new(),
             limit,
         }
     }
@@ -287,8 +405,8 @@ impl Fanned {
         self.runs.is_empty()
     }
 
-    fn get(&self, run_id: RunId) -> Option<Seen> {
-        self.runs.get(&run_id).copied()
+    fn get(&self, run_id: RunId) -> Option<&Seen> {
+        self.runs.get(&run_id)
     }
 
     fn fresh(
@@ -298,28 +416,22 @@ impl Fanned {
         envelopes
             .into_iter()
             .filter(|envelope| {
-                let seen = Seen {
-                    seq: envelope.seq,
-                    ended: envelope.is_terminal(),
-                };
-                match self.runs.get_mut(&envelope.run_id) {
-                    Some(run) if envelope.seq <= run.seq => false,
-                    Some(run) => {
-                        *run = seen;
-                        true
-                    }
-                    None => {
-                        self.remember(envelope.run_id, seen);
-                        true
-                    }
+                if !self.runs.contains_key(&envelope.run_id) {
+                    self.remember(envelope.run_id);
                 }
+                let Some(seen) = self.runs.get_mut(&envelope.run_id) else {
+                    return true;
+                };
+                let fresh = seen.take(envelope.seq);
+                seen.ended |= fresh && envelope.is_terminal();
+                fresh
             })
             .collect()
     }
 
     /// Remembers a run first seen, forgetting the oldest ended run (or,
     /// failing one, the oldest) past the limit.
-    fn remember(&mut self, run_id: RunId, seen: Seen) {
+    fn remember(&mut self, run_id: RunId) {
         if self.runs.len() >= self.limit {
             let oldest = self
                 .order
@@ -330,7 +442,7 @@ impl Fanned {
                 self.runs.remove(&forgotten);
             }
         }
-        self.runs.insert(run_id, seen);
+        self.runs.insert(run_id, Seen::default());
         self.order.push_back(run_id);
     }
 }
@@ -391,13 +503,35 @@ mod tests {
         assert_eq!(seqs(&fanned.fresh(run(id, 1..=4, 6))), [4]);
         assert_eq!(seqs(&fanned.fresh(run(id, 5..=6, 6))), [5, 6]);
         assert!(fanned.fresh(run(id, 4..=6, 6)).is_empty());
-        assert_eq!(
-            fanned.get(id),
-            Some(Seen {
-                seq: 6,
-                ended: true
-            })
-        );
+        let seen = fanned.get(id).unwrap();
+        assert_eq!((seen.prefix, seen.high(), seen.ended), (6, 6, true));
+    }
+
+    /// An envelope that reaches the room after a later one of its run (the
+    /// log's copy overtook the run room's) still goes out, once.
+    #[test]
+    fn an_envelope_that_arrives_late_still_goes_out() {
+        let mut fanned = Fanned::new(8);
+        let id = RunId::new();
+        assert_eq!(seqs(&fanned.fresh(run(id, 5..=6, 10))), [5, 6]);
+        assert_eq!(seqs(&fanned.fresh(run(id, 3..=7, 10))), [3, 4, 7]);
+        assert_eq!(seqs(&fanned.fresh(run(id, 1..=8, 10))), [1, 2, 8]);
+        let seen = fanned.get(id).unwrap();
+        assert_eq!((seen.prefix, seen.ahead.len()), (8, 0));
+    }
+
+    /// Past [`AHEAD`] seqs beyond a gap, the gap is given up: memory stays
+    /// bounded, and what fills it later is dropped.
+    #[test]
+    fn a_gap_is_given_up_past_the_bound() {
+        let mut fanned = Fanned::new(8);
+        let id = RunId::new();
+        let far = AHEAD as u64 + 10;
+        assert_eq!(fanned.fresh(run(id, 10..=far, 1000)).len(), AHEAD + 1);
+        let seen = fanned.get(id).unwrap();
+        assert!(seen.ahead.len() <= AHEAD);
+        assert_eq!(seen.high(), far);
+        assert!(fanned.fresh(run(id, 1..=far, 1000)).is_empty());
     }
 
     /// Past the limit, ended runs are forgotten before live ones, oldest
@@ -410,18 +544,12 @@ mod tests {
         fanned.fresh(run(ended, 1..=2, 2));
         fanned.fresh(run(other, 1..=1, 10));
         fanned.fresh(run(new, 1..=1, 10));
-        assert_eq!(fanned.get(ended), None);
-        assert_eq!(
-            fanned.get(live),
-            Some(Seen {
-                seq: 2,
-                ended: false
-            })
-        );
+        assert!(fanned.get(ended).is_none());
+        assert_eq!(fanned.get(live).map(Seen::high), Some(2));
         assert!(fanned.fresh(run(live, 1..=2, 10)).is_empty());
         // No ended run left to forget: the oldest goes.
         fanned.fresh(run(ended, 3..=3, 10));
-        assert_eq!(fanned.get(live), None);
+        assert!(fanned.get(live).is_none());
         assert_eq!(fanned.runs.len(), 3);
         assert_eq!(fanned.order.len(), 3);
     }

@@ -35,8 +35,8 @@ impl Drop for Tail {
 /// Starts a tail of `items` for `room`. Each batch goes as the message
 /// `batch` makes, answered by the room once handled; when the stream ends,
 /// the room gets `ended`. A failed item is logged (`what` names the
-/// stream) and skipped: the ordered consumer behind it goes on, and the
-/// room fills what it missed from the log.
+/// stream) and skipped; a stream from the log ends after a failure it
+/// cannot go on from, and its room follows again from what it has.
 pub(crate) fn spawn<M, T>(
     items: BoxStream<'static, Result<T, StoreError>>,
     room: ActorRef<M>,

@@ -650,13 +650,14 @@ impl Store {
     }
 
     /// On a shared log (NATS): the runs indexed in `session_id` from
-    /// position `start` on (`None`: from now), by any host. `None` on sled,
-    /// where every run of the session is written by this process's rooms.
+    /// position `start` on, by any host; with no `start`, the runs indexed
+    /// so far and those indexed after them. `None` on sled, where every run
+    /// of the session is written by this process's rooms.
     pub(crate) async fn follow_session(
         &self,
         session_id: Uuid,
         start: Option<u64>,
-    ) -> Result<Option<Following<IndexedRun>>, StoreError> {
+    ) -> Result<Option<(Vec<RunId>, Following<IndexedRun>)>, StoreError> {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
             return nats.follow_session(session_id, start).await.map(Some);

@@ -254,7 +254,7 @@ impl NatsStore {
         &self,
         session: Uuid,
         start: Option<u64>,
-    ) -> Result<Following<IndexedRun>, StoreError> {
+    ) -> Result<(Vec<RunId>, Following<IndexedRun>), StoreError> {
         self.check_open()?;
         self.log.follow_session(session, start).await
     }
