@@ -129,12 +129,7 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
                     format_version: STORE_FORMAT_VERSION,
                     ..meta.clone()
                 };
-                let bytes = codec::encode_value(&upgraded).map_err(|e| OpenError::NotAStore {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-                db.insert(layout::META_STORE, bytes).map_err(storage)?;
-                db.flush().map_err(storage)?;
+                write_meta(&db, &upgraded, path)?;
                 tracing::info!(
                     path = %path.display(),
                     from = meta.format_version,
@@ -150,12 +145,7 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
                 format_version: STORE_FORMAT_VERSION,
                 created_at: Utc::now(),
             };
-            let bytes = codec::encode_value(&meta).map_err(|e| OpenError::NotAStore {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-            db.insert(layout::META_STORE, bytes).map_err(storage)?;
-            db.flush().map_err(storage)?;
+            write_meta(&db, &meta, path)?;
             tracing::info!(path = %path.display(), epoch = %meta.epoch, "created store");
             meta.epoch
         }
@@ -1044,6 +1034,18 @@ fn ensure_ended_index(db: &sled::Db) -> Result<(), StoreError> {
         .map_err(|e| StoreError::WriteFailed {
             message: e.to_string(),
         })?;
+    Ok(())
+}
+
+/// Writes the store's metadata, flushed.
+fn write_meta(db: &sled::Db, meta: &StoreMeta, path: &Path) -> Result<(), OpenError> {
+    let bytes = codec::encode_value(meta).map_err(|e| OpenError::NotAStore {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    db.insert(layout::META_STORE, bytes)
+        .and_then(|_| db.flush())
+        .map_err(|e| open_error(path, e))?;
     Ok(())
 }
 
