@@ -54,11 +54,8 @@ pub(crate) enum FanoutMsg {
         done: RpcReplyPort<()>,
     },
     /// A tail of the shared log stopped: the index's (`run_id` `None`) or a
-    /// run's, numbered so that the end of a replaced tail is ignored.
-    TailEnded {
-        run_id: Option<RunId>,
-        generation: u64,
-    },
+    /// run's, with its id, so that the end of a replaced tail is ignored.
+    TailEnded { run_id: Option<RunId>, tail: u64 },
     /// Time to follow the shared log again after a failure.
     Refollow,
 }
@@ -146,9 +143,9 @@ impl Actor for FanoutRoom {
                 state.push(envelopes.into_iter().map(Arc::new).collect());
                 let _ = done.send(());
             }
-            FanoutMsg::TailEnded { run_id, generation } => {
+            FanoutMsg::TailEnded { run_id, tail } => {
                 if let Some(log) = state.log.as_mut() {
-                    log.tail_ended(&myself, run_id, generation);
+                    log.tail_ended(&myself, run_id, tail);
                 }
             }
             FanoutMsg::Refollow => {

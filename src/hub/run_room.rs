@@ -94,8 +94,8 @@ pub(crate) enum RunMsg {
         envelopes: Vec<RuntimeEventEnvelope>,
         done: RpcReplyPort<()>,
     },
-    /// The tail stopped (its stream ended), numbered so that the end of a
-    /// replaced tail is ignored: follow again shortly.
+    /// The tail with this id stopped (its stream ended): follow again
+    /// shortly, unless it was replaced meanwhile.
     TailEnded(u64),
     /// Time to follow the shared log again, if subscribers remain.
     Refollow,
@@ -185,9 +185,7 @@ pub(crate) struct RunState {
     /// The task following the run in a shared log (NATS backend), started
     /// when the first subscriber attaches, started again after it ends
     /// while subscribers remain; stopped with the room.
-    tail: Option<(u64, Tail)>,
-    /// Numbers the tails.
-    tail_generation: u64,
+    tail: Option<Tail>,
     /// The tail delivered other hosts' envelopes while an append of this
     /// room was in flight: read them from the log once it is answered.
     remote_behind: bool,
@@ -231,7 +229,6 @@ impl Actor for RunRoom {
             tail: None,
             remote_behind: false,
             retry_pending: false,
-            tail_generation: 0,
         })
     }
 
@@ -278,8 +275,8 @@ impl Actor for RunRoom {
                 state.remote(envelopes).await;
                 let _ = done.send(());
             }
-            RunMsg::TailEnded(generation) => {
-                if state.tail.as_ref().is_some_and(|(g, _)| *g == generation) {
+            RunMsg::TailEnded(tail) => {
+                if state.tail.as_ref().is_some_and(|t| t.id() == tail) {
                     state.tail = None;
                     state.refollow_later(&myself);
                 }
@@ -378,16 +375,13 @@ impl RunState {
                 return;
             }
         };
-        self.tail_generation += 1;
-        let generation = self.tail_generation;
-        let tail = tail::spawn(
+        self.tail = Some(tail::spawn(
             following.items,
             myself.clone(),
             format!("run {}", self.run_id),
             |envelopes, done| RunMsg::Remote { envelopes, done },
-            move || RunMsg::TailEnded(generation),
-        );
-        self.tail = Some((generation, tail));
+            RunMsg::TailEnded,
+        ));
     }
 
     /// Follows the log again shortly (a stream that ends at once again

@@ -49,8 +49,6 @@ pub(crate) struct SessionLog {
     /// The followed runs that have not ended.
     runs: HashMap<RunId, FollowedRun>,
     fanned: Fanned,
-    /// Numbers tails, so that the end of one that was replaced is ignored.
-    generation: u64,
     /// A `Refollow` is on its way.
     retry_pending: bool,
 }
@@ -59,8 +57,8 @@ struct FollowedRun {
     /// Where its tail started in the log, to start again from there when
     /// nothing of it has been fanned out.
     start: u64,
-    /// The running tail and its generation; `None` while stopped.
-    tail: Option<(u64, Tail)>,
+    /// `None` while stopped.
+    tail: Option<Tail>,
 }
 
 impl SessionLog {
@@ -72,7 +70,6 @@ impl SessionLog {
             index_next: None,
             runs: HashMap::new(),
             fanned: Fanned::new(MAX_FOLLOWED_RUNS),
-            generation: 0,
             retry_pending: false,
         }
     }
@@ -116,17 +113,12 @@ impl SessionLog {
         room: &ActorRef<FanoutMsg>,
         items: futures_util::stream::BoxStream<'static, Result<IndexedRun, StoreError>>,
     ) {
-        self.generation += 1;
-        let generation = self.generation;
         self.index = Some(tail::spawn(
             items,
             room.clone(),
             format!("session {}", self.session_id),
             |runs, done| FanoutMsg::RunsJoined { runs, done },
-            move || FanoutMsg::TailEnded {
-                run_id: None,
-                generation,
-            },
+            |tail| FanoutMsg::TailEnded { run_id: None, tail },
         ));
     }
 
@@ -239,23 +231,20 @@ impl SessionLog {
         }
     }
 
-    /// A tail's stream ended (`run_id` `None`: the index's): unless it was
-    /// replaced meanwhile, follow again shortly (a stream that ends at once
-    /// again does not spin).
+    /// The stream of the tail with id `tail` ended (`run_id` `None`: the
+    /// index's): unless it was replaced meanwhile, follow again shortly (a
+    /// stream that ends at once again does not spin).
     pub(crate) fn tail_ended(
         &mut self,
         room: &ActorRef<FanoutMsg>,
         run_id: Option<RunId>,
-        generation: u64,
+        tail: u64,
     ) {
         let current = match run_id {
-            None => self.index.as_ref().map(|_| self.generation),
-            Some(run_id) => self
-                .runs
-                .get(&run_id)
-                .and_then(|run| run.tail.as_ref().map(|(g, _)| *g)),
+            None => self.index.as_ref(),
+            Some(run_id) => self.runs.get(&run_id).and_then(|run| run.tail.as_ref()),
         };
-        if current != Some(generation) {
+        if current.map(Tail::id) != Some(tail) {
             return;
         }
         match run_id {
@@ -292,16 +281,14 @@ impl SessionLog {
             self.runs.remove(&run_id);
             return Ok(());
         };
-        self.generation += 1;
-        let generation = self.generation;
         let tail = tail::spawn(
             following.items,
             room.clone(),
             format!("run {run_id} of session {}", self.session_id),
             |envelopes, done| FanoutMsg::Remote { envelopes, done },
-            move || FanoutMsg::TailEnded {
+            move |tail| FanoutMsg::TailEnded {
                 run_id: Some(run_id),
-                generation,
+                tail,
             },
         );
         let start = self.runs.get(&run_id).map_or(following.start, |r| r.start);
@@ -309,7 +296,7 @@ impl SessionLog {
             run_id,
             FollowedRun {
                 start,
-                tail: Some((generation, tail)),
+                tail: Some(tail),
             },
         );
         Ok(())
