@@ -215,18 +215,9 @@ impl SessionLog {
             return;
         }
         for run in runs {
-            if self.runs.len() >= MAX_FOLLOWED_RUNS && !self.runs.contains_key(&run.run_id) {
-                tracing::warn!(
-                    session_id = %self.session_id,
-                    run_id = %run.run_id,
-                    limit = MAX_FOLLOWED_RUNS,
-                    "too many live runs in one session to follow them all in the shared log"
-                );
-            } else {
-                let from = FollowFrom::Position(run.position);
-                let followed = self.follow_run(room, run.run_id, from).await;
-                self.failed_run(room, run.run_id, run.position, followed);
-            }
+            let from = FollowFrom::Position(run.position);
+            let followed = self.follow_run(room, run.run_id, from).await;
+            self.failed_run(room, run.run_id, run.position, followed);
             self.index_next = Some(self.index_next.unwrap_or(0).max(run.position + 1));
         }
     }
@@ -258,8 +249,9 @@ impl SessionLog {
         self.retry_later(room);
     }
 
-    /// Starts a tail of `run_id` unless one runs or the run has ended: after
-    /// what was fanned out of it if anything was, else from `from`.
+    /// Starts a tail of `run_id` unless one runs, the run has ended, or the
+    /// room follows [`MAX_FOLLOWED_RUNS`] already: after what was fanned out
+    /// of it if anything was, else from `from`.
     async fn follow_run(
         &mut self,
         room: &ActorRef<FanoutMsg>,
@@ -267,6 +259,15 @@ impl SessionLog {
         from: FollowFrom,
     ) -> Result<(), StoreError> {
         if self.runs.get(&run_id).is_some_and(|run| run.tail.is_some()) {
+            return Ok(());
+        }
+        if self.runs.len() >= MAX_FOLLOWED_RUNS && !self.runs.contains_key(&run_id) {
+            tracing::warn!(
+                session_id = %self.session_id,
+                %run_id,
+                limit = MAX_FOLLOWED_RUNS,
+                "too many live runs in one session to follow them all in the shared log"
+            );
             return Ok(());
         }
         let from = match self.fanned.get(run_id) {
