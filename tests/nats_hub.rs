@@ -30,6 +30,23 @@ async fn open_hub(config: &NatsConfig) -> Option<EventHub> {
     common::nats::or_skip(EventHub::open(Config::nats(config.clone())).await)
 }
 
+/// Two hubs on a fresh stream, as two hosts, or `None` (reason printed)
+/// without a server.
+async fn two_hosts() -> Option<(NatsConfig, EventHub, EventHub)> {
+    let config = nats_config();
+    let host_a = open_hub(&config).await?;
+    let host_b = open_hub(&config).await.unwrap();
+    Some((config, host_a, host_b))
+}
+
+/// Shuts `hosts` down and deletes their stream.
+async fn close(config: &NatsConfig, hosts: [EventHub; 2]) {
+    for host in hosts {
+        host.shutdown().await.unwrap();
+    }
+    common::nats::delete_stream(config).await;
+}
+
 /// Reads `stream` to its end.
 async fn read_to_end(
     stream: &mut behest_stream::BoxRuntimeEventStream,
@@ -89,11 +106,9 @@ async fn a_hub_on_nats_publishes_subscribes_and_replays() {
 /// the rest, gapless and once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_from_one_host_resumes_on_another() {
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     assert_eq!(host_a.epoch(), host_b.epoch(), "one stream, one epoch");
 
     let run = RunId::new();
@@ -122,9 +137,7 @@ async fn a_cursor_from_one_host_resumes_on_another() {
     seen.extend(read_to_end(&mut on_b).await);
     assert_eq!(seqs(&seen), (1..=10).collect::<Vec<_>>());
     assert_eq!(seen, host_a.replay(run, 0, 100).await.unwrap());
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }
 
 /// Host A writes a run; host B then appends to it too (its room recovers
@@ -133,11 +146,9 @@ async fn a_cursor_from_one_host_resumes_on_another() {
 /// its seq. A's room then recovers from the log and goes on after B's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_host_writing_a_run_is_fenced_off() {
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     let run = RunId::new();
     host_a.publish(started(run, None)).await.unwrap();
     host_a.publish(delta(run, "a")).await.unwrap();
@@ -178,9 +189,7 @@ async fn a_second_host_writing_a_run_is_fenced_off() {
         seqs(&host_b.replay(run, 0, 100).await.unwrap()),
         vec![1, 2, 3, 4, 5, 6]
     );
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }
 
 /// A subscriber on host B follows, live, a run that host A writes: B's run
@@ -189,11 +198,9 @@ async fn a_second_host_writing_a_run_is_fenced_off() {
 /// on B that drops partway resumes on B by cursor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     let run = RunId::new();
     // Subscribed on B before the run has any event.
     let mut whole = host_b
@@ -230,9 +237,7 @@ async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
         seqs(&read_to_end(&mut resumed).await),
         (6..=32).collect::<Vec<_>>()
     );
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }
 
 /// A host that follows the run (it has a subscriber) learns of the other
@@ -242,11 +247,9 @@ async fn a_subscriber_on_one_host_follows_a_run_written_on_another_live() {
 /// conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_following_host_takes_a_run_back_without_a_fence() {
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     let run = RunId::new();
     let mut on_b = host_b
         .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
@@ -267,9 +270,7 @@ async fn a_following_host_takes_a_run_back_without_a_fence() {
         next_within(&mut on_b, DEADLINE).await.unwrap().unwrap(),
         back
     );
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }
 
 /// Reads `stream` until it has delivered the terminal event of every run in
@@ -304,11 +305,9 @@ async fn read_runs_to_end(
 /// a third run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     let session = Uuid::now_v7();
     let (first, second, third) = (RunId::new(), RunId::new(), RunId::new());
     host_a.publish(started(first, Some(session))).await.unwrap();
@@ -384,9 +383,7 @@ async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
     // The first stream goes on live with the third run too.
     let third_whole = read_runs_to_end(&mut whole, &[third], 0, &mut cursor).await;
     assert_eq!(third_whole[0], rest[2]);
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }
 
 /// The client recreates an ordered consumer the server deleted, and one
@@ -400,11 +397,9 @@ async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
 async fn a_recreated_consumer_replays_nothing_into_a_session_room() {
     use futures_util::StreamExt;
 
-    let config = nats_config();
-    let Some(host_a) = open_hub(&config).await else {
+    let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
-    let host_b = open_hub(&config).await.unwrap();
     let session = Uuid::now_v7();
     let (before, after) = (RunId::new(), RunId::new());
     host_a
@@ -452,7 +447,5 @@ async fn a_recreated_consumer_replays_nothing_into_a_session_room() {
     let stats = host_b.stats().await.unwrap();
     let session_room = stats.rooms.iter().find(|r| r.room == room).unwrap();
     assert_eq!(session_room.fanned_out, written.len() as u64);
-    host_a.shutdown().await.unwrap();
-    host_b.shutdown().await.unwrap();
-    common::nats::delete_stream(&config).await;
+    close(&config, [host_a, host_b]).await;
 }

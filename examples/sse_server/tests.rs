@@ -106,6 +106,13 @@ async fn publish(hub: &EventHub, events: impl IntoIterator<Item = AgentEvent>) -
     last
 }
 
+/// Publishes `events` on a task of its own, so that a test can read while
+/// they go out; the task returns the last seq.
+fn publish_in_background(hub: &EventHub, events: Vec<AgentEvent>) -> tokio::task::JoinHandle<u64> {
+    let hub = hub.clone();
+    tokio::spawn(async move { publish(&hub, events).await })
+}
+
 /// Polls `check` until it holds, failing the test after [`DEADLINE`].
 async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -361,10 +368,7 @@ async fn a_run_resumed_with_last_event_id_is_whole_exactly_once_and_closes() {
     // Published while connected (the subscription exists once the head
     // has arrived): these come live.
     let live: Vec<AgentEvent> = events.by_ref().take(7).collect();
-    let publisher = tokio::spawn({
-        let hub = hub.clone();
-        async move { publish(&hub, live).await }
-    });
+    let publisher = publish_in_background(&hub, live);
     let mut received = Vec::new();
     let mut last_id = String::new();
     while received.len() < 8 {
@@ -394,10 +398,7 @@ async fn a_run_resumed_with_last_event_id_is_whole_exactly_once_and_closes() {
     assert_eq!(second.status, StatusCode::OK);
     let rest: Vec<AgentEvent> = events.by_ref().collect();
     assert_eq!(rest.len(), 3);
-    let publisher = tokio::spawn({
-        let hub = hub.clone();
-        async move { publish(&hub, rest).await }
-    });
+    let publisher = publish_in_background(&hub, rest);
     // Read to the end: the response must close after the terminal event.
     let tail = second.events_to_end().await;
     assert_eq!(publisher.await.unwrap(), n);
@@ -450,10 +451,7 @@ async fn a_session_resumed_with_last_event_id_has_every_run_exactly_once() {
             live.extend(c.next());
         }
     }
-    let publisher = tokio::spawn({
-        let hub = hub.clone();
-        async move { publish(&hub, live).await }
-    });
+    let publisher = publish_in_background(&hub, live);
     let mut received = Vec::new();
     let mut last_id = String::new();
     while received.len() < n + 6 {
@@ -476,10 +474,7 @@ async fn a_session_resumed_with_last_event_id_has_every_run_exactly_once() {
     assert_eq!(second.status, StatusCode::OK);
     let rest: Vec<AgentEvent> = c.by_ref().collect();
     assert_eq!(rest.len(), 2);
-    let publisher = tokio::spawn({
-        let hub = hub.clone();
-        async move { publish(&hub, rest).await }
-    });
+    let publisher = publish_in_background(&hub, rest);
     // A session stream stays open: read until every run is whole.
     while received.len() < 3 * n {
         let event = second.next_event().await.expect("the stream ended");
