@@ -11,17 +11,21 @@ use std::time::Duration;
 ///   flushed the group commit that holds the event to disk. An acknowledged
 ///   event survives `kill -9` and power loss (to the extent the disk honours
 ///   `fsync`).
-/// - [`Durability::Buffered`]: acknowledged once the event is in sled's
-///   write buffer, before the flush. Readers see it at once; sled flushes in
-///   the background every [`Config::flush_every_ms`]. A crash can lose the
-///   events of the last moments, but never leaves a gap: what survives of a
-///   run is always a prefix of its seqs.
+/// - [`Durability::Buffered`]: acknowledged once the event is written to
+///   sled, before the flush that follows in the same group commit. Nobody
+///   else sees it before that flush: readers of the store wait for it, and
+///   subscribers get it only after it (so no subscriber ever receives an
+///   event, or a seq, that a crash could take back). A crash in between can
+///   lose an event its publisher heard `Ok` for, and its seq is then given
+///   to the run's next event; what survives of a run is always a gapless
+///   prefix of its seqs. What it saves the publisher is the wait for the
+///   flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Flush to disk before acknowledging.
     #[default]
     Flushed,
-    /// Acknowledge once written; flush in the background.
+    /// Acknowledge once written, before the flush; fan out after it.
     Buffered,
 }
 
@@ -175,9 +179,9 @@ impl Config {
         self
     }
 
-    /// How often sled flushes in the background, which bounds what a crash can
-    /// lose under [`Durability::Buffered`] (default 500 ms; `None` turns the
-    /// background flush off).
+    /// How often sled also flushes in the background (default 500 ms; `None`
+    /// turns it off). Every group commit is flushed anyway; this bounds what
+    /// a crash can lose of writes outside them (the store's metadata).
     #[must_use]
     pub fn flush_every_ms(mut self, every: Option<u64>) -> Self {
         self.flush_every_ms = every;

@@ -131,10 +131,14 @@ async fn appends_arriving_during_a_commit_share_the_next_batch() {
     store.close().await.unwrap();
 }
 
-/// A batch of only `Buffered` appends is acknowledged without a flush.
+/// A `Buffered` append is acknowledged once written, before the flush that
+/// follows in the same commit: every commit is flushed (so nothing a reader
+/// or subscriber sees can be taken back by a crash), and a `Buffered`
+/// appender does not wait for it (its `Ok` stands even when that flush
+/// fails, where a `Flushed` one hears the failure).
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buffered_only_batches_do_not_flush() {
+async fn buffered_appends_are_acknowledged_before_the_flush_every_commit_does() {
     let store = Store::open(Config::temporary().flush_every_ms(None))
         .await
         .unwrap();
@@ -147,12 +151,28 @@ async fn buffered_only_batches_do_not_flush() {
         .append_with(vec![envelope(run, None, 2)], Durability::Buffered)
         .await
         .unwrap();
-    let stats = store.stats().await.unwrap();
-    assert_eq!((stats.commits, stats.flushes), (2, 0));
+    // The flush may still be running when the appender hears `Ok`.
+    common::wait_for(
+        "both commits flushed",
+        std::time::Duration::from_secs(10),
+        async || {
+            let stats = store.stats().await.unwrap();
+            (stats.commits, stats.flushes).eq(&(2, 2)).then_some(())
+        },
+    )
+    .await;
+    store.inject_flush_failure(1).unwrap();
     store
-        .append_with(vec![envelope(run, None, 3)], Durability::Flushed)
+        .append_with(vec![envelope(run, None, 3)], Durability::Buffered)
         .await
-        .unwrap();
-    assert_eq!(store.stats().await.unwrap().flushes, 1);
+        .expect("acknowledged once written, before the failed flush");
+    store.inject_flush_failure(1).unwrap();
+    let flushed = store
+        .append_with(vec![envelope(run, None, 4)], Durability::Flushed)
+        .await;
+    assert!(
+        matches!(flushed, Err(behest_stream::StoreError::FlushFailed { .. })),
+        "{flushed:?}"
+    );
     store.close().await.unwrap();
 }

@@ -117,6 +117,7 @@ mod cursor;
 mod fanout_room;
 mod feed;
 mod follow;
+mod progress;
 mod router;
 mod run_room;
 mod session_log;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::fanout_room::{FanoutMsg, FanoutRoom, FanoutRoomArgs};
+use super::progress::Progress;
 use super::run_room::{PublishRequest, RunAttach, RunMsg, RunRoom, RunRoomArgs};
 use super::{LiveFeed, RoomStats, Shared};
 use crate::error::HubError;
@@ -61,14 +62,15 @@ pub(crate) enum RouterMsg {
 
 #[derive(Clone)]
 enum RoomRef {
-    Run(ActorRef<RunMsg>),
+    /// A run room, with how far it got (read when it dies).
+    Run(ActorRef<RunMsg>, Arc<Progress>),
     Fanout(ActorRef<FanoutMsg>),
 }
 
 impl RoomRef {
     fn id(&self) -> ActorId {
         match self {
-            RoomRef::Run(r) => r.get_id(),
+            RoomRef::Run(r, _) => r.get_id(),
             RoomRef::Fanout(r) => r.get_id(),
         }
     }
@@ -90,6 +92,10 @@ pub(crate) struct RouterState {
     /// than the window are pruned whenever a failure is recorded, so the map
     /// holds only rooms that failed within the window.
     failures: HashMap<RuntimeRoom, VecDeque<Instant>>,
+    /// Run rooms that died with events stored and not fanned out, and could
+    /// not be started again at once (restart intensity, room bound): where
+    /// their fan-out stopped, for their next start. At most `max_rooms`.
+    unfanned: HashMap<RunId, u64>,
 }
 
 impl Actor for Router {
@@ -108,6 +114,7 @@ impl Actor for Router {
             rooms: HashMap::new(),
             by_id: HashMap::new(),
             failures: HashMap::new(),
+            unfanned: HashMap::new(),
         })
     }
 
@@ -172,7 +179,7 @@ impl Actor for Router {
             RouterMsg::AttachLive { room, reply } => match state.room(&myself, &room).await {
                 // The room answers the caller itself: the router never waits
                 // on a room here, and never forgets a room that is merely slow.
-                Ok(RoomRef::Run(r)) => {
+                Ok(RoomRef::Run(r, _)) => {
                     if r.send_message(RunMsg::AttachLive(reply)).is_err() {
                         state.forget(&room);
                     }
@@ -198,7 +205,7 @@ impl Actor for Router {
                 envelope,
                 reply,
             } => match state.room(&myself, &room).await {
-                Ok(RoomRef::Run(r)) => {
+                Ok(RoomRef::Run(r, _)) => {
                     if r.send_message(RunMsg::LivePublish { envelope, reply })
                         .is_err()
                     {
@@ -227,7 +234,7 @@ impl Actor for Router {
                 // it before this question; the router sends it nothing more
                 // until it has the answer.
                 let stopped = match &room_ref {
-                    RoomRef::Run(r) => ask(r, RunMsg::StopIfIdle).await,
+                    RoomRef::Run(r, _) => ask(r, RunMsg::StopIfIdle).await,
                     RoomRef::Fanout(r) => ask(r, FanoutMsg::StopIfIdle).await,
                 };
                 if stopped == Some(true) {
@@ -242,7 +249,7 @@ impl Actor for Router {
                 tokio::spawn(async move {
                     let answers = rooms.iter().map(|room_ref| async move {
                         match room_ref {
-                            RoomRef::Run(r) => ask(r, RunMsg::Stats).await,
+                            RoomRef::Run(r, _) => ask(r, RunMsg::Stats).await,
                             RoomRef::Fanout(r) => ask(r, FanoutMsg::Stats).await,
                         }
                     });
@@ -265,7 +272,7 @@ impl Actor for Router {
 
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -275,9 +282,24 @@ impl Actor for Router {
                 // already (a send to it failed first).
                 state.shared.counters.record_failure();
                 if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
-                    tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
+                    let progress = match state.rooms.get(&room) {
+                        Some(RoomRef::Run(_, progress)) => Some(Arc::clone(progress)),
+                        _ => None,
+                    };
                     state.forget(&room);
-                    state.record_failure(room);
+                    state.record_failure(room.clone());
+                    match (&room, progress.and_then(|p| p.unfanned_from())) {
+                        (RuntimeRoom::Run(run_id), Some(fanned)) => {
+                            tracing::warn!(%room, %error, fanned, "room failed with stored events not fanned out; restarting it now");
+                            state.unfanned_insert(*run_id, fanned);
+                            if let Err(error) = state.room(&myself, &room).await {
+                                tracing::error!(%room, %error, "room cannot restart yet; it fans out what it owes on its next start");
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
+                        }
+                    }
                 } else {
                     tracing::warn!(%error, "a room failed after it was replaced");
                 }
@@ -308,6 +330,22 @@ impl RouterState {
         }
     }
 
+    /// Remembers where a dead run room's fan-out stopped. Bounded: past
+    /// `max_rooms` entries an arbitrary one is dropped, with an error log
+    /// (its events stay in the store, and session subscribers that resume
+    /// read them; only live session and provider subscribers miss them).
+    fn unfanned_insert(&mut self, run_id: RunId, fanned: u64) {
+        if self.unfanned.len() >= self.shared.max_rooms
+            && !self.unfanned.contains_key(&run_id)
+            && let Some(dropped) = self.unfanned.keys().next().copied()
+        {
+            tracing::error!(run_id = %dropped, "too many failed run rooms owe fan-out; forgetting one");
+            self.unfanned.remove(&dropped);
+        }
+        let entry = self.unfanned.entry(run_id).or_insert(fanned);
+        *entry = (*entry).min(fanned);
+    }
+
     fn forget(&mut self, room: &RuntimeRoom) {
         if let Some(room_ref) = self.rooms.remove(room) {
             self.by_id.remove(&room_ref.id());
@@ -320,7 +358,7 @@ impl RouterState {
         room: &RuntimeRoom,
     ) -> Result<ActorRef<RunMsg>, HubError> {
         match self.room(myself, room).await? {
-            RoomRef::Run(r) => Ok(r),
+            RoomRef::Run(r, _) => Ok(r),
             RoomRef::Fanout(_) => Err(unavailable(room, "not a run room")),
         }
     }
@@ -353,16 +391,21 @@ impl RouterState {
         }
         let room_ref = match room {
             RuntimeRoom::Run(run_id) => {
+                let progress = Arc::new(Progress::default());
                 let args = RunRoomArgs {
                     run_id: *run_id,
                     store: self.store.clone(),
                     router: myself.clone(),
                     shared: Arc::clone(&self.shared),
+                    progress: Arc::clone(&progress),
+                    unfanned_from: self.unfanned.get(run_id).copied(),
                 };
                 let (r, _) = Actor::spawn_linked(None, RunRoom, args, myself.get_cell())
                     .await
                     .map_err(|e| unavailable(room, &e.to_string()))?;
-                RoomRef::Run(r)
+                // The new room owns what its predecessor owed from now on.
+                self.unfanned.remove(run_id);
+                RoomRef::Run(r, progress)
             }
             RuntimeRoom::Session(_) | RuntimeRoom::Provider(_) => {
                 let args = FanoutRoomArgs {

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
 use uuid::Uuid;
 
 use super::feed::Feed;
+use super::progress::Progress;
 use super::router::RouterMsg;
 use super::tail::{self, Tail};
 use super::{Delivery, LiveFeed, RoomStats, Shared};
@@ -26,7 +27,7 @@ use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
 use crate::ids::{ProviderId, RunId};
-use crate::store::{FollowFrom, Store, StoredEnvelope, encoded_len};
+use crate::store::{AppendAck, FollowFrom, Store, StoredEnvelope, encoded_len};
 use crate::stream::{RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom};
 
 /// The answer to one publish: its envelope once stored and fanned out. An
@@ -108,6 +109,13 @@ pub(crate) struct RunRoomArgs {
     pub(crate) store: Store,
     pub(crate) router: ActorRef<RouterMsg>,
     pub(crate) shared: Arc<Shared>,
+    /// Where the room reports how far it got; the router reads it if the
+    /// room dies.
+    pub(crate) progress: Arc<Progress>,
+    /// Set when a predecessor died with events stored and not fanned out:
+    /// the last seq it fanned out. The room fans out the rest from the
+    /// store before it takes anything else.
+    pub(crate) unfanned_from: Option<u64>,
 }
 
 /// A sequenced event not yet answered. Once its append is at the store, the
@@ -191,6 +199,9 @@ pub(crate) struct RunState {
     remote_behind: bool,
     /// A `Refollow` is on its way.
     retry_pending: bool,
+    progress: Arc<Progress>,
+    /// See [`RunRoomArgs::unfanned_from`]; taken by the first recovery.
+    unfanned_from: Option<u64>,
 }
 
 impl Actor for RunRoom {
@@ -229,6 +240,8 @@ impl Actor for RunRoom {
             tail: None,
             remote_behind: false,
             retry_pending: false,
+            progress: args.progress,
+            unfanned_from: args.unfanned_from,
         })
     }
 
@@ -240,6 +253,7 @@ impl Actor for RunRoom {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.recover().await;
+        state.fan_out_owed().await?;
         tracing::debug!(run_id = %state.run_id, last_seq = state.persisted, "run room started");
         myself.send_interval(state.shared.idle_timeout / 2, || RunMsg::Tick);
         Ok(())
@@ -340,8 +354,52 @@ impl RunState {
             Err(error) => {
                 tracing::error!(run_id = %self.run_id, %error, "run room cannot recover its run");
                 self.broken = Some(error);
+                return;
             }
         }
+        let fanned = self.unfanned_from.unwrap_or(self.persisted);
+        self.progress
+            .start_at(self.persisted, fanned.min(self.persisted));
+    }
+
+    /// Fans out, from the store, what a predecessor that died had stored
+    /// and not fanned out (see [`Progress`]): its publishers heard `Ok` from
+    /// the store, so its session's and provider's live subscribers must get
+    /// it too, before anything this room sequences. Failing here fails the
+    /// room, and the router starts it again (within the restart intensity)
+    /// still owing the same.
+    async fn fan_out_owed(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(mut fanned) = self.unfanned_from else {
+            return Ok(());
+        };
+        if self.broken.is_some() {
+            return Err(format!("run {} owes fan-out but cannot recover", self.run_id).into());
+        }
+        let page = self.shared.catch_up_page.max(1);
+        while fanned < self.persisted {
+            let owed = usize::try_from(self.persisted - fanned).unwrap_or(usize::MAX);
+            let envelopes = self
+                .store
+                .list_after(self.run_id, fanned, owed.min(page))
+                .await?;
+            let Some(last) = envelopes.last().map(|e| e.seq) else {
+                return Err(format!(
+                    "run {} has no events after seq {fanned} in the store, but recovered seq {}",
+                    self.run_id, self.persisted
+                )
+                .into());
+            };
+            tracing::debug!(run_id = %self.run_id, first_seq = fanned + 1, seq = last, "fanning out what a failed room left");
+            let owed: Vec<_> = envelopes
+                .into_iter()
+                .take_while(|e| e.seq <= self.persisted)
+                .map(|e| (Arc::new(e), None))
+                .collect();
+            self.fan_out(owed);
+            fanned = last;
+        }
+        self.unfanned_from = None;
+        Ok(())
     }
 
     /// Tries recovery again if it failed in a way a retry may fix.
@@ -587,15 +645,19 @@ impl RunState {
         let mut publishers = Vec::with_capacity(gathered.len());
         for g in gathered {
             items.push(g.stored);
-            publishers.push((g.envelope, g.reply, g.permit));
+            publishers.push((g.envelope, Some(g.reply), g.permit));
         }
         // Waits only when the store's in-flight budget is spent: the store,
         // not this room, is then the bottleneck, and waiting here is the
         // backpressure.
+        let last_seq = items.last().map_or(0, |i| i.seq);
         let ack = match self.store.reserve(encoded_len(&items)).await {
             Ok(permit) => self.store.enqueue(items, self.gathering_durability, permit),
             Err(error) => Err(error),
         };
+        if ack.is_ok() {
+            self.progress.handed(last_seq);
+        }
         self.outstanding += 1;
         let (to_waiter, verdicts) = oneshot::channel();
         self.verdicts.push_back(Verdicts {
@@ -604,39 +666,13 @@ impl RunState {
             answers: Vec::with_capacity(publishers.len()),
             to_waiter,
         });
-        let myself = myself.clone();
-        tokio::spawn(async move {
-            let result = match ack {
-                Ok(ack) => ack.await.unwrap_or_else(|_| {
-                    Err(StoreError::FlushFailed {
-                        message: "the store stopped before answering; the append is in doubt"
-                            .into(),
-                    })
-                }),
-                // Not handed to the store: nothing stored.
-                Err(error) => Err(error),
-            };
-            let _ = myself.send_message(RunMsg::Persisted {
-                batch,
-                result: result.clone(),
-            });
-            // The room answers after fanning out. If it died first, the
-            // store's word stands: the restarted room serves the events from
-            // the store.
-            match verdicts.await {
-                Ok(answers) => {
-                    for ((_, reply, _permit), answer) in publishers.into_iter().zip(answers) {
-                        let _ = reply.send(answer);
-                    }
-                }
-                Err(_) => {
-                    for (envelope, reply, _permit) in publishers {
-                        let _ =
-                            reply.send(result.clone().map(|()| envelope).map_err(HubError::from));
-                    }
-                }
-            }
-        });
+        tokio::spawn(wait_for_store(
+            ack,
+            batch,
+            publishers,
+            verdicts,
+            myself.clone(),
+        ));
     }
 
     /// Records the store's answer for one append, answers and fans out, in
@@ -753,6 +789,9 @@ impl RunState {
                 envelopes: envelopes.clone(),
             });
         }
+        if let Some(last) = envelopes.last() {
+            self.progress.fanned(last.seq);
+        }
         self.feed.push(envelopes);
         for (envelope, batch) in fanned {
             self.answer(batch, Ok(envelope));
@@ -842,6 +881,70 @@ impl RunState {
             ended: self.ended_persisted,
             backlog,
         })
+    }
+}
+
+/// A publisher waiting for its answer, its envelope, and its share of the
+/// hub's in-flight bound (held until the append is durable).
+type Publisher = (
+    Arc<RuntimeEventEnvelope>,
+    Option<oneshot::Sender<PublishAnswer>>,
+    OwnedSemaphorePermit,
+);
+
+/// An append's waiter: owns its publishers' replies, so that each hears the
+/// store's word even if the room dies. A `Buffered` append's publishers hear
+/// `Ok` as soon as it is written; the room hears once it is durable (written
+/// and flushed), and only then fans it out, so that no subscriber ever sees
+/// what a crash could take back. The other publishers hear the room's
+/// verdict after the fan-out, or the store's own if the room died first
+/// (its successor fans out what it owed; see [`Progress`]).
+async fn wait_for_store(
+    ack: Result<AppendAck, StoreError>,
+    batch: u64,
+    mut publishers: Vec<Publisher>,
+    verdicts: oneshot::Receiver<Vec<PublishAnswer>>,
+    room: ActorRef<RunMsg>,
+) {
+    let result = match ack {
+        Ok(ack) => {
+            if let Some(written) = ack.written
+                && written.await.is_ok()
+            {
+                for (envelope, reply, _) in &mut publishers {
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(Ok(Arc::clone(envelope)));
+                    }
+                }
+            }
+            ack.durable.await.unwrap_or_else(|_| {
+                Err(StoreError::FlushFailed {
+                    message: "the store stopped before answering; the append is in doubt".into(),
+                })
+            })
+        }
+        // Not handed to the store: nothing stored.
+        Err(error) => Err(error),
+    };
+    let _ = room.send_message(RunMsg::Persisted {
+        batch,
+        result: result.clone(),
+    });
+    match verdicts.await {
+        Ok(answers) => {
+            for ((_, reply, _permit), answer) in publishers.into_iter().zip(answers) {
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+        Err(_) => {
+            for (envelope, reply, _permit) in publishers {
+                if let Some(reply) = reply {
+                    let _ = reply.send(result.clone().map(|()| envelope).map_err(HubError::from));
+                }
+            }
+        }
     }
 }
 

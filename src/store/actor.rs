@@ -75,6 +75,10 @@ pub(crate) enum StoreMsg {
     /// Test hook: the `n`-th commit from now fails before it writes anything.
     #[cfg(feature = "fault-injection")]
     FailCommit(u64),
+    /// Test hook: the `n`-th commit from now is written, then its flush
+    /// fails.
+    #[cfg(feature = "fault-injection")]
+    FailFlush(u64),
     /// Test hook: the actor panics (its supervisor restarts it).
     #[cfg(feature = "fault-injection")]
     Panic,
@@ -120,6 +124,8 @@ pub(crate) struct StoreState {
     held: bool,
     #[cfg(feature = "fault-injection")]
     fail_commit: Option<u64>,
+    #[cfg(feature = "fault-injection")]
+    fail_flush: Option<u64>,
 }
 
 impl Actor for StoreActor {
@@ -149,6 +155,8 @@ impl Actor for StoreActor {
             held: false,
             #[cfg(feature = "fault-injection")]
             fail_commit: None,
+            #[cfg(feature = "fault-injection")]
+            fail_flush: None,
         })
     }
 
@@ -258,6 +266,8 @@ impl Actor for StoreActor {
             #[cfg(feature = "fault-injection")]
             StoreMsg::FailCommit(nth) => state.fail_commit = Some(nth.max(1)),
             #[cfg(feature = "fault-injection")]
+            StoreMsg::FailFlush(nth) => state.fail_flush = Some(nth.max(1)),
+            #[cfg(feature = "fault-injection")]
             StoreMsg::Panic => panic!("injected panic in the store actor"),
             #[cfg(feature = "fault-injection")]
             StoreMsg::HoldCommits(held) => {
@@ -279,6 +289,22 @@ impl Actor for StoreActor {
             let _ = engine::release(db).await;
         }
         Ok(())
+    }
+}
+
+/// Counts a commit down to an injected fault: true at the armed one.
+#[cfg(feature = "fault-injection")]
+fn countdown(armed: &mut Option<u64>) -> bool {
+    match *armed {
+        Some(1) => {
+            *armed = None;
+            true
+        }
+        Some(n) => {
+            *armed = Some(n - 1);
+            false
+        }
+        None => false,
     }
 }
 
@@ -324,19 +350,12 @@ impl StoreState {
         let requests = std::mem::take(&mut self.pending);
         let gate = Arc::clone(&self.gate);
         #[cfg(feature = "fault-injection")]
-        let fail = match self.fail_commit {
-            Some(1) => {
-                self.fail_commit = None;
-                true
-            }
-            Some(n) => {
-                self.fail_commit = Some(n - 1);
-                false
-            }
-            None => false,
-        };
+        let (fail, flush_fails) = (
+            countdown(&mut self.fail_commit),
+            countdown(&mut self.fail_flush),
+        );
         #[cfg(not(feature = "fault-injection"))]
-        let fail = false;
+        let (fail, flush_fails) = (false, false);
         let mut next_ordinal = self.next_ordinal;
         let limits = self.limits;
         let counters = Arc::clone(&self.counters);
@@ -346,7 +365,15 @@ impl StoreState {
                 if fail {
                     engine::fail_injected(requests);
                 } else {
-                    engine::commit(&db, &gate, requests, &mut next_ordinal, limits, &counters);
+                    engine::commit(
+                        &db,
+                        &gate,
+                        requests,
+                        &mut next_ordinal,
+                        limits,
+                        &counters,
+                        flush_fails,
+                    );
                 }
                 drop(db);
                 next_ordinal

@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{Counters, RunCheck, RunInfo, StoredEnvelope};
+use super::{AppendAck, Counters, RunCheck, RunInfo, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -26,8 +26,9 @@ use crate::stream::RuntimeEventEnvelope;
 /// and `FlushFailed` (in doubt) if it was being written.
 pub(crate) struct AppendRequest {
     pub(crate) items: Vec<StoredEnvelope>,
-    pub(crate) durability: Durability,
     pub(crate) reply: Option<RpcReplyPort<Result<(), StoreError>>>,
+    /// `Buffered` only: told once the batch is written, before its flush.
+    pub(crate) on_written: Option<tokio::sync::oneshot::Sender<()>>,
     /// Set once the request's batch is handed to sled.
     pub(crate) written: bool,
     /// Returned to the in-flight budget when the request is dropped, which
@@ -36,26 +37,40 @@ pub(crate) struct AppendRequest {
 }
 
 impl AppendRequest {
-    /// A request, and where its answer arrives.
+    /// A request, and where its answers arrive.
     pub(crate) fn new(
         items: Vec<StoredEnvelope>,
         durability: Durability,
         permit: OwnedSemaphorePermit,
-    ) -> (Self, tokio::sync::oneshot::Receiver<Result<(), StoreError>>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    ) -> (Self, AppendAck) {
+        let (tx, durable) = tokio::sync::oneshot::channel();
+        let (on_written, written) = match durability {
+            Durability::Buffered => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Flushed => (None, None),
+        };
         let request = Self {
             items,
-            durability,
             reply: Some(tx.into()),
+            on_written,
             written: false,
             _permit: permit,
         };
-        (request, rx)
+        (request, AppendAck { written, durable })
     }
 
     pub(crate) fn answer(&mut self, result: Result<(), StoreError>) {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
+        }
+    }
+
+    /// Tells a `Buffered` appender its batch is written.
+    fn tell_written(&mut self) {
+        if let Some(written) = self.on_written.take() {
+            let _ = written.send(());
         }
     }
 }
@@ -200,8 +215,9 @@ pub(crate) struct SegmentLimits {
     pub(crate) max_bytes: usize,
 }
 
-/// Writes every acceptable request in one sled batch, flushes if any asked
-/// for it, and answers every request. Requests that fail validation are
+/// Writes every acceptable request in one sled batch, flushes it, and
+/// answers every request (`Buffered` ones are also told when the batch is
+/// written, before the flush). Requests that fail validation are
 /// answered at once and leave no trace in the batch. Counters are updated
 /// before the answers go out, so a caller that has its answer sees them.
 pub(crate) fn commit(
@@ -211,6 +227,7 @@ pub(crate) fn commit(
     next_ordinal: &mut u64,
     limits: SegmentLimits,
     counters: &Counters,
+    flush_fails: bool,
 ) {
     // Exclusive for the whole commit: readers see a batch whole and durable
     // or not at all, and two commits (an old actor's, finishing after it
@@ -330,34 +347,30 @@ pub(crate) fn commit(
         cache.put(run_id, run.record);
     }
 
-    let (flushed, buffered): (Vec<_>, Vec<_>) = accepted
-        .into_iter()
-        .partition(|r| r.durability == Durability::Flushed);
-    if flushed.is_empty() {
-        drop(exclusive);
-        record_commit_time(started);
-        for mut request in buffered {
-            request.answer(Ok(()));
-        }
-        return;
+    // Every commit is flushed before the gate opens and before anyone
+    // hears that it is durable: no reader, and so no subscriber, ever sees
+    // an event a crash could take back (its seq could then be reused).
+    // `Buffered` appenders are told as soon as the batch is written.
+    for request in &mut accepted {
+        request.tell_written();
     }
-    let flush = db.flush();
+    let flush = if flush_fails {
+        Err("injected flush failure".to_string())
+    } else {
+        db.flush().map(|_| ()).map_err(|e| e.to_string())
+    };
     drop(exclusive);
     record_commit_time(started);
-    for mut request in buffered {
-        request.answer(Ok(()));
-    }
     match flush {
-        Ok(_) => {
+        Ok(()) => {
             counters.record_flush();
-            for mut request in flushed {
+            for mut request in accepted {
                 request.answer(Ok(()));
             }
         }
-        Err(e) => {
-            let message = e.to_string();
+        Err(message) => {
             tracing::error!(error = %message, "store flush failed; batch durability in doubt");
-            fail_all(flushed, || StoreError::FlushFailed {
+            fail_all(accepted, || StoreError::FlushFailed {
                 message: message.clone(),
             });
         }

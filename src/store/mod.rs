@@ -223,6 +223,16 @@ pub(crate) struct IndexedRun {
     pub(crate) position: u64,
 }
 
+/// Where an append handed to the store is answered.
+pub(crate) struct AppendAck {
+    /// `Buffered` appends on sled only: fires once the append is written,
+    /// before its flush (dropped unfired if it never is).
+    pub(crate) written: Option<oneshot::Receiver<()>>,
+    /// The append's outcome once it is durable (written and flushed), or
+    /// its failure.
+    pub(crate) durable: oneshot::Receiver<Result<(), StoreError>>,
+}
+
 /// Total encoded bytes of `items`.
 pub(crate) fn encoded_len(items: &[StoredEnvelope]) -> usize {
     items.iter().map(|i| i.bytes.len()).sum()
@@ -577,11 +587,16 @@ impl Store {
             drop(permit);
             return result;
         }
-        let (request, rx) = AppendRequest::new(items, durability, permit);
+        let (request, ack) = AppendRequest::new(items, durability, permit);
         self.inner
             .send_when_ready(StoreMsg::Append(request))
             .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        if let Some(written) = ack.written
+            && written.await.is_ok()
+        {
+            return Ok(());
+        }
+        ack.durable.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Waits for `bytes` of the in-flight budget (clamped to the whole
@@ -598,13 +613,14 @@ impl Store {
 
     /// Hands an append to the store actor without waiting: appends enqueued
     /// by one task reach the store in the order they were enqueued. The
-    /// receiver resolves once the append is durable as asked, or failed.
+    /// [`AppendAck`] says when it is written (`Buffered`) and when it is
+    /// durable, or that it failed.
     pub(crate) fn enqueue(
         &self,
         items: Vec<StoredEnvelope>,
         durability: Durability,
         permit: OwnedSemaphorePermit,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    ) -> Result<AppendAck, StoreError> {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
             // A run room has one append in flight, so its appends still
@@ -616,11 +632,14 @@ impl Store {
                 drop(permit);
                 let _ = tx.send(result);
             });
-            return Ok(rx);
+            return Ok(AppendAck {
+                written: None,
+                durable: rx,
+            });
         }
-        let (request, rx) = AppendRequest::new(items, durability, permit);
+        let (request, ack) = AppendRequest::new(items, durability, permit);
         self.inner.send(StoreMsg::Append(request))?;
-        Ok(rx)
+        Ok(ack)
     }
 
     /// Whether other processes may write this store's runs (NATS).
@@ -948,6 +967,18 @@ impl Store {
     #[cfg(feature = "fault-injection")]
     pub fn inject_actor_panic(&self) -> Result<(), StoreError> {
         self.inner.send(StoreMsg::Panic)
+    }
+
+    /// Test hook: the `nth` commit from now (1 = the next) is written but
+    /// its flush fails: each of its appends is answered
+    /// [`StoreError::FlushFailed`] (in doubt), though sled holds it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Closed`].
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_flush_failure(&self, nth: u64) -> Result<(), StoreError> {
+        self.inner.send(StoreMsg::FailFlush(nth))
     }
 
     /// Test hook: the `nth` commit from now (1 = the next) fails before it

@@ -1,0 +1,153 @@
+//! Acknowledged means delivered: a live session or provider subscriber gets
+//! every event whose publisher heard `Ok`, also when the run room died while
+//! the event's append was at the store, and also when the room gave up on an
+//! append in doubt that the store did keep. Run subscribers re-read the
+//! store by themselves; session and provider subscribers see only what run
+//! rooms fan out, and after a terminal event nothing more comes to reveal a
+//! gap.
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use std::time::Duration;
+
+use behest_stream::{
+    Config, EventHub, ProviderId, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom,
+};
+use common::{completed, delta, next_within, started, wait_for};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Keeps the injected panic out of the output.
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or_default();
+            if !message.starts_with("injected panic") {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// A hub, a run of a session, and live subscribers of that session and of
+/// the run's provider that have received the run's first event.
+struct Watched {
+    hub: EventHub,
+    run: RunId,
+    session: behest_stream::BoxRuntimeEventStream,
+    provider: behest_stream::BoxRuntimeEventStream,
+}
+
+async fn watched() -> Watched {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let (run, session_id) = (RunId::new(), Uuid::now_v7());
+    let mut session = hub
+        .subscribe(RuntimeRoom::Session(session_id), Resume::Live)
+        .await
+        .unwrap();
+    let mut provider = hub
+        .subscribe(RuntimeRoom::Provider(ProviderId::new("acme")), Resume::Live)
+        .await
+        .unwrap();
+    hub.publish(started(run, Some(session_id))).await.unwrap();
+    for stream in [&mut session, &mut provider] {
+        let first = next_within(stream, DEADLINE).await.unwrap().unwrap();
+        assert_eq!((first.run_id, first.seq), (run, 1));
+    }
+    Watched {
+        hub,
+        run,
+        session,
+        provider,
+    }
+}
+
+/// Both live subscribers get `expected` next: the event itself, not a
+/// `Lagged`, and not nothing.
+async fn both_get(watched: &mut Watched, expected: &RuntimeEventEnvelope) {
+    for (name, stream) in [
+        ("session", &mut watched.session),
+        ("provider", &mut watched.provider),
+    ] {
+        let item = tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(stream))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the live {name} subscriber never got seq {} (acknowledged)",
+                    expected.seq
+                )
+            });
+        let got = item
+            .expect("the stream ended")
+            .expect("an error, not the event");
+        assert_eq!(
+            (got.seq, got.event_id),
+            (expected.seq, expected.event_id),
+            "the live {name} subscriber"
+        );
+    }
+}
+
+/// The run room dies (a panic) while the terminal event's append is at the
+/// store; the store keeps it and its publisher hears `Ok`. The live session
+/// and provider subscribers get that event, though nothing is published
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_and_provider_subscriber_gets_an_event_acknowledged_after_its_room_died() {
+    quiet_injected_panics();
+    let mut watched = watched().await;
+    let (hub, run) = (watched.hub.clone(), watched.run);
+    hub.store().hold_commits(true).unwrap();
+    let terminal = hub.submit(completed(run)).await.unwrap();
+    wait_for("the append at the store", DEADLINE, async || {
+        let stats = hub.stats().await.unwrap();
+        (stats.store.pending_appends == 1).then_some(())
+    })
+    .await;
+    // The room dies taking its next message; that publish is refused.
+    hub.inject_room_panic(RuntimeRoom::Run(run), 1);
+    let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
+    assert!(refused.is_err(), "{refused:?}");
+    hub.store().hold_commits(false).unwrap();
+    let terminal = terminal.await.expect("the store kept it: Ok");
+    assert_eq!(terminal.seq, 2);
+    both_get(&mut watched, &terminal).await;
+    assert_eq!(hub.replay(run, 0, 10).await.unwrap().len(), 2);
+    hub.shutdown().await.unwrap();
+}
+
+/// A commit is written but its flush fails: the publisher hears
+/// `FlushFailed` (in doubt) and the room stops, not knowing its last seq.
+/// The store kept the event, so it is part of the run: the live session
+/// and provider subscribers get it, and the run goes on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_in_doubt_that_the_store_kept_reaches_live_session_and_provider_subscribers() {
+    let mut watched = watched().await;
+    let (hub, run) = (watched.hub.clone(), watched.run);
+    hub.store().inject_flush_failure(1).unwrap();
+    let in_doubt = hub.publish(delta(run, "in doubt")).await;
+    assert!(
+        matches!(
+            in_doubt,
+            Err(behest_stream::HubError::Store(
+                behest_stream::StoreError::FlushFailed { .. }
+            ))
+        ),
+        "{in_doubt:?}"
+    );
+    let kept = hub.replay(run, 1, 1).await.unwrap().remove(0);
+    assert_eq!(kept.seq, 2);
+    both_get(&mut watched, &kept).await;
+    let next = hub.publish(completed(run)).await.unwrap();
+    assert_eq!(next.seq, 3);
+    both_get(&mut watched, &next).await;
+    hub.shutdown().await.unwrap();
+}
