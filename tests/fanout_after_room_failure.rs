@@ -47,7 +47,11 @@ struct Watched {
 }
 
 async fn watched() -> Watched {
-    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    watched_with(Config::temporary()).await
+}
+
+async fn watched_with(config: Config) -> Watched {
+    let hub = EventHub::open(config).await.unwrap();
     let (run, session_id) = (RunId::new(), Uuid::now_v7());
     let mut session = hub
         .subscribe(RuntimeRoom::Session(session_id), Resume::Live)
@@ -121,6 +125,32 @@ async fn a_live_session_and_provider_subscriber_gets_an_event_acknowledged_after
     assert_eq!(terminal.seq, 2);
     both_get(&mut watched, &terminal).await;
     assert_eq!(hub.replay(run, 0, 10).await.unwrap().len(), 2);
+    hub.shutdown().await.unwrap();
+}
+
+/// As above, with a restart intensity that forbids restarting the room
+/// when it dies: what it owes is fanned out once its failure ages out of
+/// the restart window, without waiting for another publish (after a
+/// terminal event none comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_cannot_restart_at_once_fans_out_what_it_owes_after_the_restart_window() {
+    quiet_injected_panics();
+    let config = Config::temporary().restart_intensity(0, Duration::from_millis(300));
+    let mut watched = watched_with(config).await;
+    let (hub, run) = (watched.hub.clone(), watched.run);
+    hub.store().hold_commits(true).unwrap();
+    let terminal = hub.submit(completed(run)).await.unwrap();
+    wait_for("the append at the store", DEADLINE, async || {
+        let stats = hub.stats().await.unwrap();
+        (stats.store.pending_appends == 1).then_some(())
+    })
+    .await;
+    hub.inject_room_panic(RuntimeRoom::Run(run), 1);
+    let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
+    assert!(refused.is_err(), "{refused:?}");
+    hub.store().hold_commits(false).unwrap();
+    let terminal = terminal.await.expect("the store kept it: Ok");
+    both_get(&mut watched, &terminal).await;
     hub.shutdown().await.unwrap();
 }
 

@@ -90,7 +90,11 @@
 //! append handed to it before. A publish the dead room never took fails with
 //! [`HubError::RoomUnavailable`]: nothing was stored, retry. A publish it did
 //! take is answered with the store's own outcome even after the room died,
-//! so `Ok` means stored and a retry never stores an event twice.
+//! so `Ok` means stored and a retry never stores an event twice. A room that
+//! dies having handed the store events it has not fanned out is started
+//! again at once and fans them out from the store before anything else, so
+//! the live subscribers of the run's session and provider get every event
+//! whose publisher heard `Ok`.
 //! Subscriptions re-attach by themselves and continue with no gap and no
 //! duplicate. A room that fails more than [`Config::restart_intensity`]
 //! allows is not restarted until its failures age out; its callers get
@@ -101,10 +105,14 @@
 //!
 //! ## Durability
 //!
-//! A publish is acknowledged, and fanned out, only once the store has it as
-//! its [`Durability`] asks; no subscriber ever sees an event that has no
-//! replay source. Under [`Durability::Flushed`] (the default) an acknowledged
-//! event survives a crash.
+//! A publish is acknowledged once the store has it as its [`Durability`]
+//! asks: flushed under [`Durability::Flushed`] (the default), written under
+//! [`Durability::Buffered`]. It is fanned out, and readable from the store,
+//! only once it is flushed (every group commit is), whatever the
+//! durability: no subscriber ever sees an event that has no replay source,
+//! or one a crash could take back. Under `Flushed` an acknowledged event
+//! survives a crash; under `Buffered` a crash can lose one its publisher
+//! heard `Ok` for, never one a subscriber received.
 //!
 //! ## Shutdown
 //!

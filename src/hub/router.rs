@@ -58,6 +58,8 @@ pub(crate) enum RouterMsg {
     Stats(RpcReplyPort<Vec<RoomStats>>),
     /// Stop every room, then the router.
     Shutdown(RpcReplyPort<()>),
+    /// Try again to start a run room that died owing fan-out.
+    RestartOwing(RunId),
 }
 
 #[derive(Clone)]
@@ -257,6 +259,13 @@ impl Actor for Router {
                     let _ = reply.send(all.into_iter().flatten().collect());
                 });
             }
+            RouterMsg::RestartOwing(run_id) => {
+                if state.unfanned.contains_key(&run_id)
+                    && !state.rooms.contains_key(&RuntimeRoom::Run(run_id))
+                {
+                    state.restart_owing(&myself, run_id).await;
+                }
+            }
             RouterMsg::Shutdown(reply) => {
                 state.rooms.clear();
                 state.by_id.clear();
@@ -292,9 +301,7 @@ impl Actor for Router {
                         (RuntimeRoom::Run(run_id), Some(fanned)) => {
                             tracing::warn!(%room, %error, fanned, "room failed with stored events not fanned out; restarting it now");
                             state.unfanned_insert(*run_id, fanned);
-                            if let Err(error) = state.room(&myself, &room).await {
-                                tracing::error!(%room, %error, "room cannot restart yet; it fans out what it owes on its next start");
-                            }
+                            state.restart_owing(&myself, *run_id).await;
                         }
                         _ => {
                             tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
@@ -327,6 +334,20 @@ impl RouterState {
         times.push_back(Instant::now());
         if times.len() > self.shared.max_restarts {
             tracing::error!(%room, failures = times.len(), ?window, "room exceeded its restart intensity");
+        }
+    }
+
+    /// Starts a run room that died owing fan-out; where the restart
+    /// intensity (or the room bound) forbids it now, tries again after the
+    /// restart window, so that what it owes does not wait for a publish
+    /// that may never come (after a terminal event none does).
+    async fn restart_owing(&mut self, myself: &ActorRef<RouterMsg>, run_id: RunId) {
+        let room = RuntimeRoom::Run(run_id);
+        if let Err(error) = self.room(myself, &room).await {
+            tracing::warn!(%room, %error, "room owes fan-out and cannot restart yet; trying again later");
+            myself.send_after(self.shared.restart_window, move || {
+                RouterMsg::RestartOwing(run_id)
+            });
         }
     }
 
