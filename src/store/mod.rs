@@ -770,7 +770,8 @@ impl Store {
         .await?
     }
 
-    /// The runs of `session_id`, in the order they started.
+    /// The runs of `session_id`, in the order they started; runs retention
+    /// removed are no longer listed.
     ///
     /// # Errors
     ///
