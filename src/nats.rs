@@ -491,6 +491,9 @@ impl NatsLog {
     async fn session_runs_until(&self, session: Uuid) -> Result<(Vec<RunId>, u64), StoreError> {
         let subject = self.session_subject(session);
         let mut runs: Vec<RunId> = Vec::new();
+        // A run may be indexed more than once; a set keeps the listing
+        // linear in the entries.
+        let mut listed = std::collections::HashSet::new();
         let mut next = 1;
         loop {
             let message = match self
@@ -504,7 +507,7 @@ impl NatsLog {
             };
             next = message.sequence + 1;
             let run = indexed_run(session, &message.payload)?;
-            if !runs.contains(&run) {
+            if listed.insert(run) {
                 runs.push(run);
             }
         }

@@ -16,10 +16,11 @@
 //! - 400 for a `Last-Event-ID` (or `?after=`) that is not a cursor;
 //! - 409 for a cursor the store cannot honour: minted by another store
 //!   (`HubError::CursorEpoch`: the store was replaced) or past what it holds
-//!   (`HubError::CursorAhead`: its history is gone). The text is well-formed,
-//!   so it is not a 400; the resource's state conflicts with it. A client
-//!   should start over without `Last-Event-ID`;
-//! - 410 for a run that retention removed (`HubError::RunRemoved`);
+//!   of the room's runs (`HubError::CursorAhead`: its history is gone). The
+//!   text is well-formed, so it is not a 400; the resource's state
+//!   conflicts with it. A client should start over without `Last-Event-ID`;
+//! - 410 for a run that retention removed (`HubError::RunRemoved`), or a
+//!   session cursor partway through a removed run of that session;
 //! - 204 for a run whose terminal event the cursor has already seen: the
 //!   status that tells an `EventSource` to stop reconnecting;
 //! - 503 while the hub is shut down or a room cannot be had right now
@@ -28,6 +29,13 @@
 //!
 //! An `EventSource` treats every status but 200 (and 204) as final: it
 //! fires `error` and does not reconnect.
+//!
+//! No answer tells a client anything about a room its token does not
+//! grant. A session stream's cursor may name runs of other sessions (a
+//! client may send anything); the hub ignores those positions, so the
+//! statuses and texts above only ever concern the session's own runs. A
+//! `Last-Event-ID` longer than a cursor may be (`Cursor::MAX_POSITIONS`,
+//! `Cursor::MAX_TEXT_LEN`) is a 400 before anything is read.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -652,6 +652,92 @@ async fn malformed_or_foreign_cursors_are_refused_and_the_server_keeps_serving()
     server.stop().await;
 }
 
+/// A session stream resumed with a cursor that also names runs of other
+/// sessions (one it claims to be ahead of, one retention removed, one that
+/// never existed) tells the client nothing about them: 200 and exactly the
+/// session's events, never a 409 or 410 carrying another room's facts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cursor_naming_other_sessions_runs_reveals_nothing_over_http() {
+    let server = Server::start(settings()).await;
+    let hub = server.hub().clone();
+    let (session, token) = server.session();
+    let mine = server.run_in(session);
+    let mut events = demo::events(mine, session);
+    let mut last = publish(&hub, events.by_ref().take(5)).await;
+    let (other, _) = server.session();
+    let (existing, removed) = (server.run_in(other), server.run_in(other));
+    publish(&hub, demo::events(existing, other).take(4)).await;
+    publish(&hub, demo::events(removed, other)).await;
+    let far = chrono::Utc::now() + chrono::Duration::days(1);
+    let gone = hub.store().remove_ended_before(far, 100).await.unwrap();
+    assert_eq!(gone.runs, vec![removed]);
+    let epoch = hub.epoch();
+    let path = format!("/sessions/{session}/events");
+    let never = RunId::new();
+
+    for (what, foreign) in [
+        ("a run it is ahead of", format!("{existing}:99")),
+        ("a removed run, partway", format!("{removed}:2")),
+        ("a run that never existed", format!("{never}:7")),
+    ] {
+        let id = format!("{epoch}/{mine}:2,{foreign}");
+        let mut reply = get(server.addr, &path, &[bearer(&token), last_event_id(&id)]).await;
+        if reply.status != StatusCode::OK {
+            let status = reply.status;
+            panic!("{what}: {status} {:?}", reply.text().await);
+        }
+        let check = |event: SseEvent| {
+            assert_ne!(
+                event.kind.as_deref(),
+                Some("stream_error"),
+                "{what}: {event:?}"
+            );
+            let envelope = event.envelope();
+            assert_eq!(envelope.run_id, mine, "{what}");
+            envelope.seq
+        };
+        for seq in 3..=last {
+            assert_eq!(check(reply.next_event().await.unwrap()), seq, "{what}");
+        }
+        // Nothing else was owed: the next event is the one published now.
+        last = publish(&hub, events.next()).await;
+        assert_eq!(check(reply.next_event().await.unwrap()), last, "{what}");
+    }
+    server.stop().await;
+}
+
+/// A `Last-Event-ID` longer than a cursor may be is a 400 that says why,
+/// before any store read; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_beyond_the_cursor_bound_is_400() {
+    let server = Server::start(settings()).await;
+    let (session, token) = server.session();
+    let path = format!("/sessions/{session}/events");
+    let mut id = format!("{}/", server.hub().epoch());
+    for i in 0..=Cursor::MAX_POSITIONS {
+        if i > 0 {
+            id.push(',');
+        }
+        id.push_str(&format!("{}:1", RunId::new()));
+    }
+    let reply = get(server.addr, &path, &[bearer(&token), last_event_id(&id)]).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let body = reply.text().await;
+    assert!(
+        body.starts_with("Last-Event-ID is not a cursor"),
+        "{body:.300}"
+    );
+    assert!(body.contains("positions"), "{body:.300}");
+    assert!(
+        body.len() < 1000,
+        "the body repeats the header: {}",
+        body.len()
+    );
+    let fine = get(server.addr, &path, &[bearer(&token)]).await;
+    assert_eq!(fine.status, StatusCode::OK);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_gets_keep_alive_comments() {
     let server = Server::start(Settings {

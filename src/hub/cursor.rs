@@ -30,6 +30,13 @@ pub enum Resume {
 /// URL-safe), and pass it back in [`Resume::After`] to continue with no gap
 /// and no duplicate.
 ///
+/// A cursor's text is bounded, because it comes from clients: parsing
+/// refuses more than [`Cursor::MAX_POSITIONS`] positions or more than
+/// [`Cursor::MAX_TEXT_LEN`] characters. A session cursor therefore resumes
+/// sessions of up to 4096 runs; [`Cursor::advance`] still grows past that in
+/// process, but such a cursor's text no longer parses. Positions of runs
+/// outside the subscribed room are ignored, and cost nothing.
+///
 /// ```
 /// use behest_stream::{Cursor, RunId};
 ///
@@ -48,6 +55,15 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// The most run positions a cursor's text may carry: parsing a longer
+    /// one is refused (see [`CursorParseError`]).
+    pub const MAX_POSITIONS: usize = 4096;
+
+    /// The longest cursor text that parses: what [`Cursor::MAX_POSITIONS`]
+    /// positions take at most (`{epoch}/` is 37 characters, each
+    /// `{run}:{seq},` at most 58).
+    pub const MAX_TEXT_LEN: usize = 37 + Self::MAX_POSITIONS * 58;
+
     /// A cursor that has seen nothing, under `epoch` (see `EventHub::epoch`).
     #[must_use]
     pub fn new(epoch: Uuid) -> Self {
@@ -92,7 +108,15 @@ impl Cursor {
     pub fn positions(&self) -> impl Iterator<Item = (RunId, u64)> + '_ {
         self.positions.iter().map(|(run, seq)| (*run, *seq))
     }
+
+    /// Keeps only the positions of the runs `keep` accepts.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(RunId) -> bool) {
+        self.positions.retain(|run, _| keep(*run));
+    }
 }
+
+// The parse errors name both bounds in words (their reasons are static).
+const _: () = assert!(Cursor::MAX_POSITIONS == 4096 && Cursor::MAX_TEXT_LEN == 237_605);
 
 /// `{epoch}/{run}:{seq},{run}:{seq}…`
 impl fmt::Display for Cursor {
@@ -124,6 +148,13 @@ impl FromStr for Cursor {
             input: input.chars().take(200).collect(),
             reason,
         };
+        // Checked before anything is parsed, so that an oversized cursor
+        // costs no more than its length to refuse.
+        if input.len() > Cursor::MAX_TEXT_LEN {
+            return Err(fail(
+                "longer than Cursor::MAX_TEXT_LEN (237,605) characters",
+            ));
+        }
         let (epoch, rest) = input
             .split_once('/')
             .ok_or_else(|| fail("no '/' after the epoch"))?;
@@ -132,7 +163,10 @@ impl FromStr for Cursor {
         if rest.is_empty() {
             return Ok(cursor);
         }
-        for position in rest.split(',') {
+        for (index, position) in rest.split(',').enumerate() {
+            if index == Cursor::MAX_POSITIONS {
+                return Err(fail("more than Cursor::MAX_POSITIONS (4096) run positions"));
+            }
             let (run, seq) = position
                 .split_once(':')
                 .ok_or_else(|| fail("position without ':'"))?;

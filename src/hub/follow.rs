@@ -9,7 +9,7 @@
 //! from the store when the ring has moved on. The room never waits for a
 //! subscriber.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use futures_util::stream;
@@ -23,7 +23,7 @@ use super::cursor::Cursor;
 use super::router::RouterMsg;
 use super::run_room::RunAttach;
 use super::{Delivery, LiveFeed, Shared};
-use crate::error::HubError;
+use crate::error::{HubError, StoreError};
 use crate::ids::RunId;
 use crate::store::Store;
 use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
@@ -101,13 +101,18 @@ impl Link {
             .await
             .map_err(|e| subscribe_error(&HubError::from(e)))?;
         if page.is_empty() {
-            return Err(RuntimeStreamError::Subscribe {
-                message: format!(
-                    "store has no events of run {run_id} after seq {after_seq}, but they were fanned out"
-                ),
-            });
+            return Err(broken_promise(run_id, after_seq));
         }
         Ok(page)
+    }
+}
+
+/// The store has nothing where a fanned-out envelope said there was more.
+fn broken_promise(run_id: RunId, after_seq: u64) -> RuntimeStreamError {
+    RuntimeStreamError::Subscribe {
+        message: format!(
+            "store has no events of run {run_id} after seq {after_seq}, but they were fanned out"
+        ),
     }
 }
 
@@ -375,6 +380,7 @@ pub(crate) async fn follow_session(
         session_id,
         cursor,
         from_live_edge,
+        first_sweep: true,
         backlog: VecDeque::new(),
         pending: None,
         sweep: VecDeque::new(),
@@ -394,6 +400,8 @@ struct SessionFollower {
     cursor: Cursor,
     /// `Resume::Live`: the first attach starts every known run at its end.
     from_live_edge: bool,
+    /// The first sweep checks the cursor it was given against the session.
+    first_sweep: bool,
     backlog: VecDeque<RuntimeEventEnvelope>,
     /// A live envelope waiting for the gap before it to be filled.
     pending: Option<Arc<RuntimeEventEnvelope>>,
@@ -426,42 +434,89 @@ impl SessionFollower {
         self.sweep_all().await
     }
 
-    /// Queues every run of the session for a read up to its end; on the
-    /// first attach of a live subscription, instead marks each as seen.
+    /// Queues every run of the session that may have more for this
+    /// subscriber for a read up to its end; on the first attach of a live
+    /// subscription, instead marks each as seen. One store read, whatever
+    /// the cursor holds: the session's runs are iterated and each looked up
+    /// in the cursor, never the other way round.
     async fn sweep_all(&mut self) -> Result<(), HubError> {
-        let runs = self.link.store.session_runs(self.session_id).await?;
+        let runs = self.link.store.session_state(self.session_id).await?;
+        let first = std::mem::take(&mut self.first_sweep);
+        if first {
+            // Positions of runs outside the session say nothing the
+            // subscriber may learn about: dropped unread, they cost nothing
+            // and no answer depends on them.
+            let session_runs: HashSet<RunId> = runs.iter().map(|run| run.run_id).collect();
+            self.cursor.retain(|run_id| session_runs.contains(&run_id));
+        }
+        for run in &runs {
+            let seen = self.cursor.seq(run.run_id);
+            // A run this subscriber is partway through that retention
+            // removed: its rest is gone, which must end the stream with an
+            // error, not shorten it unnoticed. (Never seen, or seen to its
+            // end: it is simply no longer in the session's history.)
+            if let Some(removed_at) = run.removed_at
+                && seen > 0
+                && seen < run.last_seq
+            {
+                return Err(HubError::RunRemoved {
+                    run_id: run.run_id,
+                    removed_at,
+                });
+            }
+            // Only a cursor from outside can be ahead; later sweeps read
+            // what the store acknowledged after what was delivered.
+            if first && seen > run.last_seq {
+                return Err(HubError::CursorAhead {
+                    run_id: run.run_id,
+                    seq: seen,
+                    last_seq: run.last_seq,
+                });
+            }
+        }
         if self.from_live_edge {
             self.from_live_edge = false;
-            for run_id in runs {
-                if let Some(info) = self.link.store.run_info(run_id).await? {
-                    self.cursor.observe(run_id, info.last_seq);
-                }
+            for run in runs.iter().filter(|run| run.removed_at.is_none()) {
+                self.cursor.observe(run.run_id, run.last_seq);
             }
             return Ok(());
         }
         self.link.shared.counters.record_store_catch_up();
+        // An ended run seen to its end has nothing more to give; one that
+        // has not ended is read even if seen to its last seq, as cheap
+        // insurance against an event committed but not (yet) fanned out.
+        let sweep: VecDeque<RunId> = runs
+            .iter()
+            .filter(|run| {
+                run.removed_at.is_none()
+                    && (!run.ended || self.cursor.seq(run.run_id) < run.last_seq)
+            })
+            .map(|run| run.run_id)
+            .collect();
         tracing::debug!(
             runs = runs.len(),
+            to_read = sweep.len(),
             "catching up the session's runs from the store"
         );
-        // A run this subscriber is partway through that is no longer in the
-        // session's index was removed by retention: its rest is gone, which
-        // must end the stream with an error, not shorten it unnoticed.
-        let partway: Vec<(RunId, u64)> = self
-            .cursor
-            .positions()
-            .filter(|(run_id, _)| !runs.contains(run_id))
-            .collect();
-        for (run_id, seen) in partway {
-            if let Some(info) = self.link.store.run_info_committed(run_id).await?
-                && let Some(removed_at) = info.removed_at
-                && seen < info.last_seq
-            {
-                return Err(HubError::RunRemoved { run_id, removed_at });
-            }
-        }
-        self.sweep = runs.into();
+        self.sweep = sweep;
         Ok(())
+    }
+
+    /// A page of `run_id` after `seen`, or `None` when retention removed
+    /// the run and this subscriber never saw any of it: it is no longer in
+    /// the session's history, which is not an error. Removed after being
+    /// seen partway, it is (`RunRemoved`).
+    async fn page_of(
+        &self,
+        run_id: RunId,
+        seen: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<RuntimeEventEnvelope>>, RuntimeStreamError> {
+        match self.link.store.list_after(run_id, seen, limit).await {
+            Ok(page) => Ok(Some(page)),
+            Err(StoreError::RunRemoved { .. }) if seen == 0 => Ok(None),
+            Err(error) => Err(subscribe_error(&error.into())),
+        }
     }
 }
 
@@ -486,26 +541,32 @@ impl Follower for SessionFollower {
                 // A gap before this envelope: fill it from the store first.
                 let missing = usize::try_from(envelope.seq - 1 - seen).unwrap_or(usize::MAX);
                 match self
-                    .link
-                    .page(envelope.run_id, seen, missing.min(page))
-                    .await
+                    .page_of(envelope.run_id, seen, missing.min(page))
+                    .await?
                 {
-                    Ok(fill) => self.backlog.extend(fill),
-                    Err(error) => return Err(error),
+                    // Gone unseen: so is this envelope's place in history.
+                    None => continue,
+                    Some(fill) if fill.is_empty() => {
+                        return Err(broken_promise(envelope.run_id, seen));
+                    }
+                    Some(fill) => self.backlog.extend(fill),
                 }
                 self.pending = Some(envelope);
                 continue;
             }
             if let Some(run_id) = self.sweep.front().copied() {
                 let seen = self.cursor.seq(run_id);
-                match self.link.store.list_after(run_id, seen, page).await {
-                    Ok(fill) => {
+                match self.page_of(run_id, seen, page).await? {
+                    Some(fill) => {
                         if fill.len() < page {
                             self.sweep.pop_front();
                         }
                         self.backlog.extend(fill);
                     }
-                    Err(error) => return Err(subscribe_error(&error.into())),
+                    // Removed since it was queued, never seen: skipped.
+                    None => {
+                        self.sweep.pop_front();
+                    }
                 }
                 continue;
             }

@@ -590,11 +590,16 @@ impl EventHub {
     /// # Errors
     ///
     /// [`HubError::CursorEpoch`] for a cursor of another store,
-    /// [`HubError::CursorAhead`] for a cursor past what the store holds,
+    /// [`HubError::CursorAhead`] for a cursor past what the store holds of
+    /// the room's runs,
     /// [`HubError::RunRemoved`] for a run room whose run retention removed,
-    /// or a session cursor that names such a run without having seen all of
-    /// it (a session's runs the cursor never saw and retention removed are
-    /// simply not in its history any more),
+    /// or a session cursor that names such a run of the session without
+    /// having seen all of it (a session's runs the cursor never saw and
+    /// retention removed are simply not in its history any more). A session
+    /// cursor's positions of runs outside the session are ignored: they
+    /// fail nothing and cost no store read. A session subscribe reads the
+    /// session's runs in one store read, then only the runs the cursor has
+    /// not seen to their end,
     /// [`HubError::LiveOnly`] for a provider room resumed from history,
     /// [`HubError::Closed`] after shutdown. Errors after the stream started
     /// arrive as its items.
@@ -640,45 +645,43 @@ impl EventHub {
     /// A subscription is honoured only if it names history this store has:
     /// a cursor of this epoch, not ahead of the store, and not into events
     /// retention removed. A run room of a removed run is refused whatever
-    /// the resume (it has nothing left to serve); a session cursor only if
-    /// it names a removed run it has not seen to the end. Runs a session
-    /// cursor never saw are the session's history as retention left it.
+    /// the resume (it has nothing left to serve). A session cursor is
+    /// checked by its follower, against the session's runs only (see
+    /// `follow::follow_session`): a position of a run outside the session
+    /// is not the subscriber's to learn anything about, so it can neither
+    /// fail the subscribe nor cost a read.
     async fn check_history(&self, room: &RuntimeRoom, resume: &Resume) -> Result<(), HubError> {
-        let runs: Vec<(RunId, u64)> = match (room, resume) {
-            (_, Resume::After(cursor)) if cursor.epoch() != self.epoch() => {
-                return Err(HubError::CursorEpoch {
-                    expected: self.epoch(),
-                    found: cursor.epoch(),
-                });
-            }
-            (RuntimeRoom::Run(run_id), Resume::After(cursor)) => {
-                vec![(*run_id, cursor.seq(*run_id))]
-            }
-            (RuntimeRoom::Run(run_id), _) => vec![(*run_id, 0)],
-            (_, Resume::After(cursor)) => cursor.positions().collect(),
-            _ => Vec::new(),
+        if let Resume::After(cursor) = resume
+            && cursor.epoch() != self.epoch()
+        {
+            return Err(HubError::CursorEpoch {
+                expected: self.epoch(),
+                found: cursor.epoch(),
+            });
+        }
+        let RuntimeRoom::Run(run_id) = room else {
+            return Ok(());
         };
-        let run_room = matches!(room, RuntimeRoom::Run(_));
-        for (run_id, seq) in runs {
-            if seq == 0 && !run_room {
-                continue;
-            }
-            // What is committed is enough: a cursor names only acknowledged
-            // seqs, and a removed run takes no appends.
-            let info = self.inner.link.store.run_info_committed(run_id).await?;
-            let last_seq = info.as_ref().map_or(0, |info| info.last_seq);
-            if let Some(removed_at) = info.and_then(|info| info.removed_at)
-                && (run_room || seq < last_seq)
-            {
-                return Err(HubError::RunRemoved { run_id, removed_at });
-            }
-            if seq > last_seq {
-                return Err(HubError::CursorAhead {
-                    run_id,
-                    seq,
-                    last_seq,
-                });
-            }
+        let seq = match resume {
+            Resume::After(cursor) => cursor.seq(*run_id),
+            Resume::Live | Resume::FromStart => 0,
+        };
+        // What is committed is enough: a cursor names only acknowledged
+        // seqs, and a removed run takes no appends.
+        let info = self.inner.link.store.run_info_committed(*run_id).await?;
+        let last_seq = info.as_ref().map_or(0, |info| info.last_seq);
+        if let Some(removed_at) = info.and_then(|info| info.removed_at) {
+            return Err(HubError::RunRemoved {
+                run_id: *run_id,
+                removed_at,
+            });
+        }
+        if seq > last_seq {
+            return Err(HubError::CursorAhead {
+                run_id: *run_id,
+                seq,
+                last_seq,
+            });
         }
         Ok(())
     }

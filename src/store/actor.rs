@@ -12,7 +12,7 @@ use uuid::Uuid;
 use std::sync::{Arc, RwLock};
 
 use super::engine::{self, AppendRequest, RemovalStep, RunCache, SegmentLimits};
-use super::{Counters, RunCheck, RunInfo, StoreStats};
+use super::{Counters, RunCheck, RunInfo, SessionRun, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::stream::RuntimeEventEnvelope;
@@ -55,6 +55,12 @@ pub(crate) enum StoreMsg {
         session_id: Uuid,
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<Vec<RunId>, StoreError>>,
+    },
+    /// Read every run of a session with its state, in one job.
+    SessionState {
+        session_id: Uuid,
+        permit: OwnedSemaphorePermit,
+        reply: RpcReplyPort<Result<Vec<SessionRun>, StoreError>>,
     },
     /// Remove up to `max_runs` runs that ended before `cutoff`.
     RemoveEnded {
@@ -205,6 +211,13 @@ impl Actor for StoreActor {
                 reply,
             } => state.read(permit, reply, move |db| {
                 engine::session_runs(db, session_id)
+            }),
+            StoreMsg::SessionState {
+                session_id,
+                permit,
+                reply,
+            } => state.read(permit, reply, move |db| {
+                engine::session_state(db, session_id)
             }),
             StoreMsg::RunsAfter {
                 after,

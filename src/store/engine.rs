@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{AppendAck, Counters, RunCheck, RunInfo, StoredEnvelope};
+use super::{AppendAck, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -854,6 +854,38 @@ pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, S
         .collect()
 }
 
+/// Every run of a session, with what a subscriber needs to know of each,
+/// in one read: the runs in its index in start order, then those retention
+/// removed. Costs a record read per run of the session, nothing more.
+pub(crate) fn session_state(db: &sled::Db, session: Uuid) -> Result<Vec<SessionRun>, StoreError> {
+    let live = db.scan_prefix(layout::session_prefix(session));
+    let removed = db.scan_prefix(layout::removed_session_prefix(session));
+    live.chain(removed)
+        .map(|entry| {
+            let (key, _) = entry.map_err(read_failed)?;
+            let run_id = layout::session_key_run(&key).ok_or_else(|| StoreError::ReadFailed {
+                message: format!("malformed session index key of {} bytes", key.len()),
+            })?;
+            // An index entry is written with the run's first segment, so a
+            // run with no record yet has nothing to read.
+            Ok(match load_record(db, run_id)? {
+                Some(record) => SessionRun {
+                    run_id,
+                    last_seq: record.last_seq,
+                    ended: record.ended_at.is_some(),
+                    removed_at: record.removed_at,
+                },
+                None => SessionRun {
+                    run_id,
+                    last_seq: 0,
+                    ended: false,
+                    removed_at: None,
+                },
+            })
+        })
+        .collect()
+}
+
 /// What one removal step did.
 #[derive(Debug, Default)]
 pub(crate) struct RemovalStep {
@@ -876,8 +908,8 @@ struct Doomed {
 
 /// Removes up to `max_runs` runs that ended before `cutoff`, oldest first
 /// (fewer if their segments exceed [`REMOVAL_KEYS_PER_STEP`] keys): deletes
-/// their segments, their session index entry and their ended-index entry,
-/// and leaves their record as a tombstone marked `removed_at = now`, all in
+/// their segments and their ended-index entry, moves their session index
+/// entry to the session's removed runs (`x`), and leaves their record as a tombstone marked `removed_at = now`, all in
 /// one batch, flushed before it returns (a run reported removed stays
 /// removed after a crash).
 ///
@@ -938,6 +970,10 @@ pub(crate) fn remove_ended_before(
         }
         if let Some(session) = record.session_id {
             batch.remove(layout::session_key(session, record.ordinal, run_id).as_slice());
+            batch.insert(
+                layout::removed_session_key(session, record.ordinal, run_id).as_slice(),
+                vec![FORMAT_VERSION],
+            );
         }
         record.removed_at = Some(now);
         let value = codec::encode_value(&record).map_err(|e| StoreError::WriteFailed {

@@ -7,13 +7,18 @@
 //! | `r` run_id(16)                             | [`RunRecord`]                  |
 //! | `e` run_id(16) first_seq(8, big-endian)    | segment: envelopes first_seq.. |
 //! | `s` session(16) ordinal(8, BE) run_id(16)  | version byte only              |
+//! | `x` session(16) ordinal(8, BE) run_id(16)  | version byte only              |
 //! | `t` ended_at(8, BE ms) run_id(16)          | version byte only              |
 //! | `m` `ended-index`                          | version byte: `t` is complete  |
 //!
 //! One tree, so that one `apply_batch` covers a commit's segments, run records
 //! and index entries atomically. Big-endian seqs make sled's byte order the
 //! seq order. The `t` index orders ended runs by when they ended, so that
-//! retention reads only the runs it removes. Every value starts with the format-version byte
+//! retention reads only the runs it removes. Retention moves a removed run's
+//! `s` entry to `x`: the session's live index stays what it was, while the
+//! session's readers can still tell "a removed run of this session" (whose
+//! partly read history must be reported gone) from "a run of another
+//! session" without reading a record per run a cursor names. Every value starts with the format-version byte
 //! ([`crate::codec::FORMAT_VERSION`]).
 
 use chrono::{DateTime, Utc};
@@ -31,6 +36,7 @@ const RUN: u8 = b'r';
 const SEGMENT: u8 = b'e';
 const SESSION: u8 = b's';
 const ENDED: u8 = b't';
+const REMOVED_FROM_SESSION: u8 = b'x';
 
 /// The store's identity, written once at creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,7 +121,20 @@ pub(crate) fn session_prefix(session: Uuid) -> [u8; 17] {
     key
 }
 
-/// The run named by a session index key.
+/// A run of `session` that retention removed: its `s` entry, moved.
+pub(crate) fn removed_session_key(session: Uuid, ordinal: u64, run: RunId) -> [u8; 41] {
+    let mut key = session_key(session, ordinal, run);
+    key[0] = REMOVED_FROM_SESSION;
+    key
+}
+
+pub(crate) fn removed_session_prefix(session: Uuid) -> [u8; 17] {
+    let mut key = session_prefix(session);
+    key[0] = REMOVED_FROM_SESSION;
+    key
+}
+
+/// The run named by a session index key (of either kind).
 pub(crate) fn session_key_run(key: &[u8]) -> Option<RunId> {
     let bytes: [u8; 16] = key.get(25..41)?.try_into().ok()?;
     Some(RunId::from_uuid(Uuid::from_bytes(bytes)))
@@ -177,6 +196,10 @@ mod tests {
         assert!(session_key(session, 2, a) < session_key(session, 10, b));
         assert!(session_key(session, 2, a).starts_with(&session_prefix(session)));
         assert_eq!(session_key_run(&session_key(session, 2, a)), Some(a));
+        let removed = removed_session_key(session, 2, a);
+        assert!(removed.starts_with(&removed_session_prefix(session)));
+        assert!(!removed.starts_with(&session_prefix(session)));
+        assert_eq!(session_key_run(&removed), Some(a));
     }
 
     #[test]

@@ -94,6 +94,18 @@ impl RunInfo {
     }
 }
 
+/// A run of a session as one read of [`Store::session_state`] found it:
+/// what a session subscriber needs to resume, without a read per run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionRun {
+    pub(crate) run_id: RunId,
+    /// Its last stored seq (its final one, once removed).
+    pub(crate) last_seq: u64,
+    pub(crate) ended: bool,
+    /// When retention removed it: its events are gone.
+    pub(crate) removed_at: Option<DateTime<Utc>>,
+}
+
 /// One run read whole by [`Store::verify_run`]: every envelope decoded,
 /// its seqs gapless from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +152,10 @@ pub struct StoreStats {
     pub pending_appends: usize,
     /// Whether a batch is being written right now.
     pub commit_in_flight: bool,
+    /// Reads started through this store's handles since it opened (each
+    /// holds one of `Config::max_concurrent_reads` permits while it runs):
+    /// what subscribers and rooms cost the store.
+    pub reads: u64,
 }
 
 /// The store's counters, shared between the actor and its commits on the
@@ -176,6 +192,8 @@ impl Counters {
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
             pending_appends,
             commit_in_flight,
+            // Counted by the handle, which fills it in.
+            reads: 0,
         }
     }
 }
@@ -311,6 +329,8 @@ struct Inner {
     append_budget_total: u32,
     reads: Arc<Semaphore>,
     reads_total: u32,
+    /// Read permits handed out so far (`StoreStats::reads`).
+    reads_started: AtomicU64,
     /// The retention sweeper, if a policy is set; stopped on close and drop.
     sweeper: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     /// The NATS backend, for a store opened with `Config::nats`; then the
@@ -445,6 +465,7 @@ impl Store {
                 append_budget_total,
                 reads: Arc::new(Semaphore::new(reads_total as usize)),
                 reads_total,
+                reads_started: AtomicU64::new(0),
                 sweeper: std::sync::Mutex::new(None),
                 #[cfg(feature = "nats")]
                 nats: None,
@@ -481,6 +502,7 @@ impl Store {
                 append_budget_total,
                 reads: Arc::new(Semaphore::new(reads_total as usize)),
                 reads_total,
+                reads_started: AtomicU64::new(0),
                 sweeper: std::sync::Mutex::new(None),
                 nats: Some(Arc::new(backend)),
             }),
@@ -767,7 +789,8 @@ impl Store {
         .await?
     }
 
-    /// The runs of `session_id`, in the order they started.
+    /// The runs of `session_id`, in the order they started; runs retention
+    /// removed are no longer listed.
     ///
     /// # Errors
     ///
@@ -785,6 +808,30 @@ impl Store {
             return runs;
         }
         self.call(|reply| StoreMsg::SessionRuns {
+            session_id,
+            permit,
+            reply,
+        })
+        .await?
+    }
+
+    /// Every run of `session_id` with its last seq, whether it ended, and
+    /// whether retention removed it (runs removed before this build kept
+    /// removed runs in the session's index are not listed), as committed
+    /// now: one read, holding one read permit, whatever the number of
+    /// runs. On NATS (no retention) it reads each run's last envelope.
+    pub(crate) async fn session_state(
+        &self,
+        session_id: Uuid,
+    ) -> Result<Vec<SessionRun>, StoreError> {
+        let permit = self.read_permit().await?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.nats() {
+            let runs = nats.session_state(session_id).await;
+            drop(permit);
+            return runs;
+        }
+        self.call(|reply| StoreMsg::SessionState {
             session_id,
             permit,
             reply,
@@ -894,12 +941,17 @@ impl Store {
     ///
     /// [`StoreError::Closed`].
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let reads = self.inner.reads_started.load(Ordering::Relaxed);
         #[cfg(feature = "nats")]
         if self.nats().is_some() {
             // No group commit to count: every append is its own.
-            return Ok(StoreStats::default());
+            return Ok(StoreStats {
+                reads,
+                ..StoreStats::default()
+            });
         }
-        self.call(StoreMsg::Stats).await
+        let stats = self.call(StoreMsg::Stats).await?;
+        Ok(StoreStats { reads, ..stats })
     }
 
     /// Waits for running reads, commits every pending append, flushes, and
@@ -994,6 +1046,7 @@ impl Store {
     }
 
     async fn read_permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        self.inner.reads_started.fetch_add(1, Ordering::Relaxed);
         Arc::clone(&self.inner.reads)
             .acquire_owned()
             .await

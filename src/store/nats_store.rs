@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{FollowFrom, Following, IndexedRun, RunInfo, StoredEnvelope};
+use super::{FollowFrom, Following, IndexedRun, RunInfo, SessionRun, StoredEnvelope};
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
 use crate::nats::{Encoded, NatsConfig, NatsLog, RunWriter};
@@ -262,6 +262,23 @@ impl NatsStore {
     pub(crate) async fn session_runs(&self, session: Uuid) -> Result<Vec<RunId>, StoreError> {
         self.check_open()?;
         self.log.session_runs(session).await
+    }
+
+    /// The session's runs with their state: the index, then each run's
+    /// last envelope (the log has no run records to read them from).
+    pub(crate) async fn session_state(&self, session: Uuid) -> Result<Vec<SessionRun>, StoreError> {
+        self.check_open()?;
+        let mut out = Vec::new();
+        for run_id in self.log.session_runs(session).await? {
+            let last = self.log.last(run_id).await?;
+            out.push(SessionRun {
+                run_id,
+                last_seq: last.as_ref().map_or(0, |(last, _)| last.seq),
+                ended: last.is_some_and(|(last, _)| last.is_terminal()),
+                removed_at: None,
+            });
+        }
+        Ok(out)
     }
 
     /// Waits for appends in flight, then refuses everything after.
