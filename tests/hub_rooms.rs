@@ -220,7 +220,7 @@ async fn a_busy_room_is_not_replaced() {
     }
     let adapter = hub.clone();
     let live = tokio::spawn(async move {
-        RuntimeStreamAdapter::subscribe(&adapter, &RuntimeRoom::Run(run))
+        RuntimeStreamAdapter::subscribe(&adapter, RuntimeRoom::Run(run))
             .await
             .map(|_| ())
     });
