@@ -679,7 +679,8 @@ impl EventHub {
     /// # Errors
     ///
     /// [`HubError::Store`] (a corrupt record names its run and seq),
-    /// [`HubError::RunRemoved`] if retention removed the run,
+    /// [`HubError::RunRemoved`] if retention removed the run and it had
+    /// events after `after_seq`, for every `limit` (0 included),
     /// [`HubError::Closed`].
     pub async fn replay(
         &self,

@@ -631,6 +631,8 @@ pub(crate) fn list_after(
 ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
     let mut out = Vec::new();
     if limit == 0 {
+        // An empty page must not pass a removed run off as readable.
+        removed_error(db, run_id, after_seq)?;
         return Ok(out);
     }
     // Nothing follows the last seq there is (saturating would serve it as

@@ -671,6 +671,8 @@ impl Store {
     ///
     /// # Errors
     ///
+    /// [`StoreError::RunRemoved`] if retention removed the run and it had
+    /// events after `after_seq`, whatever `limit` (0 included);
     /// [`StoreError::Corrupt`] naming the run and the first seq that cannot
     /// be decoded (other runs are unaffected); [`StoreError::ReadFailed`];
     /// [`StoreError::Closed`].
