@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use behest_stream::{
-    AgentEvent, BoxRuntimeEventStream, Config, EventHub, RunId, RuntimeEventEnvelope,
+    AgentEvent, BoxRuntimeEventStream, Config, EventHub, ProviderId, RunId, RuntimeEventEnvelope,
     RuntimeEventStore, RuntimeEventStoreError, RuntimeRoom, RuntimeStreamAdapter,
 };
 use common::{completed, delta, next_within, started};
@@ -171,5 +171,42 @@ async fn the_traits_take_the_seeds_call_shapes() {
         }
         other => panic!("expected Append, got {other:?}"),
     }
+    hub.shutdown().await.unwrap();
+}
+
+/// A live publish to a room nobody listens to is a no-op returning `Ok`:
+/// it starts no room, run, session or provider ("session and provider
+/// rooms exist only while someone listens"); a room with a live subscriber
+/// still gets what is published to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_publish_to_a_room_nobody_listens_to_starts_no_room() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let stream: Arc<dyn RuntimeStreamAdapter> = Arc::new(hub.clone());
+    let (run, session) = (RunId::new(), Uuid::now_v7());
+    let published = common::envelope(run, Some(session), 1);
+    let rooms = [
+        RuntimeRoom::Run(run),
+        RuntimeRoom::Session(session),
+        RuntimeRoom::Provider(ProviderId::new("acme")),
+    ];
+    for room in &rooms {
+        stream
+            .publish(room.clone(), published.clone())
+            .await
+            .unwrap();
+    }
+    let stats = hub.stats().await.unwrap();
+    assert!(stats.rooms.is_empty(), "{:?}", stats.rooms);
+    assert_eq!(stats.rooms_started, 0);
+
+    for room in &rooms {
+        let mut live = stream.subscribe(room.clone()).await.unwrap();
+        stream
+            .publish(room.clone(), published.clone())
+            .await
+            .unwrap();
+        assert_eq!(drain(&mut live, 1).await, vec![published.clone()], "{room}");
+    }
+    assert_eq!(hub.stats().await.unwrap().rooms_started, 3);
     hub.shutdown().await.unwrap();
 }

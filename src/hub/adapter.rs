@@ -43,8 +43,9 @@ impl RuntimeEventStore for EventHub {
 /// Live-only, as the seed defines it: `publish` fans an envelope out to the
 /// room's current subscribers without storing it (an envelope the hub has
 /// already fanned out, recognised by its event id among the room's recent
-/// ones, is not delivered twice); `subscribe` yields what is fanned out from
-/// now on, reporting lag as [`RuntimeStreamError::Lagged`].
+/// ones, is not delivered twice); a room nobody listens to is not started,
+/// and the publish is `Ok`. `subscribe` yields what is fanned out from now
+/// on, reporting lag as [`RuntimeStreamError::Lagged`].
 #[async_trait]
 impl RuntimeStreamAdapter for EventHub {
     async fn publish(
