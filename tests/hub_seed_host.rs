@@ -10,6 +10,7 @@ use std::time::Duration;
 use behest_stream::{
     AgentEvent, BoxRuntimeEventStream, Config, EventHub, ProviderId, RunId, RuntimeEventEnvelope,
     RuntimeEventStore, RuntimeEventStoreError, RuntimeRoom, RuntimeStreamAdapter,
+    RuntimeStreamError,
 };
 use common::{completed, delta, next_within, started};
 use uuid::Uuid;
@@ -208,5 +209,38 @@ async fn a_live_publish_to_a_room_nobody_listens_to_starts_no_room() {
         assert_eq!(drain(&mut live, 1).await, vec![published.clone()], "{room}");
     }
     assert_eq!(hub.stats().await.unwrap().rooms_started, 3);
+    hub.shutdown().await.unwrap();
+}
+
+/// A live publish of an envelope whose event names another run
+/// (`envelope.run_id` is not `envelope.event.run_id()`) is refused with an
+/// error naming both runs, and fanned out to nobody: the subscribers of
+/// either run's room get the next envelope published instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_publish_whose_event_names_another_run_is_refused() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let stream: Arc<dyn RuntimeStreamAdapter> = Arc::new(hub.clone());
+    let (run, other) = (RunId::new(), RunId::new());
+    let mut run_live = stream.subscribe(RuntimeRoom::Run(run)).await.unwrap();
+    let mut other_live = stream.subscribe(RuntimeRoom::Run(other)).await.unwrap();
+    let mut stray = common::envelope(other, None, 1);
+    stray.run_id = run;
+    for room in [RuntimeRoom::Run(run), RuntimeRoom::Run(other)] {
+        match stream.publish(room, stray.clone()).await {
+            Err(RuntimeStreamError::Publish { message }) => assert!(
+                message.contains(&run.to_string()) && message.contains(&other.to_string()),
+                "{message}"
+            ),
+            other => panic!("expected Publish naming both runs, got {other:?}"),
+        }
+    }
+    for (id, live) in [(run, &mut run_live), (other, &mut other_live)] {
+        let marker = common::envelope(id, None, 1);
+        stream
+            .publish(RuntimeRoom::Run(id), marker.clone())
+            .await
+            .unwrap();
+        assert_eq!(drain(live, 1).await, vec![marker]);
+    }
     hub.shutdown().await.unwrap();
 }

@@ -44,7 +44,9 @@ impl RuntimeEventStore for EventHub {
 /// room's current subscribers without storing it (an envelope the hub has
 /// already fanned out, recognised by its event id among the room's recent
 /// ones, is not delivered twice); a room nobody listens to is not started,
-/// and the publish is `Ok`. `subscribe` yields what is fanned out from now
+/// and the publish is `Ok`. An envelope whose `run_id` is not its event's
+/// is refused ([`RuntimeStreamError::Publish`] naming both runs) and
+/// reaches nobody. `subscribe` yields what is fanned out from now
 /// on, reporting lag as [`RuntimeStreamError::Lagged`].
 #[async_trait]
 impl RuntimeStreamAdapter for EventHub {
