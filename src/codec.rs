@@ -36,18 +36,31 @@ pub const FORMAT_VERSION: u8 = 1;
 ///   damage.
 pub const STORE_FORMAT_VERSION: u8 = 2;
 
-/// Deepest JSON nesting accepted in an event's JSON payloads, as in
-/// `serde_json`'s own parser; deeper values are refused when encoded so
-/// that everything stored can be decoded again.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted in an event's JSON
+/// payload (a scalar is no level: `[]` and `[1]` are 1 deep). Deeper
+/// payloads are refused when encoded, so that every envelope stored has a
+/// JSON form ([`envelope_to_json`], what SSE clients and the CLI's `--json`
+/// read) that `serde_json` parses back with its default recursion limit:
+/// that limit less the levels the envelope's JSON puts around the payload.
+pub const MAX_JSON_DEPTH: usize = SERDE_JSON_MAX_NESTING - ENVELOPE_JSON_LEVELS;
+
+/// Arrays and objects one JSON document may nest with `serde_json`'s
+/// default recursion limit (128): it refuses the 128th.
+const SERDE_JSON_MAX_NESTING: usize = 127;
+
+/// Levels an envelope's JSON puts around a payload, at most: the envelope,
+/// its event (`{"type", "data"}`), the event's data, and for a tool's
+/// output the result (`{"status", "value"}`) and its value.
+const ENVELOPE_JSON_LEVELS: usize = 5;
 
 /// Initial buffer for one encoded envelope: a text delta takes about 250
 /// bytes.
 const ENCODE_CAPACITY_HINT: usize = 384;
 
-/// Nesting depth the decoder allows: the JSON limit plus the envelope's own
-/// structure. Bounds recursion (and so stack use) on hostile input.
-const MAX_DECODE_DEPTH: usize = MAX_JSON_DEPTH + 16;
+/// Nesting depth the decoder allows: what earlier builds let into a payload
+/// (128) plus the envelope's own structure, so that everything they stored
+/// still decodes. Bounds recursion (and so stack use) on hostile input.
+const MAX_DECODE_DEPTH: usize = 128 + 16;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -68,8 +81,12 @@ pub enum CodecError {
     /// The value decoded but bytes were left over.
     #[error("{0} trailing bytes after the value")]
     TrailingBytes(usize),
-    /// An event's JSON payload nests deeper than [`MAX_JSON_DEPTH`].
-    #[error("JSON payload nests deeper than {MAX_JSON_DEPTH} levels")]
+    /// An event's JSON payload nests arrays and objects deeper than
+    /// [`MAX_JSON_DEPTH`]; flatten it.
+    #[error(
+        "JSON payload nests arrays and objects deeper than {MAX_JSON_DEPTH} levels, the most \
+         whose envelope JSON parses back"
+    )]
     TooDeep,
     /// The value could not be encoded.
     #[error("could not encode: {0}")]
@@ -77,7 +94,8 @@ pub enum CodecError {
 }
 
 /// Encodes one envelope (without a version byte: it becomes part of a
-/// segment). Refuses JSON payloads nested deeper than [`MAX_JSON_DEPTH`].
+/// segment). Refuses JSON payloads nested deeper than [`MAX_JSON_DEPTH`],
+/// whose envelope JSON `serde_json` would not parse back.
 ///
 /// # Errors
 ///
@@ -254,17 +272,24 @@ fn event_json_depth(event: &AgentEvent) -> usize {
     }
 }
 
-/// Nesting depth of a JSON value, computed without recursion so that a
-/// pathologically deep value cannot overflow the stack here either.
+/// Nesting of arrays and objects in a JSON value (0 for a scalar), as
+/// `serde_json`'s recursion limit counts it; computed without recursion so
+/// that a pathologically deep value cannot overflow the stack here either.
 fn json_depth(value: &serde_json::Value) -> usize {
     use serde_json::Value;
     let mut deepest = 0;
+    // Each value with the depth it has if it is an array or an object.
     let mut stack = vec![(value, 1usize)];
     while let Some((value, depth)) = stack.pop() {
-        deepest = deepest.max(depth);
         match value {
-            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
-            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            Value::Array(items) => {
+                deepest = deepest.max(depth);
+                stack.extend(items.iter().map(|v| (v, depth + 1)));
+            }
+            Value::Object(map) => {
+                deepest = deepest.max(depth);
+                stack.extend(map.values().map(|v| (v, depth + 1)));
+            }
             _ => {}
         }
     }
@@ -295,9 +320,11 @@ mod tests {
     }
 
     #[test]
-    fn json_depth_counts_levels() {
-        assert_eq!(json_depth(&serde_json::json!(1)), 1);
-        assert_eq!(json_depth(&serde_json::json!({"a": [1, {"b": 2}]})), 4);
+    fn json_depth_counts_arrays_and_objects() {
+        assert_eq!(json_depth(&serde_json::json!(1)), 0);
+        assert_eq!(json_depth(&serde_json::json!([])), 1);
+        assert_eq!(json_depth(&serde_json::json!({"a": [1, {"b": 2}]})), 3);
+        assert_eq!(json_depth(&serde_json::json!([[], [[{}]]])), 4);
     }
 
     #[test]

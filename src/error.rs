@@ -121,6 +121,18 @@ pub enum StoreError {
         /// The seq offered.
         got: u64,
     },
+    /// The envelope's `run_id` names another run than its event does
+    /// (`envelope.event.run_id()`); nothing of its append was stored. Not
+    /// retryable: build the envelope with `run_id: event.run_id()`.
+    #[error(
+        "envelope names run {envelope_run} but its event belongs to run {event_run}; nothing stored"
+    )]
+    RunMismatch {
+        /// The envelope's `run_id`.
+        envelope_run: RunId,
+        /// The run its event names.
+        event_run: RunId,
+    },
     /// The encoded event exceeds the configured limit; nothing was stored.
     /// Not retryable: shrink the event or raise `Config::max_event_bytes`.
     #[error("run {run_id}: event of {size} bytes exceeds the limit of {limit} bytes")]

@@ -730,6 +730,8 @@ impl RunWriter {
     /// # Errors
     ///
     /// Nothing is stored when any of these is returned:
+    /// [`StoreError::RunMismatch`] if the envelope's `run_id` is not its
+    /// event's,
     /// [`StoreError::SeqConflict`] if the seq is not the run's next,
     /// [`StoreError::RunClosed`] after the run's terminal event,
     /// [`StoreError::TooLarge`], [`StoreError::Encode`],
@@ -738,6 +740,7 @@ impl RunWriter {
     /// [`StoreError::FlushFailed`] means the outcome is in doubt (the server
     /// did not answer in time): append the same envelope again to learn it.
     pub async fn append(&mut self, envelope: &RuntimeEventEnvelope) -> Result<(), StoreError> {
+        crate::store::check_run(envelope)?;
         let run_id = envelope.run_id;
         let bytes = codec::encode_envelope(envelope)
             .map_err(|source| StoreError::Encode { run_id, source })?;

@@ -11,19 +11,22 @@ use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, Ru
 /// Best-effort live fanout of envelopes to the subscribers of a room.
 ///
 /// No replay, no persistence: a subscriber sees what is published after it
-/// subscribed. The authoritative history is a [`RuntimeEventStore`].
+/// subscribed. The authoritative history is a [`RuntimeEventStore`]. The
+/// signatures are behest 0.3.3's, parameter for parameter.
 #[async_trait]
 pub trait RuntimeStreamAdapter: Send + Sync {
-    /// Fans `envelope` out to the live subscribers of `room`.
+    /// Fans `event` out to the live subscribers of `room`. A room nobody
+    /// listens to is not an error: nothing happens.
     ///
     /// # Errors
     ///
     /// [`RuntimeStreamError::Publish`] when the envelope could not be handed
-    /// to the fanout.
+    /// to the fanout (or is malformed); [`RuntimeStreamError::Closed`] once
+    /// the fanout is shut down.
     async fn publish(
         &self,
-        room: &RuntimeRoom,
-        envelope: RuntimeEventEnvelope,
+        room: RuntimeRoom,
+        event: RuntimeEventEnvelope,
     ) -> Result<(), RuntimeStreamError>;
 
     /// Opens a live subscription to `room`.
@@ -34,26 +37,28 @@ pub trait RuntimeStreamAdapter: Send + Sync {
     /// established.
     async fn subscribe(
         &self,
-        room: &RuntimeRoom,
+        room: RuntimeRoom,
     ) -> Result<BoxRuntimeEventStream, RuntimeStreamError>;
 }
 
-/// The authoritative, replayable log of run events.
+/// The authoritative, replayable log of run events. The signatures are
+/// behest 0.3.3's, parameter for parameter.
 #[async_trait]
 pub trait RuntimeEventStore: Send + Sync {
     /// Sequences and persists `event`, returning its envelope (with `seq` and
-    /// `event_id` assigned).
+    /// `event_id` assigned). On error the event must not be considered
+    /// persisted.
     ///
     /// # Errors
     ///
-    /// See [`RuntimeEventStoreError`].
+    /// [`RuntimeEventStoreError::Append`].
     async fn append(
         &self,
         event: AgentEvent,
     ) -> Result<RuntimeEventEnvelope, RuntimeEventStoreError>;
 
     /// Lists up to `limit` envelopes of `run_id` with `seq > after_seq`, in
-    /// `seq` order.
+    /// `seq` order; `after_seq = None` lists from the run's first envelope.
     ///
     /// # Errors
     ///
@@ -61,31 +66,54 @@ pub trait RuntimeEventStore: Send + Sync {
     async fn list_after(
         &self,
         run_id: RunId,
-        after_seq: u64,
+        after_seq: Option<u64>,
         limit: usize,
     ) -> Result<Vec<RuntimeEventEnvelope>, RuntimeEventStoreError>;
 }
 
-/// Errors raised by a [`RuntimeEventStore`].
+/// Errors raised by a [`RuntimeEventStore`]. `Append` and `NotFound` are
+/// the seed's variants, with its fields and messages, so a host's own
+/// implementations and matches of them carry over; the others say more of
+/// what a read can meet.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum RuntimeEventStoreError {
-    /// The event was refused and nothing was stored (the run has ended, the
-    /// event is too large, the store is overloaded or closed). Retrying the
-    /// same event will fail the same way unless the message says otherwise.
-    #[error("runtime event store rejected append: {message}")]
-    Rejected {
+    /// The event was not persisted: refused (the run has ended, the event
+    /// is too large or malformed, the store is closed) or the store failed.
+    /// The message names the cause. Retrying the same event fails the same
+    /// way unless the message says the store failed; if it says the outcome
+    /// is in doubt, read the run with `list_after` before retrying.
+    #[error("runtime event store append failed: {message}")]
+    Append {
         /// Human-readable diagnostic.
         message: String,
     },
-    /// The store failed to read or write; what was acknowledged before is
-    /// intact. Retrying may succeed.
+    /// The requested run has no recorded events. [`crate::EventHub`] never
+    /// returns it: as the seed's in-memory store does, it lists a run it has
+    /// never seen as empty. For hosts' own implementations.
+    #[error("runtime event store has no events for run {run_id}")]
+    NotFound {
+        /// Run that was queried.
+        run_id: RunId,
+    },
+    /// Retention removed the run's events after `after_seq`: they cannot be
+    /// listed again. Not retryable; a reader that needs them has lost them.
+    #[error("run {run_id} was removed by retention at {removed_at}; its events are gone")]
+    RunRemoved {
+        /// The run.
+        run_id: RunId,
+        /// When retention removed it.
+        removed_at: chrono::DateTime<chrono::Utc>,
+    },
+    /// The store failed to read; what was acknowledged before is intact.
+    /// Retrying may succeed.
     #[error("runtime event store failed: {message}")]
     Storage {
         /// Human-readable diagnostic.
         message: String,
     },
-    /// A stored record could not be decoded. Other runs are unaffected.
+    /// A stored record could not be decoded. Other runs are unaffected; this
+    /// run cannot be listed past the damage.
     #[error("runtime event store holds a corrupt record: {message}")]
     Corrupt {
         /// Human-readable diagnostic naming the run and seq.

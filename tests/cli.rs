@@ -137,3 +137,37 @@ fn bad_arguments_are_refused_with_a_message() {
     assert_eq!(bad_run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_run.stderr).contains("is not a run id"));
 }
+
+/// A segment whose key puts its envelopes past `u64::MAX` (damage) makes
+/// `inspect` and `verify` report the run, not panic on the seq arithmetic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_past_the_last_seq_is_reported_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, live) = make_store(dir.path()).await;
+    let db = common::open_sled(dir.path());
+    let mut key = vec![b'e'];
+    key.extend_from_slice(live.as_uuid().as_bytes());
+    key.extend_from_slice(&u64::MAX.to_be_bytes());
+    let encoded: Vec<Vec<u8>> = (0..2)
+        .map(|_| behest_stream::codec::encode_envelope(&envelope(live, None, u64::MAX)).unwrap())
+        .collect();
+    db.insert(
+        key,
+        behest_stream::codec::encode_segment(encoded.iter().map(Vec::as_slice)),
+    )
+    .unwrap();
+    common::close_sled(db, dir.path());
+    let path = dir.path().to_str().unwrap();
+
+    for (command, code) in [("inspect", 2), ("verify", 1)] {
+        let output = cli(&[command, path]);
+        assert_eq!(output.status.code(), Some(code), "{command}: {output:?}");
+        let text = format!(
+            "{}{}",
+            stdout(&output),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(text.contains(&live.to_string()), "{command}: {text}");
+        assert!(text.contains("corrupt"), "{command}: {text}");
+    }
+}

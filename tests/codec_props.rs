@@ -1,7 +1,9 @@
 //! Properties of the on-disk codec: every event round-trips, and no input,
 //! however hostile, makes a decoder panic.
 
-use behest_stream::codec::{self, CodecError, FORMAT_VERSION};
+mod common;
+
+use behest_stream::codec::{self, CodecError, FORMAT_VERSION, MAX_JSON_DEPTH};
 use behest_stream::{
     AgentEvent, ContextBuilt, CustomEvent, MessageCommitted, ModelStarted, ProviderId,
     RunCancelled, RunCompleted, RunFailed, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId,
@@ -303,4 +305,35 @@ fn deep_json_is_refused_both_ways() {
     let mut hostile = vec![FORMAT_VERSION, 0x91];
     hostile.extend(std::iter::repeat_n(0x91, 100_000));
     assert!(codec::decode_segment(&hostile).is_err());
+}
+
+/// Every envelope the encoder accepts has a JSON form that `serde_json`
+/// parses back, its default recursion limit (128) included: at every
+/// payload depth up to [`MAX_JSON_DEPTH`], in every event that carries
+/// JSON, arrays or objects; deeper is refused as `TooDeep`.
+#[test]
+fn every_encodable_envelope_has_json_that_parses_back() {
+    let run_id = RunId::new();
+    for depth in 1..=MAX_JSON_DEPTH + 3 {
+        for objects in [false, true] {
+            let payload = common::nested_json(depth, objects);
+            for event in common::json_carriers(run_id, &payload) {
+                let kind = event.kind();
+                let envelope = common::wrap(run_id, None, 1, event);
+                match codec::encode_envelope(&envelope) {
+                    Ok(_) => {
+                        assert!(depth <= MAX_JSON_DEPTH, "{kind} at depth {depth} accepted");
+                        let json = codec::envelope_to_json(&envelope).unwrap();
+                        let back: RuntimeEventEnvelope = serde_json::from_str(&json)
+                            .unwrap_or_else(|e| panic!("{kind} at depth {depth}: {e}"));
+                        assert_eq!(back, envelope);
+                    }
+                    Err(CodecError::TooDeep) => {
+                        assert!(depth > MAX_JSON_DEPTH, "{kind} at depth {depth} refused");
+                    }
+                    Err(other) => panic!("{kind} at depth {depth}: {other}"),
+                }
+            }
+        }
+    }
 }

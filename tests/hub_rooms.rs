@@ -88,6 +88,60 @@ async fn events_after_the_terminal_event_are_refused_and_not_stored() {
     hub.shutdown().await.unwrap();
 }
 
+/// Every envelope the hub accepts has a JSON form
+/// (`codec::envelope_to_json`, what the CLI's `--json` and SSE clients
+/// read) that `serde_json` parses back, its default recursion limit
+/// included: the deepest JSON payload accepted, in every event that
+/// carries JSON, round-trips; one level deeper is refused at publish,
+/// naming the limit, and takes no seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_envelope_has_json_that_parses_back() {
+    use behest_stream::codec::{self, CodecError, MAX_JSON_DEPTH};
+    use behest_stream::{RuntimeEventEnvelope, StoreError};
+
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    let mut accepted = vec![];
+    for objects in [false, true] {
+        let deepest = common::nested_json(MAX_JSON_DEPTH, objects);
+        let deeper = common::nested_json(MAX_JSON_DEPTH + 1, objects);
+        for (event, too_deep) in common::json_carriers(run, &deepest)
+            .into_iter()
+            .zip(common::json_carriers(run, &deeper))
+        {
+            let kind = event.kind();
+            let envelope = hub.publish(event).await.unwrap();
+            let json = codec::envelope_to_json(&envelope).unwrap();
+            let back: RuntimeEventEnvelope = serde_json::from_str(&json)
+                .unwrap_or_else(|e| panic!("{kind} at depth {MAX_JSON_DEPTH}: {e}"));
+            assert_eq!(back, envelope);
+            accepted.push(envelope);
+
+            match hub.publish(too_deep).await {
+                Err(
+                    error @ HubError::Store(StoreError::Encode {
+                        source: CodecError::TooDeep,
+                        ..
+                    }),
+                ) => {
+                    let message = error.to_string();
+                    assert!(
+                        message.contains(&MAX_JSON_DEPTH.to_string())
+                            && message.contains(&run.to_string()),
+                        "{message}"
+                    );
+                }
+                other => panic!("{kind} at depth {}: {other:?}", MAX_JSON_DEPTH + 1),
+            }
+        }
+    }
+    let seqs: Vec<u64> = accepted.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (2..=7).collect::<Vec<u64>>(), "refusals take no seq");
+    assert_eq!(hub.replay(run, 1, 100).await.unwrap(), accepted);
+    hub.shutdown().await.unwrap();
+}
+
 /// An oversized event is refused before it takes a seq: the next event gets
 /// the seq it would have had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +274,7 @@ async fn a_busy_room_is_not_replaced() {
     }
     let adapter = hub.clone();
     let live = tokio::spawn(async move {
-        RuntimeStreamAdapter::subscribe(&adapter, &RuntimeRoom::Run(run))
+        RuntimeStreamAdapter::subscribe(&adapter, RuntimeRoom::Run(run))
             .await
             .map(|_| ())
     });

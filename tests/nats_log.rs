@@ -195,6 +195,51 @@ async fn refusals_store_nothing() {
     common::nats::delete_stream(&config).await;
 }
 
+/// An envelope whose event names another run (`envelope.run_id` is not
+/// `envelope.event.run_id()`) is refused by the log's writer and by a
+/// `Store` on the log, with an error naming both runs; nothing is stored
+/// under either run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_whose_event_names_another_run_is_refused_by_the_log() {
+    let Some((log, config)) = open_log(None).await else {
+        return;
+    };
+    let (run, other) = (RunId::new(), RunId::new());
+    let stray = || {
+        let mut stray = envelope(other, None, 1);
+        stray.run_id = run;
+        stray
+    };
+    let mut writer = log.writer(run).await.unwrap();
+    let by_writer = writer.append(&stray()).await;
+    let store = behest_stream::Store::open(behest_stream::Config::nats(config.clone()))
+        .await
+        .unwrap();
+    let by_store = store.append(vec![stray()]).await;
+    for refused in [by_writer, by_store] {
+        let error = refused.expect_err("a stray envelope was stored");
+        assert!(
+            matches!(
+                error,
+                StoreError::RunMismatch { envelope_run, event_run }
+                    if envelope_run == run && event_run == other
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&run.to_string()) && message.contains(&other.to_string()),
+            "{message}"
+        );
+    }
+    for id in [run, other] {
+        assert!(log.list_after(id, 0, 10).await.unwrap().is_empty());
+        assert!(log.tail(id).await.unwrap().is_none());
+    }
+    store.close().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}
+
 /// A stream that already exists with limits (which would delete a run's
 /// events, or the epoch, without a tombstone) or without direct gets is
 /// refused with an error naming it, not used.

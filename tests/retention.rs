@@ -213,6 +213,57 @@ async fn hub_refuses_history_of_removed_runs() {
     hub.shutdown().await.unwrap();
 }
 
+/// `replay` of a removed run is `RunRemoved` for every limit, 0 included
+/// (an empty page would pass the run off as one with nothing more to
+/// read), as are the store's `list_after` and the `RuntimeEventStore`
+/// trait's; a reader that saw the whole run is missing nothing, whatever
+/// its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_removed_run_is_run_removed_for_every_limit() {
+    use behest_stream::{RuntimeEventStore, RuntimeEventStoreError};
+
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    hub.publish(delta(run, "a")).await.unwrap();
+    hub.publish(completed(run)).await.unwrap();
+    let removed = hub
+        .store()
+        .remove_ended_before(Utc::now() + chrono::Duration::seconds(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(removed.runs, vec![run]);
+
+    let store: &dyn RuntimeEventStore = &hub;
+    for limit in [0, 1, 2, 10, usize::MAX] {
+        for after in [0, 2] {
+            match hub.replay(run, after, limit).await {
+                Err(HubError::RunRemoved { run_id, .. }) => assert_eq!(run_id, run),
+                other => panic!("replay after {after} limit {limit}: {other:?}"),
+            }
+            match hub.store().list_after(run, after, limit).await {
+                Err(StoreError::RunRemoved { run_id, .. }) => assert_eq!(run_id, run),
+                other => panic!("list_after {after} limit {limit}: {other:?}"),
+            }
+        }
+        for after in [None, Some(0), Some(2)] {
+            match store.list_after(run, after, limit).await {
+                Err(RuntimeEventStoreError::RunRemoved { run_id, .. }) => assert_eq!(run_id, run),
+                other => panic!("trait list_after {after:?} limit {limit}: {other:?}"),
+            }
+        }
+        assert!(hub.replay(run, 3, limit).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_after(run, Some(3), limit)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    hub.shutdown().await.unwrap();
+}
+
 /// The background sweeper (TTL zero, sweeping often) removes runs as they
 /// end while a live run goes on publishing; the live run loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

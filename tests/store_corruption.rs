@@ -381,3 +381,72 @@ async fn an_older_store_format_is_upgraded_and_a_newer_one_refused() {
         "{error:?}"
     );
 }
+
+/// A segment of envelopes `first_seq`, `first_seq + 1`, … of `run` (all
+/// claiming seq `first_seq`, which is all a key near `u64::MAX` leaves room
+/// for): `count` valid envelopes.
+fn segment_at(run: RunId, first_seq: u64, count: usize) -> Vec<u8> {
+    let encoded: Vec<Vec<u8>> = (0..count)
+        .map(|_| behest_stream::codec::encode_envelope(&envelope(run, None, first_seq)).unwrap())
+        .collect();
+    behest_stream::codec::encode_segment(encoded.iter().map(Vec::as_slice))
+}
+
+/// No panic on any bytes from disk: a segment whose key puts its envelopes
+/// past `u64::MAX` (no run gets there; only damage does) is `Corrupt`
+/// naming the run from every read (`list_after` from the start and from
+/// right below it, `verify_run`, `run_info`), also for a run that has
+/// nothing but that segment; a publish to the run is refused with it; the
+/// other runs keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_reaching_past_the_last_seq_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, healthy, orphan) = (RunId::new(), RunId::new(), RunId::new());
+    store_with_runs(dir.path(), &[damaged, healthy]).await;
+    let db = common::open_sled(dir.path());
+    for run in [damaged, orphan] {
+        db.insert(segment_key(run, u64::MAX), segment_at(run, u64::MAX, 2))
+            .unwrap();
+    }
+    common::close_sled(db, dir.path());
+
+    fn corrupt<T>(result: &Result<T, StoreError>, run: RunId) -> bool {
+        matches!(result, Err(StoreError::Corrupt { run_id, .. }) if *run_id == run)
+    }
+    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    for run in [damaged, orphan] {
+        for after in [0, u64::MAX - 1] {
+            let page = store.list_after(run, after, 100).await;
+            assert!(corrupt(&page, run), "list_after {after}: {page:?}");
+            let message = page.unwrap_err().to_string();
+            assert!(message.contains(&run.to_string()), "{message}");
+        }
+    }
+    let check = store.verify_run(damaged).await;
+    assert!(corrupt(&check, damaged), "{check:?}");
+    let info = store.run_info(damaged).await;
+    assert!(corrupt(&info, damaged), "{info:?}");
+    assert_eq!(store.list_after(healthy, 0, 100).await.unwrap().len(), 9);
+    assert_eq!(store.verify_run(healthy).await.unwrap().events, 9);
+    store.close().await.unwrap();
+
+    let hub = behest_stream::EventHub::open(Config::new(dir.path()))
+        .await
+        .unwrap();
+    let refused = hub.publish(common::delta(damaged, "more")).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(behest_stream::HubError::Store(StoreError::Corrupt { run_id, .. })) if *run_id == damaged
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        hub.publish(common::delta(healthy, "more"))
+            .await
+            .unwrap()
+            .seq,
+        10
+    );
+    hub.shutdown().await.unwrap();
+}

@@ -174,3 +174,44 @@ async fn oversized_event_is_refused_before_storing() {
     assert_eq!(store.run_info(run).await.unwrap().unwrap().last_seq, 2);
     store.close().await.unwrap();
 }
+
+/// An envelope whose event names another run (`envelope.run_id` is not
+/// `envelope.event.run_id()`) is refused by `append` and `append_with`,
+/// with an error naming both runs; nothing of its append is stored under
+/// either run, and the run takes its first event afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_whose_event_names_another_run_is_refused() {
+    let store = Store::open(Config::temporary()).await.unwrap();
+    let (run, other) = (RunId::new(), RunId::new());
+    let stray = || {
+        let mut stray = envelope(other, None, 1);
+        stray.run_id = run;
+        stray
+    };
+    let alone = store.append(vec![stray()]).await;
+    let beside_a_good_one = store
+        .append_with(vec![envelope(run, None, 1), stray()], Durability::Buffered)
+        .await;
+    for refused in [alone, beside_a_good_one] {
+        let error = refused.expect_err("a stray envelope was stored");
+        assert!(
+            matches!(
+                error,
+                StoreError::RunMismatch { envelope_run, event_run }
+                    if envelope_run == run && event_run == other
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&run.to_string()) && message.contains(&other.to_string()),
+            "{message}"
+        );
+    }
+    for id in [run, other] {
+        assert!(store.list_after(id, 0, 10).await.unwrap().is_empty());
+        assert_eq!(store.run_info(id).await.unwrap(), None);
+    }
+    store.append(vec![envelope(run, None, 1)]).await.unwrap();
+    store.close().await.unwrap();
+}

@@ -158,7 +158,8 @@ async fn inspect(store: &Store, dir: &Path) -> Result<(), String> {
         if info.is_removed() {
             removed += 1;
         } else {
-            events += info.last_seq;
+            // Seqs come from disk: a damaged store must not overflow the sum.
+            events = events.saturating_add(info.last_seq);
         }
     })
     .await

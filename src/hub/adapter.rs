@@ -1,11 +1,12 @@
-//! `EventHub` as the seed's two traits, so a host written against
-//! `Arc<dyn RuntimeEventStore>` and `Arc<dyn RuntimeStreamAdapter>` uses it
-//! unchanged.
+//! `EventHub` as the seed's two traits, so a host written against behest
+//! 0.3.3's `Arc<dyn RuntimeEventStore>` and `Arc<dyn RuntimeStreamAdapter>`
+//! uses it with only its imports changed (the traits' signatures and the
+//! error variants the seed has are the seed's).
 
 use async_trait::async_trait;
 
 use super::EventHub;
-use crate::error::HubError;
+use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
 use crate::ids::RunId;
 use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
@@ -19,55 +20,61 @@ impl RuntimeEventStore for EventHub {
         &self,
         event: AgentEvent,
     ) -> Result<RuntimeEventEnvelope, RuntimeEventStoreError> {
-        self.publish(event).await.map_err(store_error)
+        self.publish(event)
+            .await
+            .map_err(|error| RuntimeEventStoreError::Append {
+                message: error.to_string(),
+            })
     }
 
     async fn list_after(
         &self,
         run_id: RunId,
-        after_seq: u64,
+        after_seq: Option<u64>,
         limit: usize,
     ) -> Result<Vec<RuntimeEventEnvelope>, RuntimeEventStoreError> {
-        self.replay(run_id, after_seq, limit)
+        // Seqs start at 1, so "after 0" is "from the start".
+        self.replay(run_id, after_seq.unwrap_or(0), limit)
             .await
-            .map_err(store_error)
+            .map_err(read_error)
     }
 }
 
 /// Live-only, as the seed defines it: `publish` fans an envelope out to the
 /// room's current subscribers without storing it (an envelope the hub has
 /// already fanned out, recognised by its event id among the room's recent
-/// ones, is not delivered twice); `subscribe` yields what is fanned out from
-/// now on, reporting lag as [`RuntimeStreamError::Lagged`].
+/// ones, is not delivered twice); a room nobody listens to is not started,
+/// and the publish is `Ok`. An envelope whose `run_id` is not its event's
+/// is refused ([`RuntimeStreamError::Publish`] naming both runs) and
+/// reaches nobody. `subscribe` yields what is fanned out from now
+/// on, reporting lag as [`RuntimeStreamError::Lagged`].
 #[async_trait]
 impl RuntimeStreamAdapter for EventHub {
     async fn publish(
         &self,
-        room: &RuntimeRoom,
-        envelope: RuntimeEventEnvelope,
+        room: RuntimeRoom,
+        event: RuntimeEventEnvelope,
     ) -> Result<(), RuntimeStreamError> {
-        self.live_publish(room.clone(), envelope).await
+        self.live_publish(room, event).await
     }
 
     async fn subscribe(
         &self,
-        room: &RuntimeRoom,
+        room: RuntimeRoom,
     ) -> Result<BoxRuntimeEventStream, RuntimeStreamError> {
-        self.live(room.clone())
+        self.live(room)
             .await
             .map_err(|e| super::follow::subscribe_error(&e))
     }
 }
 
-fn store_error(error: HubError) -> RuntimeEventStoreError {
+fn read_error(error: HubError) -> RuntimeEventStoreError {
     let message = error.to_string();
     match error {
-        HubError::RunClosed { .. } | HubError::TooLarge { .. } | HubError::Closed => {
-            RuntimeEventStoreError::Rejected { message }
+        HubError::RunRemoved { run_id, removed_at } => {
+            RuntimeEventStoreError::RunRemoved { run_id, removed_at }
         }
-        HubError::RunRemoved { .. } => RuntimeEventStoreError::Rejected { message },
-        HubError::Store(crate::error::StoreError::Corrupt { .. })
-        | HubError::Store(crate::error::StoreError::CorruptRunRecord { .. }) => {
+        HubError::Store(StoreError::Corrupt { .. } | StoreError::CorruptRunRecord { .. }) => {
             RuntimeEventStoreError::Corrupt { message }
         }
         _ => RuntimeEventStoreError::Storage { message },

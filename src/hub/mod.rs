@@ -691,7 +691,8 @@ impl EventHub {
     /// # Errors
     ///
     /// [`HubError::Store`] (a corrupt record names its run and seq),
-    /// [`HubError::RunRemoved`] if retention removed the run,
+    /// [`HubError::RunRemoved`] if retention removed the run and it had
+    /// events after `after_seq`, for every `limit` (0 included),
     /// [`HubError::Closed`].
     pub async fn replay(
         &self,
@@ -804,12 +805,23 @@ impl EventHub {
         follow::follow_live(self.inner.link.clone(), room).await
     }
 
-    /// Live-only fanout of an envelope, as the seed's adapter publishes.
+    /// Live-only fanout of an envelope, as the seed's adapter publishes. An
+    /// envelope whose run is not its event's reaches nobody.
     pub(crate) async fn live_publish(
         &self,
         room: RuntimeRoom,
         envelope: RuntimeEventEnvelope,
     ) -> Result<(), RuntimeStreamError> {
+        let event_run = envelope.event.run_id();
+        if envelope.run_id != event_run {
+            return Err(RuntimeStreamError::Publish {
+                message: format!(
+                    "envelope names run {} but its event belongs to run {event_run}; \
+                     not fanned out",
+                    envelope.run_id
+                ),
+            });
+        }
         let (tx, rx) = oneshot::channel();
         self.inner
             .link

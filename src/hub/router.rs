@@ -2,9 +2,10 @@
 //! use (as its linked supervisor), forwards requests to it, and stops rooms
 //! that have been idle.
 //!
-//! Session and provider rooms are started only by a subscriber: an envelope
-//! for a room that does not exist has nobody to reach, and its subscribers
-//! to come read it from the store.
+//! Session and provider rooms are started only by a subscriber, and no
+//! room is started by a live publish (the adapter's): an envelope for a
+//! room that does not exist has nobody to reach, and its subscribers to
+//! come read it from the store.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -46,7 +47,8 @@ pub(crate) enum RouterMsg {
         room: RuntimeRoom,
         envelopes: Vec<Arc<RuntimeEventEnvelope>>,
     },
-    /// Live-only fanout of an envelope (the adapter's publish).
+    /// Live-only fanout of an envelope (the adapter's publish), to the
+    /// room if it is running; answered `Ok` at once if it is not.
     LivePublish {
         room: RuntimeRoom,
         envelope: RuntimeEventEnvelope,
@@ -206,23 +208,25 @@ impl Actor for Router {
                 room,
                 envelope,
                 reply,
-            } => match state.room(&myself, &room).await {
-                Ok(RoomRef::Run(r, _)) => {
+            } => match state.rooms.get(&room).cloned() {
+                // Live only: a room that is not running has no subscriber to
+                // reach, and starting one would hold a room for nobody.
+                None => {
+                    let _ = reply.send(Ok(()));
+                }
+                Some(RoomRef::Run(r, _)) => {
                     if r.send_message(RunMsg::LivePublish { envelope, reply })
                         .is_err()
                     {
                         state.forget(&room);
                     }
                 }
-                Ok(RoomRef::Fanout(r)) => {
+                Some(RoomRef::Fanout(r)) => {
                     if r.send_message(FanoutMsg::LivePublish { envelope, reply })
                         .is_err()
                     {
                         state.forget(&room);
                     }
-                }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
                 }
             },
             RouterMsg::Idle { room, id } => {

@@ -476,7 +476,11 @@ fn stage(
                 };
                 let record = current.unwrap_or_else(|| {
                     let ordinal = *next_ordinal;
-                    *next_ordinal += 1;
+                    // The counter is read from disk. Saturating keeps a
+                    // damaged one from stopping appends: the ordinal only
+                    // orders a session's runs, and its index keys stay
+                    // unique by their run id.
+                    *next_ordinal = next_ordinal.saturating_add(1);
                     RunRecord {
                         last_seq: 0,
                         session_id: None,
@@ -495,7 +499,18 @@ fn stage(
                 run_id: item.run_id,
             });
         }
-        let expected = record.last_seq.saturating_add(1);
+        let Some(expected) = record.last_seq.checked_add(1) else {
+            // Only a damaged record says a run got there; saturating would
+            // accept seq u64::MAX a second time, over the first.
+            return Err(StoreError::Corrupt {
+                run_id: item.run_id,
+                seq: record.last_seq,
+                source: CodecError::Malformed(format!(
+                    "the run's record says its last seq is {}, which no seq can follow",
+                    record.last_seq
+                )),
+            });
+        };
         if item.seq != expected {
             return Err(StoreError::SeqConflict {
                 run_id: item.run_id,
@@ -608,7 +623,9 @@ fn last_stored_seq(db: &sled::Db, run_id: RunId) -> Result<u64, StoreError> {
     };
     match codec::segment_len(&value).map_err(corrupt)? {
         0 => Err(corrupt(CodecError::Malformed("empty segment".into()))),
-        count => Ok(first_seq.saturating_add(count as u64 - 1)),
+        count => {
+            seq_at(first_seq, count - 1).ok_or_else(|| past_the_last_seq(run_id, first_seq, count))
+        }
     }
 }
 
@@ -627,9 +644,15 @@ pub(crate) fn list_after(
 ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
     let mut out = Vec::new();
     if limit == 0 {
+        // An empty page must not pass a removed run off as readable.
+        removed_error(db, run_id, after_seq)?;
         return Ok(out);
     }
-    let wanted = after_seq.saturating_add(1);
+    // Nothing follows the last seq there is (saturating would serve it as
+    // its own successor).
+    let Some(wanted) = after_seq.checked_add(1) else {
+        return Ok(out);
+    };
     // The segment holding `wanted` starts at or before it: the last key at
     // or below `segment_key(run, wanted)`.
     let start = db
@@ -647,8 +670,8 @@ pub(crate) fn list_after(
         let Some(first_seq) = layout::segment_first_seq(run_id, &key) else {
             break;
         };
-        let envelopes = decode_checked(run_id, first_seq, &value)?;
-        // Segments must tile the run's seqs with no gap between them.
+        // Segments must tile the run's seqs with no gap between them; a gap
+        // is the first damage, whatever the segment after it holds.
         if let Some(expected) = expected
             && first_seq != expected
         {
@@ -660,6 +683,7 @@ pub(crate) fn list_after(
                 )),
             });
         }
+        let envelopes = decode_checked(run_id, first_seq, &value)?;
         expected = Some(first_seq.saturating_add(envelopes.len() as u64));
         for envelope in envelopes {
             if envelope.seq >= wanted {
@@ -715,11 +739,13 @@ fn decode_checked(
     let envelopes =
         codec::decode_segment(value).map_err(|(index, source)| StoreError::Corrupt {
             run_id,
-            seq: first_seq + index as u64,
+            seq: seq_at(first_seq, index).unwrap_or(u64::MAX),
             source,
         })?;
     for (index, envelope) in envelopes.iter().enumerate() {
-        let seq = first_seq + index as u64;
+        let Some(seq) = seq_at(first_seq, index) else {
+            return Err(past_the_last_seq(run_id, first_seq, envelopes.len()));
+        };
         if envelope.seq != seq || envelope.run_id != run_id {
             return Err(StoreError::Corrupt {
                 run_id,
@@ -732,6 +758,26 @@ fn decode_checked(
         }
     }
     Ok(envelopes)
+}
+
+/// The seq of the envelope at `index` of a segment that starts at
+/// `first_seq`; `None` past `u64::MAX`, where only a damaged key puts one.
+fn seq_at(first_seq: u64, index: usize) -> Option<u64> {
+    first_seq.checked_add(u64::try_from(index).ok()?)
+}
+
+/// A segment whose key puts its envelopes past `u64::MAX`: no run gets
+/// there, so its key is damaged.
+fn past_the_last_seq(run_id: RunId, first_seq: u64, count: usize) -> StoreError {
+    StoreError::Corrupt {
+        run_id,
+        seq: first_seq,
+        source: CodecError::Malformed(format!(
+            "a segment of {count} envelopes keyed at seq {first_seq} runs past the last seq \
+             there is ({})",
+            u64::MAX
+        )),
+    }
 }
 
 /// Up to `limit` runs after `after` (from the first, for `None`), in run id
@@ -796,9 +842,9 @@ pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, Store
         }
         let envelopes = decode_checked(run_id, first_seq, &value)?;
         expected = first_seq.saturating_add(envelopes.len() as u64);
-        check.events += envelopes.len() as u64;
+        check.events = check.events.saturating_add(envelopes.len() as u64);
         check.segments += 1;
-        check.bytes += value.len() as u64;
+        check.bytes = check.bytes.saturating_add(value.len() as u64);
     }
     if check.removed_at.is_some() {
         // Removal deletes a run's segments and writes its tombstone in one

@@ -256,12 +256,29 @@ pub(crate) fn encoded_len(items: &[StoredEnvelope]) -> usize {
     items.iter().map(|i| i.bytes.len()).sum()
 }
 
+/// Refuses an envelope whose `run_id` is not its event's: stored, it would
+/// sit in one run's log while its event (and every JSON reader) names
+/// another.
+pub(crate) fn check_run(envelope: &RuntimeEventEnvelope) -> Result<(), StoreError> {
+    let event_run = envelope.event.run_id();
+    if envelope.run_id == event_run {
+        Ok(())
+    } else {
+        Err(StoreError::RunMismatch {
+            envelope_run: envelope.run_id,
+            event_run,
+        })
+    }
+}
+
 impl StoredEnvelope {
-    /// Encodes `envelope`, refusing it if the encoding exceeds `max_bytes`.
+    /// Encodes `envelope`, refusing it if its run is not its event's or the
+    /// encoding exceeds `max_bytes`.
     pub(crate) fn encode(
         envelope: &RuntimeEventEnvelope,
         max_bytes: usize,
     ) -> Result<Self, StoreError> {
+        check_run(envelope)?;
         let run_id = envelope.run_id;
         let bytes = codec::encode_envelope(envelope)
             .map_err(|source| StoreError::Encode { run_id, source })?;
@@ -566,8 +583,9 @@ impl Store {
     /// # Errors
     ///
     /// Nothing is stored when any envelope is refused:
-    /// [`StoreError::TooLarge`] or [`StoreError::Encode`] before anything is
-    /// sent; [`StoreError::SeqConflict`] if a seq is not its run's next;
+    /// [`StoreError::RunMismatch`] (an envelope's `run_id` is not its
+    /// event's), [`StoreError::TooLarge`] or [`StoreError::Encode`] before
+    /// anything is sent; [`StoreError::SeqConflict`] if a seq is not its run's next;
     /// [`StoreError::RunClosed`] after a run's terminal event;
     /// [`StoreError::WriteFailed`] if sled failed; [`StoreError::Closed`]
     /// after [`Store::close`]. [`StoreError::FlushFailed`] means the batch
@@ -712,6 +730,8 @@ impl Store {
     ///
     /// # Errors
     ///
+    /// [`StoreError::RunRemoved`] if retention removed the run and it had
+    /// events after `after_seq`, whatever `limit` (0 included);
     /// [`StoreError::Corrupt`] naming the run and the first seq that cannot
     /// be decoded (other runs are unaffected); [`StoreError::ReadFailed`];
     /// [`StoreError::Closed`].

@@ -9,8 +9,8 @@ use std::time::Duration;
 pub mod nats;
 
 use behest_stream::{
-    AgentEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId,
-    TextDelta,
+    AgentEvent, CustomEvent, ProviderId, RunCompleted, RunId, RunStarted, RuntimeEventEnvelope,
+    RuntimeEventId, TextDelta, ToolCall, ToolCallCompleted, ToolExecutionFinished, ToolResult,
 };
 use chrono::Utc;
 use uuid::Uuid;
@@ -63,6 +63,58 @@ pub fn wrap(
         event,
         emitted_at: Utc::now(),
     }
+}
+
+/// JSON nested `depth` arrays and objects deep (`depth` >= 1): arrays
+/// around an empty one, or objects around a scalar, which is no level.
+pub fn nested_json(depth: usize, objects: bool) -> serde_json::Value {
+    use serde_json::Value;
+    let mut value = if objects {
+        serde_json::json!({ "leaf": 1 })
+    } else {
+        Value::Array(Vec::new())
+    };
+    for _ in 1..depth {
+        value = if objects {
+            serde_json::json!({ "k": value })
+        } else {
+            Value::Array(vec![value])
+        };
+    }
+    value
+}
+
+/// Every event of `run_id` that carries JSON, carrying `payload`: a custom
+/// event, a tool call's arguments, a tool's output.
+pub fn json_carriers(run_id: RunId, payload: &serde_json::Value) -> [AgentEvent; 3] {
+    let timestamp = Utc::now();
+    [
+        AgentEvent::Custom(CustomEvent {
+            run_id,
+            timestamp,
+            kind: "deep".into(),
+            payload: payload.clone(),
+        }),
+        AgentEvent::ToolCallCompleted(ToolCallCompleted {
+            run_id,
+            timestamp,
+            call: ToolCall {
+                id: "call-1".into(),
+                name: "search".into(),
+                arguments: payload.clone(),
+            },
+        }),
+        AgentEvent::ToolExecutionFinished(ToolExecutionFinished {
+            run_id,
+            timestamp,
+            call_id: "call-1".into(),
+            tool_name: "search".into(),
+            result: ToolResult::Success {
+                output: payload.clone(),
+            },
+            duration_ms: 3,
+        }),
+    ]
 }
 
 /// Polls `check` until it returns `Some`, failing the test after `deadline`.
