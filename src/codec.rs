@@ -101,9 +101,7 @@ pub enum CodecError {
 ///
 /// [`CodecError::TooDeep`] or [`CodecError::Encode`].
 pub fn encode_envelope(envelope: &RuntimeEventEnvelope) -> Result<Vec<u8>, CodecError> {
-    if event_json_depth(&envelope.event) > MAX_JSON_DEPTH {
-        return Err(CodecError::TooDeep);
-    }
+    check_json_depth(&envelope.event)?;
     // Sized for a typical small event, so the common case never regrows.
     let mut out = Vec::with_capacity(ENCODE_CAPACITY_HINT);
     rmp_serde::encode::write_named(&mut out, envelope)
@@ -259,6 +257,15 @@ impl<'a> Decoder<'a> {
 }
 
 /// Deepest nesting among the event's JSON payloads (0 when it has none).
+/// Refuses an event whose JSON payload nests deeper than
+/// [`MAX_JSON_DEPTH`]: its envelope's JSON would not parse back.
+pub(crate) fn check_json_depth(event: &AgentEvent) -> Result<(), CodecError> {
+    if event_json_depth(event) > MAX_JSON_DEPTH {
+        return Err(CodecError::TooDeep);
+    }
+    Ok(())
+}
+
 fn event_json_depth(event: &AgentEvent) -> usize {
     use crate::event::ToolResult;
     match event {

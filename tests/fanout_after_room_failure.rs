@@ -154,6 +154,45 @@ async fn a_room_that_cannot_restart_at_once_fans_out_what_it_owes_after_the_rest
     hub.shutdown().await.unwrap();
 }
 
+/// A room that owes fan-out it can no longer read gives the debt up
+/// instead of failing on every start: here retention removes the run while
+/// the dead room cannot be restarted (restart intensity), so its successor
+/// finds the events gone, logs it, and serves the run as a removed run
+/// (`RunClosed` to a publish), not `RoomFailed` forever. (Should the
+/// successor start before the removal, it pays the debt instead; the run
+/// answers the same.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debt_that_can_no_longer_be_read_is_given_up_not_retried_forever() {
+    quiet_injected_panics();
+    let config = Config::temporary().restart_intensity(0, Duration::from_secs(2));
+    let watched = watched_with(config).await;
+    let (hub, run) = (watched.hub.clone(), watched.run);
+    hub.store().hold_commits(true).unwrap();
+    let terminal = hub.submit(completed(run)).await.unwrap();
+    wait_for("the append at the store", DEADLINE, async || {
+        let stats = hub.stats().await.unwrap();
+        (stats.store.pending_appends == 1).then_some(())
+    })
+    .await;
+    hub.inject_room_panic(RuntimeRoom::Run(run), 1);
+    let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
+    assert!(refused.is_err(), "{refused:?}");
+    hub.store().hold_commits(false).unwrap();
+    terminal.await.expect("the store kept it: Ok");
+    let cutoff = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let removal = hub.store().remove_ended_before(cutoff, 10).await.unwrap();
+    assert_eq!(removal.runs, vec![run]);
+    wait_for("the run to answer as removed", DEADLINE, async || match hub
+        .publish(delta(run, "late"))
+        .await
+    {
+        Err(behest_stream::HubError::RunClosed { .. }) => Some(()),
+        _ => None,
+    })
+    .await;
+    hub.shutdown().await.unwrap();
+}
+
 /// A commit is written but its flush fails: the publisher hears
 /// `FlushFailed` (in doubt) and the room stops, not knowing its last seq.
 /// The store kept the event, so it is part of the run: the live session

@@ -244,3 +244,39 @@ async fn a_live_publish_whose_event_names_another_run_is_refused() {
     }
     hub.shutdown().await.unwrap();
 }
+
+/// The adapter's live publish holds envelopes to the same JSON bound as the
+/// hub's own: one whose payload nests deeper than `codec::MAX_JSON_DEPTH`
+/// (its JSON would not parse back in a subscriber's reader) is refused
+/// with `Publish` naming the bound and reaches nobody; at the bound it is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_publish_too_deep_to_parse_back_is_refused() {
+    use behest_stream::codec::MAX_JSON_DEPTH;
+
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let stream: Arc<dyn RuntimeStreamAdapter> = Arc::new(hub.clone());
+    let run = RunId::new();
+    let mut live = stream.subscribe(RuntimeRoom::Run(run)).await.unwrap();
+    let wrap = |event| common::wrap(run, None, 1, event);
+    for objects in [false, true] {
+        let deeper = common::nested_json(MAX_JSON_DEPTH + 1, objects);
+        for event in common::json_carriers(run, &deeper) {
+            match stream.publish(RuntimeRoom::Run(run), wrap(event)).await {
+                Err(RuntimeStreamError::Publish { message }) => {
+                    assert!(message.contains(&MAX_JSON_DEPTH.to_string()), "{message}");
+                }
+                other => panic!("expected Publish naming the bound, got {other:?}"),
+            }
+        }
+    }
+    let deepest = common::nested_json(MAX_JSON_DEPTH, true);
+    let [fine, ..] = common::json_carriers(run, &deepest);
+    let fine = wrap(fine);
+    stream
+        .publish(RuntimeRoom::Run(run), fine.clone())
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut live, 1).await, vec![fine]);
+    hub.shutdown().await.unwrap();
+}

@@ -353,7 +353,9 @@ impl Drop for HubInner {
 }
 
 /// A publish that has its place in its run's order and is on its way to the
-/// store. Await it for the envelope, once stored and fanned out.
+/// store. Await it for the envelope, once stored (its fan-out is already
+/// on its way to the room: anything the publisher does through the room
+/// afterwards, such as subscribing, sees it fanned out).
 ///
 /// Dropping it does not withdraw the event.
 #[derive(Debug)]
@@ -475,7 +477,8 @@ impl EventHub {
     }
 
     /// Sequences, stores and fans out `event` with the configured durability,
-    /// returning its envelope once stored and fanned out.
+    /// returning its envelope once stored; the room fans it out next, before
+    /// anything the publisher asks of the room afterwards.
     ///
     /// # Errors
     ///
@@ -820,6 +823,12 @@ impl EventHub {
                      not fanned out",
                     envelope.run_id
                 ),
+            });
+        }
+        // What the hub fans out, its subscribers' JSON readers must parse.
+        if let Err(error) = crate::codec::check_json_depth(&envelope.event) {
+            return Err(RuntimeStreamError::Publish {
+                message: format!("{error}; not fanned out"),
             });
         }
         let (tx, rx) = oneshot::channel();

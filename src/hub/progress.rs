@@ -21,7 +21,7 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// Both at `seq`: where a room starts once it knows its run.
+    /// Where a room stands when it starts (or settles what it owed).
     pub(crate) fn start_at(&self, handed: u64, fanned: u64) {
         self.handed.store(handed, Ordering::Release);
         self.fanned.store(fanned, Ordering::Release);
@@ -30,6 +30,12 @@ impl Progress {
     /// The room handed the store everything up to `seq`.
     pub(crate) fn handed(&self, seq: u64) {
         self.handed.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// An append failed with nothing stored, and every later one of the
+    /// room's pipeline with it: nothing past `seq` will be stored.
+    pub(crate) fn rewound(&self, seq: u64) {
+        self.handed.store(seq, Ordering::Release);
     }
 
     /// The room fanned out everything up to `seq`.

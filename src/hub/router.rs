@@ -100,6 +100,9 @@ pub(crate) struct RouterState {
     /// not be started again at once (restart intensity, room bound): where
     /// their fan-out stopped, for their next start. At most `max_rooms`.
     unfanned: HashMap<RunId, u64>,
+    /// Run rooms forgotten while owing fan-out, to start again once the
+    /// message at hand is handled (at most one per room forgotten in it).
+    owing: Vec<RunId>,
 }
 
 impl Actor for Router {
@@ -119,6 +122,7 @@ impl Actor for Router {
             by_id: HashMap::new(),
             failures: HashMap::new(),
             unfanned: HashMap::new(),
+            owing: Vec::new(),
         })
     }
 
@@ -280,6 +284,7 @@ impl Actor for Router {
                 myself.stop(Some("hub shutdown".into()));
             }
         }
+        state.restart_owing_rooms(&myself).await;
         Ok(())
     }
 
@@ -295,22 +300,9 @@ impl Actor for Router {
                 // already (a send to it failed first).
                 state.shared.counters.record_failure();
                 if let Some(room) = state.by_id.get(&cell.get_id()).cloned() {
-                    let progress = match state.rooms.get(&room) {
-                        Some(RoomRef::Run(_, progress)) => Some(Arc::clone(progress)),
-                        _ => None,
-                    };
+                    tracing::warn!(%room, %error, "room failed; it restarts from the store on next use (at once if it owes fan-out)");
                     state.forget(&room);
-                    state.record_failure(room.clone());
-                    match (&room, progress.and_then(|p| p.unfanned_from())) {
-                        (RuntimeRoom::Run(run_id), Some(fanned)) => {
-                            tracing::warn!(%room, %error, fanned, "room failed with stored events not fanned out; restarting it now");
-                            state.unfanned_insert(*run_id, fanned);
-                            state.restart_owing(&myself, *run_id).await;
-                        }
-                        _ => {
-                            tracing::warn!(%room, %error, "room failed; it restarts from the store on next use");
-                        }
-                    }
+                    state.record_failure(room);
                 } else {
                     tracing::warn!(%error, "a room failed after it was replaced");
                 }
@@ -323,6 +315,7 @@ impl Actor for Router {
             }
             _ => {}
         }
+        state.restart_owing_rooms(&myself).await;
         Ok(())
     }
 }
@@ -371,9 +364,31 @@ impl RouterState {
         *entry = (*entry).min(fanned);
     }
 
+    /// Drops a room from the map. A run room that stopped owing fan-out
+    /// (see [`Progress`]) leaves its debt behind, and is started again as
+    /// soon as the router has handled the message at hand, whichever way
+    /// the router learnt it stopped (a failed send, or the failure notice).
     fn forget(&mut self, room: &RuntimeRoom) {
         if let Some(room_ref) = self.rooms.remove(room) {
             self.by_id.remove(&room_ref.id());
+            if let (RuntimeRoom::Run(run_id), RoomRef::Run(_, progress)) = (room, &room_ref)
+                && let Some(fanned) = progress.unfanned_from()
+            {
+                tracing::warn!(%room, fanned, "room stopped with stored events not fanned out; restarting it");
+                self.unfanned_insert(*run_id, fanned);
+                self.owing.push(*run_id);
+            }
+        }
+    }
+
+    /// Starts the run rooms [`RouterState::forget`] found owing fan-out.
+    async fn restart_owing_rooms(&mut self, myself: &ActorRef<RouterMsg>) {
+        for run_id in std::mem::take(&mut self.owing) {
+            if self.unfanned.contains_key(&run_id)
+                && !self.rooms.contains_key(&RuntimeRoom::Run(run_id))
+            {
+                self.restart_owing(myself, run_id).await;
+            }
         }
     }
 

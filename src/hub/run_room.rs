@@ -2,9 +2,10 @@
 //!
 //! It assigns each published event the run's next `seq`, mints its
 //! `event_id`, carries the `session_id` learned from `RunStarted`, hands the
-//! envelope to the store, and only once the store has it (acknowledged as the
-//! publisher's durability asks) answers the publisher and fans it out: to its
-//! subscribers and to the run's session and provider rooms. Publishing is
+//! envelope to the store, and only once the store has it fans it out: to its
+//! subscribers and to the run's session and provider rooms. The code that
+//! commits an append answers its publishers itself (as their durability
+//! asks) and tells the room once, so no task waits per append. Publishing is
 //! pipelined: the room does not wait for the store before taking the next
 //! publish; the publishes that arrive while one of its appends is at the
 //! store gather into its next append, so one store request serves many
@@ -27,12 +28,12 @@ use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
 use crate::ids::{ProviderId, RunId};
-use crate::store::{AppendAck, FollowFrom, Store, StoredEnvelope, encoded_len};
+use crate::store::{AppendWaiter, FollowFrom, Store, StoredEnvelope, encoded_len};
 use crate::stream::{RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom};
 
-/// The answer to one publish: its envelope once stored and fanned out. An
-/// `Arc`, so that the room and the append's waiter never copy an envelope;
-/// the publisher's own task makes the copy it returns.
+/// The answer to one publish: its envelope once stored. An `Arc`, so that
+/// neither the room nor the store copies an envelope; the publisher's own
+/// task makes the copy it returns.
 pub(crate) type PublishAnswer = Result<Arc<RuntimeEventEnvelope>, HubError>;
 
 /// A publish on its way to a run room.
@@ -62,8 +63,8 @@ pub(crate) struct RunAttach {
 pub(crate) enum RunMsg {
     /// Sequence, store and fan out an event.
     Publish(PublishRequest),
-    /// The store answered the room's append `batch` (sent by the append's
-    /// waiter).
+    /// The store answered the room's append `batch` (sent by the code that
+    /// committed it, through the append's [`RoomAppend`]).
     Persisted {
         batch: u64,
         result: Result<(), StoreError>,
@@ -118,27 +119,17 @@ pub(crate) struct RunRoomArgs {
     pub(crate) unfanned_from: Option<u64>,
 }
 
-/// A sequenced event not yet answered. Once its append is at the store, the
-/// publisher's reply is owned by the append's waiter task, not by the room:
-/// if the room dies, the waiter still answers with the store's word, so a
-/// publisher hears `Ok` exactly when its event is stored.
+/// A sequenced event the room has not yet fanned out (or given up on). Once
+/// its append is at the store, the publisher's reply travels with the
+/// append ([`RoomAppend`]), not with the room: if the room dies, the store
+/// still answers with its own word, so a publisher hears `Ok` exactly when
+/// its event is stored.
 struct InFlight {
     envelope: Arc<RuntimeEventEnvelope>,
     generation: u64,
     /// The append that carries it; `None` while it is gathering.
     batch: Option<u64>,
     result: Option<Result<(), StoreError>>,
-}
-
-/// The room's verdicts on one append, in seq order, sent to its waiter once
-/// every event of the append has one: one message per append, not per
-/// event.
-struct Verdicts {
-    batch: u64,
-    /// How many events the append carries.
-    len: usize,
-    answers: Vec<PublishAnswer>,
-    to_waiter: oneshot::Sender<Vec<PublishAnswer>>,
 }
 
 /// A sequenced, encoded event waiting for the room's next append.
@@ -176,15 +167,12 @@ pub(crate) struct RunState {
     /// append at the store, then those gathering for the next append.
     in_flight: VecDeque<InFlight>,
     /// Events gathering while an append of this room is at the store; they
-    /// go as one append when it returns, so one store request (and one
-    /// waiter) serves many events.
+    /// go as one append when it returns, so one store request serves many
+    /// events.
     gathering: Vec<Gathered>,
     gathering_durability: Durability,
     /// Appends of this room at the store.
     outstanding: usize,
-    /// Appends not yet answered by the room, each with the verdicts gathered
-    /// for its waiter so far, in the order they were sent.
-    verdicts: VecDeque<Verdicts>,
     /// Numbers the room's appends.
     next_batch: u64,
     feed: Feed,
@@ -214,6 +202,12 @@ impl Actor for RunRoom {
         _myself: ActorRef<Self::Msg>,
         args: RunRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // A debt inherited from a dead predecessor stands until this room
+        // has fanned it out: should it fail first (its recovery read, say),
+        // the router finds it here and starts it again.
+        if let Some(fanned) = args.unfanned_from {
+            args.progress.start_at(u64::MAX, fanned);
+        }
         Ok(RunState {
             run_id: args.run_id,
             store: args.store,
@@ -234,7 +228,6 @@ impl Actor for RunRoom {
             gathering: Vec::new(),
             gathering_durability: Durability::Flushed,
             outstanding: 0,
-            verdicts: VecDeque::new(),
             next_batch: 0,
             published: ::metrics::counter!(crate::metrics::PUBLISHED),
             tail: None,
@@ -372,16 +365,20 @@ impl RunState {
         let Some(mut fanned) = self.unfanned_from else {
             return Ok(());
         };
-        if self.broken.is_some() {
-            return Err(format!("run {} owes fan-out but cannot recover", self.run_id).into());
+        if let Some(error) = &self.broken {
+            return self.settle_owed(error.clone());
         }
         let page = self.shared.catch_up_page.max(1);
         while fanned < self.persisted {
             let owed = usize::try_from(self.persisted - fanned).unwrap_or(usize::MAX);
-            let envelopes = self
+            let envelopes = match self
                 .store
                 .list_after(self.run_id, fanned, owed.min(page))
-                .await?;
+                .await
+            {
+                Ok(envelopes) => envelopes,
+                Err(error) => return self.settle_owed(error),
+            };
             let Some(last) = envelopes.last().map(|e| e.seq) else {
                 return Err(format!(
                     "run {} has no events after seq {fanned} in the store, but recovered seq {}",
@@ -393,12 +390,32 @@ impl RunState {
             let owed: Vec<_> = envelopes
                 .into_iter()
                 .take_while(|e| e.seq <= self.persisted)
-                .map(|e| (Arc::new(e), None))
+                .map(Arc::new)
                 .collect();
             self.fan_out(owed);
             fanned = last;
         }
         self.unfanned_from = None;
+        Ok(())
+    }
+
+    /// The owed fan-out cannot be read. An error a retry may fix (the store
+    /// unreachable) fails the room, which the router starts again (within
+    /// the restart intensity, then after each restart window) still owing
+    /// the same. Any other (the run removed by retention since, a corrupt
+    /// record, a closed store) will not pass on a retry: the debt is given
+    /// up, loudly, and the room serves its run (and that error) as usual.
+    fn settle_owed(&mut self, error: StoreError) -> Result<(), ActorProcessingErr> {
+        if error.is_retryable() {
+            return Err(format!(
+                "run {} owes fan-out and cannot read it: {error}",
+                self.run_id
+            )
+            .into());
+        }
+        tracing::error!(run_id = %self.run_id, %error, "fan-out owed by a failed room given up; live session and provider subscribers miss it (resuming ones read it from the store)");
+        self.unfanned_from = None;
+        self.progress.start_at(self.persisted, self.persisted);
         Ok(())
     }
 
@@ -478,7 +495,7 @@ impl RunState {
                 {
                     Ok(fill) if fill.len() == missing => {
                         for earlier in fill {
-                            fanned.push((self.take_remote(earlier), None));
+                            fanned.push(self.take_remote(earlier));
                         }
                     }
                     _ => {
@@ -487,7 +504,7 @@ impl RunState {
                     }
                 }
             }
-            fanned.push((self.take_remote(envelope), None));
+            fanned.push(self.take_remote(envelope));
         }
         if !fanned.is_empty() {
             tracing::trace!(run_id = %self.run_id, seq = self.persisted, "fanned out from the shared log");
@@ -519,7 +536,7 @@ impl RunState {
             let more = fill.len() == page;
             let fanned: Vec<_> = fill
                 .into_iter()
-                .map(|envelope| (self.take_remote(envelope), None))
+                .map(|envelope| self.take_remote(envelope))
                 .collect();
             self.fan_out(fanned);
             if !more {
@@ -620,9 +637,9 @@ impl RunState {
         }
     }
 
-    /// Hands everything gathered to the store as one append, and spawns its
-    /// waiter. The waiter owns the publishers' replies: if the room dies, it
-    /// still answers each with the store's own outcome.
+    /// Hands everything gathered to the store as one append, with its
+    /// publishers' replies: the store answers each with its own outcome,
+    /// also if the room dies.
     async fn send_gathered(&mut self, myself: &ActorRef<RunMsg>) {
         let gathered = std::mem::take(&mut self.gathering);
         if gathered.is_empty() {
@@ -647,32 +664,26 @@ impl RunState {
             items.push(g.stored);
             publishers.push((g.envelope, Some(g.reply), g.permit));
         }
+        let last_seq = items.last().map_or(0, |i| i.seq);
+        let waiter = Box::new(RoomAppend {
+            room: myself.clone(),
+            run_id: self.run_id,
+            batch,
+            publishers,
+        });
+        self.outstanding += 1;
         // Waits only when the store's in-flight budget is spent: the store,
         // not this room, is then the bottleneck, and waiting here is the
         // backpressure.
-        let last_seq = items.last().map_or(0, |i| i.seq);
-        let ack = match self.store.reserve(encoded_len(&items)).await {
-            Ok(permit) => self.store.enqueue(items, self.gathering_durability, permit),
-            Err(error) => Err(error),
-        };
-        if ack.is_ok() {
-            self.progress.handed(last_seq);
+        match self.store.reserve(encoded_len(&items)).await {
+            Ok(permit) => {
+                self.store
+                    .enqueue(items, self.gathering_durability, permit, waiter);
+                self.progress.handed(last_seq);
+            }
+            // Not handed to the store: nothing stored.
+            Err(error) => waiter.done(Err(error)),
         }
-        self.outstanding += 1;
-        let (to_waiter, verdicts) = oneshot::channel();
-        self.verdicts.push_back(Verdicts {
-            batch,
-            len: publishers.len(),
-            answers: Vec::with_capacity(publishers.len()),
-            to_waiter,
-        });
-        tokio::spawn(wait_for_store(
-            ack,
-            batch,
-            publishers,
-            verdicts,
-            myself.clone(),
-        ));
     }
 
     /// Records the store's answer for one append, answers and fans out, in
@@ -714,7 +725,7 @@ impl RunState {
             match done.result.take() {
                 Some(Ok(())) => {
                     self.mark_persisted(&done.envelope);
-                    fanned.push((done.envelope, done.batch));
+                    fanned.push(done.envelope);
                 }
                 Some(Err(error)) => {
                     if let Err(failure) = self.failed(done, error) {
@@ -734,22 +745,6 @@ impl RunState {
         Ok(())
     }
 
-    /// Adds the room's verdict on one event of append `batch`; once the
-    /// append has all of them, they go to its waiter.
-    fn answer(&mut self, batch: Option<u64>, answer: PublishAnswer) {
-        let Some(batch) = batch else { return };
-        let Some(index) = self.verdicts.iter().position(|v| v.batch == batch) else {
-            return;
-        };
-        let verdicts = &mut self.verdicts[index];
-        verdicts.answers.push(answer);
-        if verdicts.answers.len() == verdicts.len
-            && let Some(done) = self.verdicts.remove(index)
-        {
-            let _ = done.to_waiter.send(done.answers);
-        }
-    }
-
     fn mark_persisted(&mut self, envelope: &RuntimeEventEnvelope) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
@@ -761,12 +756,11 @@ impl RunState {
 
     /// Fans out persisted envelopes, in seq order: to this room's
     /// subscribers as one delivery, to the session and provider rooms as one
-    /// message each; then answers their publishers.
-    fn fan_out(&mut self, fanned: Vec<(Arc<RuntimeEventEnvelope>, Option<u64>)>) {
-        if fanned.is_empty() {
+    /// message each.
+    fn fan_out(&mut self, envelopes: Vec<Arc<RuntimeEventEnvelope>>) {
+        if envelopes.is_empty() {
             return;
         }
-        let envelopes: Vec<_> = fanned.iter().map(|(e, _)| Arc::clone(e)).collect();
         tracing::trace!(
             run_id = %self.run_id,
             first_seq = envelopes[0].seq,
@@ -793,9 +787,6 @@ impl RunState {
             self.progress.fanned(last.seq);
         }
         self.feed.push(envelopes);
-        for (envelope, batch) in fanned {
-            self.answer(batch, Ok(envelope));
-        }
     }
 
     /// An append failed. If the store surely holds nothing of it, rewind so
@@ -819,13 +810,11 @@ impl RunState {
         match (&error, current) {
             // A later append of a pipeline whose earlier append failed: the
             // store refused it for the gap.
-            (StoreError::SeqConflict { .. }, false) => {
-                self.answer(done.batch, Err(earlier_failed(self.run_id)));
-                Ok(())
-            }
+            (StoreError::SeqConflict { .. }, false) => Ok(()),
             (_, true) if surely_not_stored => {
                 tracing::warn!(run_id = %self.run_id, seq, %error, "append failed; nothing stored, seq reused");
                 self.assigned = seq - 1;
+                self.progress.rewound(seq - 1);
                 self.ended_assigned = self.ended_persisted;
                 self.session_id = self.session_persisted;
                 self.provider.clone_from(&self.provider_persisted);
@@ -838,30 +827,19 @@ impl RunState {
                 for gathered in self.gathering.drain(..) {
                     let _ = gathered.reply.send(Err(earlier_failed(self.run_id)));
                 }
-                self.answer(done.batch, Err(error.into()));
                 Ok(())
             }
-            (_, false) if surely_not_stored => {
-                self.answer(done.batch, Err(error.into()));
-                Ok(())
-            }
+            (_, false) if surely_not_stored => Ok(()),
             // The outcome is in doubt, or the store disagrees with the room
             // about the run (a seq conflict of the room's own pipeline): the
             // room cannot know its last seq any more. It stops; its next
-            // start recovers the run from the store. Every publisher still
-            // hears the store's own answer (from here, or from its waiter).
+            // start recovers the run from the store and fans out what this
+            // room owed (see `Progress`). Every publisher of an append handed
+            // to the store hears the store's own answer from its waiter;
+            // those still gathering hear that the room stopped before taking
+            // their event (nothing stored).
             _ => {
                 tracing::error!(run_id = %self.run_id, seq, %error, "append outcome in doubt; room restarts from the store");
-                self.answer(done.batch, Err(error.clone().into()));
-                for rest in std::mem::take(&mut self.in_flight) {
-                    if let Some(result) = rest.result {
-                        let envelope = rest.envelope;
-                        self.answer(
-                            rest.batch,
-                            result.map(|()| envelope).map_err(HubError::from),
-                        );
-                    }
-                }
                 Err(format!("append of seq {seq} in doubt: {error}").into())
             }
         }
@@ -884,65 +862,59 @@ impl RunState {
     }
 }
 
-/// A publisher waiting for its answer, its envelope, and its share of the
-/// hub's in-flight bound (held until the append is durable).
+/// A publisher's envelope, its reply (`None` once answered), and its share
+/// of the hub's in-flight bound, held until the append is durable or failed
+/// (so the bound covers what the room still holds).
 type Publisher = (
     Arc<RuntimeEventEnvelope>,
     Option<oneshot::Sender<PublishAnswer>>,
     OwnedSemaphorePermit,
 );
 
-/// An append's waiter: owns its publishers' replies, so that each hears the
-/// store's word even if the room dies. A `Buffered` append's publishers hear
-/// `Ok` as soon as it is written; the room hears once it is durable (written
-/// and flushed), and only then fans it out, so that no subscriber ever sees
-/// what a crash could take back. The other publishers hear the room's
-/// verdict after the fan-out, or the store's own if the room died first
-/// (its successor fans out what it owed; see [`Progress`]).
-async fn wait_for_store(
-    ack: Result<AppendAck, StoreError>,
-    batch: u64,
-    mut publishers: Vec<Publisher>,
-    verdicts: oneshot::Receiver<Vec<PublishAnswer>>,
+/// One append of the room at the store. The code that commits it answers
+/// its publishers with the store's own word and tells the room once, so
+/// that a publisher hears `Ok` exactly when its event is stored, even if
+/// the room dies meanwhile (its successor fans out what it owed; see
+/// [`Progress`]), and no task waits for the store per append.
+struct RoomAppend {
     room: ActorRef<RunMsg>,
-) {
-    let result = match ack {
-        Ok(ack) => {
-            if let Some(written) = ack.written
-                && written.await.is_ok()
-            {
-                for (envelope, reply, _) in &mut publishers {
-                    if let Some(reply) = reply.take() {
-                        let _ = reply.send(Ok(Arc::clone(envelope)));
-                    }
-                }
-            }
-            ack.durable.await.unwrap_or_else(|_| {
-                Err(StoreError::FlushFailed {
-                    message: "the store stopped before answering; the append is in doubt".into(),
-                })
-            })
-        }
-        // Not handed to the store: nothing stored.
-        Err(error) => Err(error),
-    };
-    let _ = room.send_message(RunMsg::Persisted {
-        batch,
-        result: result.clone(),
-    });
-    match verdicts.await {
-        Ok(answers) => {
-            for ((_, reply, _permit), answer) in publishers.into_iter().zip(answers) {
-                if let Some(reply) = reply {
-                    let _ = reply.send(answer);
-                }
+    run_id: RunId,
+    batch: u64,
+    publishers: Vec<Publisher>,
+}
+
+impl AppendWaiter for RoomAppend {
+    /// `Buffered`: the publishers hear `Ok` once the append is written. The
+    /// room hears only once it is flushed, and only then fans it out, so
+    /// that no subscriber ever sees what a crash could take back.
+    fn written(&mut self) {
+        for (envelope, reply, _) in &mut self.publishers {
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(Ok(Arc::clone(envelope)));
             }
         }
-        Err(_) => {
-            for (envelope, reply, _permit) in publishers {
-                if let Some(reply) = reply {
-                    let _ = reply.send(result.clone().map(|()| envelope).map_err(HubError::from));
-                }
+    }
+
+    fn done(self: Box<Self>, result: Result<(), StoreError>) {
+        // The room first: a publisher that hears `Ok` and then attaches to
+        // the room finds the event fanned out already (its attach reaches
+        // the room's mailbox after this message).
+        let _ = self.room.send_message(RunMsg::Persisted {
+            batch: self.batch,
+            result: result.clone(),
+        });
+        let answer = |envelope: Arc<RuntimeEventEnvelope>| match &result {
+            Ok(()) => Ok(envelope),
+            // Not the run's next seq: an earlier append of this room failed
+            // (the room rewound) or the run was written elsewhere; either
+            // way nothing of this one was stored, and a retry goes to a room
+            // that knows the run.
+            Err(StoreError::SeqConflict { .. }) => Err(earlier_failed(self.run_id)),
+            Err(error) => Err(HubError::from(error.clone())),
+        };
+        for (envelope, reply, _permit) in self.publishers {
+            if let Some(reply) = reply {
+                let _ = reply.send(answer(envelope));
             }
         }
     }
@@ -952,6 +924,8 @@ async fn wait_for_store(
 /// store refused it, or the room withdrew it, so nothing of it was stored.
 fn earlier_failed(run_id: RunId) -> HubError {
     HubError::Store(StoreError::WriteFailed {
-        message: format!("an earlier event of run {run_id} failed; nothing stored"),
+        message: format!(
+            "an earlier event of run {run_id} failed, or the run was written elsewhere; nothing stored"
+        ),
     })
 }

@@ -336,10 +336,7 @@ fn read_job<T: Send + 'static>(
             return;
         };
         tokio::task::spawn_blocking(move || {
-            let result = {
-                let _shared = gate.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-                read(&db)
-            };
+            let result = engine::read_flushed(&db, &gate, read);
             drop(db);
             drop(permit);
             let _ = reply.send(result);

@@ -7,12 +7,11 @@ use std::path::Path;
 use std::sync::RwLock;
 
 use chrono::Utc;
-use ractor::RpcReplyPort;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{AppendAck, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
+use super::{AppendWaiter, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -26,9 +25,10 @@ use crate::stream::RuntimeEventEnvelope;
 /// and `FlushFailed` (in doubt) if it was being written.
 pub(crate) struct AppendRequest {
     pub(crate) items: Vec<StoredEnvelope>,
-    pub(crate) reply: Option<RpcReplyPort<Result<(), StoreError>>>,
-    /// `Buffered` only: told once the batch is written, before its flush.
-    pub(crate) on_written: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Told what became of the append; `None` once told.
+    waiter: Option<Box<dyn AppendWaiter>>,
+    /// `Buffered`: the waiter is also told once the batch is written.
+    buffered: bool,
     /// Set once the request's batch is handed to sled.
     pub(crate) written: bool,
     /// Returned to the in-flight budget when the request is dropped, which
@@ -37,40 +37,34 @@ pub(crate) struct AppendRequest {
 }
 
 impl AppendRequest {
-    /// A request, and where its answers arrive.
+    /// A request whose outcome `waiter` is told.
     pub(crate) fn new(
         items: Vec<StoredEnvelope>,
         durability: Durability,
         permit: OwnedSemaphorePermit,
-    ) -> (Self, AppendAck) {
-        let (tx, durable) = tokio::sync::oneshot::channel();
-        let (on_written, written) = match durability {
-            Durability::Buffered => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            Durability::Flushed => (None, None),
-        };
-        let request = Self {
+        waiter: Box<dyn AppendWaiter>,
+    ) -> Self {
+        Self {
             items,
-            reply: Some(tx.into()),
-            on_written,
+            waiter: Some(waiter),
+            buffered: durability == Durability::Buffered,
             written: false,
             _permit: permit,
-        };
-        (request, AppendAck { written, durable })
+        }
     }
 
     pub(crate) fn answer(&mut self, result: Result<(), StoreError>) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
+        if let Some(waiter) = self.waiter.take() {
+            waiter.done(result);
         }
     }
 
     /// Tells a `Buffered` appender its batch is written.
     fn tell_written(&mut self) {
-        if let Some(written) = self.on_written.take() {
-            let _ = written.send(());
+        if self.buffered
+            && let Some(waiter) = self.waiter.as_mut()
+        {
+            waiter.written();
         }
     }
 }
@@ -359,6 +353,9 @@ pub(crate) fn commit(
     } else {
         db.flush().map(|_| ()).map_err(|e| e.to_string())
     };
+    // A failed flush leaves writes in sled that may not be on disk: readers
+    // wait for a flush that succeeds (a successful one covers them).
+    exclusive.unflushed = flush.is_err();
     drop(exclusive);
     record_commit_time(started);
     match flush {
@@ -387,6 +384,36 @@ pub(crate) fn commit(
 pub(crate) struct RunCache {
     hot: HashMap<RunId, RunRecord>,
     cold: HashMap<RunId, RunRecord>,
+    /// A commit's flush failed: sled holds writes that may not be on disk.
+    /// Nothing is read until a flush succeeds (see [`read_flushed`]).
+    unflushed: bool,
+}
+
+/// Runs `read` under the commit gate, so that it sees commits whole; if a
+/// commit's flush failed, flushes first (and clears the mark), so that no
+/// reader ever sees a write a crash could take back, or fails the read
+/// with `ReadFailed` (retry) while the disk refuses.
+pub(crate) fn read_flushed<T>(
+    db: &sled::Db,
+    gate: &RwLock<RunCache>,
+    read: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    {
+        let shared = gate.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !shared.unflushed {
+            return read(db);
+        }
+    }
+    let mut exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if exclusive.unflushed {
+        db.flush().map_err(|e| StoreError::ReadFailed {
+            message: format!("a commit's flush failed and the store cannot flush now: {e}"),
+        })?;
+        exclusive.unflushed = false;
+    }
+    read(db)
 }
 
 /// Runs whose records the commit gate keeps.

@@ -241,14 +241,60 @@ pub(crate) struct IndexedRun {
     pub(crate) position: u64,
 }
 
-/// Where an append handed to the store is answered.
+/// Told what became of an append handed to the store ([`Store::enqueue`]):
+/// the code that commits the append tells its waiter directly, on whatever
+/// thread it runs, so no task has to wait for it. Both methods must return
+/// at once (send a message, answer a channel).
+pub(crate) trait AppendWaiter: Send + 'static {
+    /// A `Buffered` append is written, before its flush.
+    fn written(&mut self) {}
+    /// The append is durable (written and flushed), or failed.
+    fn done(self: Box<Self>, result: Result<(), StoreError>);
+}
+
+/// Where a caller that waits on a channel hears of its append.
 pub(crate) struct AppendAck {
-    /// `Buffered` appends on sled only: fires once the append is written,
-    /// before its flush (dropped unfired if it never is).
+    /// `Buffered` appends only: fires once the append is written, before
+    /// its flush (dropped unfired if it never is).
     pub(crate) written: Option<oneshot::Receiver<()>>,
-    /// The append's outcome once it is durable (written and flushed), or
-    /// its failure.
+    /// The append's outcome once it is durable, or its failure.
     pub(crate) durable: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+/// The [`AppendWaiter`] behind an [`AppendAck`].
+struct ChannelWaiter {
+    written: Option<oneshot::Sender<()>>,
+    durable: oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl AppendAck {
+    fn channel(durability: Durability) -> (Box<dyn AppendWaiter>, Self) {
+        let (durable_tx, durable) = oneshot::channel();
+        let (written_tx, written) = match durability {
+            Durability::Buffered => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Flushed => (None, None),
+        };
+        let waiter = ChannelWaiter {
+            written: written_tx,
+            durable: durable_tx,
+        };
+        (Box::new(waiter), Self { written, durable })
+    }
+}
+
+impl AppendWaiter for ChannelWaiter {
+    fn written(&mut self) {
+        if let Some(written) = self.written.take() {
+            let _ = written.send(());
+        }
+    }
+
+    fn done(self: Box<Self>, result: Result<(), StoreError>) {
+        let _ = self.durable.send(result);
+    }
 }
 
 /// Total encoded bytes of `items`.
@@ -627,7 +673,8 @@ impl Store {
             drop(permit);
             return result;
         }
-        let (request, ack) = AppendRequest::new(items, durability, permit);
+        let (waiter, ack) = AppendAck::channel(durability);
+        let request = AppendRequest::new(items, durability, permit, waiter);
         self.inner
             .send_when_ready(StoreMsg::Append(request))
             .await?;
@@ -653,33 +700,43 @@ impl Store {
 
     /// Hands an append to the store actor without waiting: appends enqueued
     /// by one task reach the store in the order they were enqueued. The
-    /// [`AppendAck`] says when it is written (`Buffered`) and when it is
-    /// durable, or that it failed.
+    /// code that commits it tells `waiter` when it is written (`Buffered`)
+    /// and when it is durable, or that it failed; `waiter` is told in every
+    /// case, also when the store is closed or restarting.
     pub(crate) fn enqueue(
         &self,
         items: Vec<StoredEnvelope>,
         durability: Durability,
         permit: OwnedSemaphorePermit,
-    ) -> Result<AppendAck, StoreError> {
+        waiter: Box<dyn AppendWaiter>,
+    ) {
         #[cfg(feature = "nats")]
         if let Some(nats) = self.nats() {
             // A run room has one append in flight, so its appends still
             // reach the log in order; the run's writer lock orders the rest.
-            let (tx, rx) = oneshot::channel();
+            let held = nats.hold(&items);
             let nats = Arc::clone(nats);
             tokio::spawn(async move {
-                let result = nats.append(items).await;
+                let result = nats.append_held(items, held).await;
                 drop(permit);
-                let _ = tx.send(result);
+                waiter.done(result);
             });
-            return Ok(AppendAck {
-                written: None,
-                durable: rx,
-            });
+            return;
         }
-        let (request, ack) = AppendRequest::new(items, durability, permit);
-        self.inner.send(StoreMsg::Append(request))?;
-        Ok(ack)
+        let mut request = AppendRequest::new(items, durability, permit, waiter);
+        let Some(actor) = self.inner.actor() else {
+            request.answer(Err(StoreError::Closed));
+            return;
+        };
+        // A message the actor cannot take is handed back, or dropped (and
+        // a dropped request answers `Interrupted` by itself).
+        if let Err(ractor::MessagingErr::SendErr(StoreMsg::Append(mut request))) =
+            actor.send_message(StoreMsg::Append(request))
+        {
+            request.answer(Err(StoreError::Interrupted {
+                message: "the store actor is restarting".into(),
+            }));
+        }
     }
 
     /// Whether other processes may write this store's runs (NATS).

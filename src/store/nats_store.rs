@@ -30,8 +30,15 @@ const WRITERS_KEPT: usize = 32 * 1024;
 /// over before them.
 type WriterSlot = Arc<Mutex<RunSlot>>;
 
+/// A run's writer slot, held for an append from the moment it is handed
+/// over (see [`NatsStore::hold`]).
+pub(crate) struct HeldSlot {
+    run_id: RunId,
+    guard: tokio::sync::OwnedMutexGuard<RunSlot>,
+}
+
 #[derive(Default)]
-struct RunSlot {
+pub(crate) struct RunSlot {
     writer: Option<RunWriter>,
     /// Whether this host has indexed the run in its session.
     indexed: bool,
@@ -123,6 +130,28 @@ impl NatsStore {
     /// stored, the append is answered in doubt (`FlushFailed`), and a room
     /// recovers from what the log holds.
     pub(crate) async fn append(&self, items: Vec<StoredEnvelope>) -> Result<(), StoreError> {
+        self.append_held(items, None).await
+    }
+
+    /// Takes, without waiting, the writer slot of the one run `items` are
+    /// of, if it is free: an append that holds it from the moment it is
+    /// handed over is seen by every recovery read that starts after (a
+    /// recovery read waits for the slot), also before its task first runs.
+    pub(crate) fn hold(&self, items: &[StoredEnvelope]) -> Option<HeldSlot> {
+        let run_id = items.first()?.run_id;
+        if items.iter().any(|item| item.run_id != run_id) {
+            return None;
+        }
+        let guard = self.slot(run_id).try_lock_owned().ok()?;
+        Some(HeldSlot { run_id, guard })
+    }
+
+    /// As [`NatsStore::append`], with the slot of its run already held.
+    pub(crate) async fn append_held(
+        &self,
+        items: Vec<StoredEnvelope>,
+        mut held: Option<HeldSlot>,
+    ) -> Result<(), StoreError> {
         self.check_open()?;
         let mut stored = 0usize;
         let total = items.len();
@@ -143,8 +172,10 @@ impl NatsStore {
                 .iter()
                 .position(|i| i.run_id != run_id)
                 .map_or(items.len(), |n| index + n);
-            let slot = self.slot(run_id);
-            let mut slot = slot.lock().await;
+            let mut slot = match held.take() {
+                Some(held) if held.run_id == run_id => held.guard,
+                _ => self.slot(run_id).lock_owned().await,
+            };
             if slot.writer.is_none() {
                 slot.writer = Some(
                     self.log
