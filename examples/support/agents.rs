@@ -789,10 +789,17 @@ pub struct AgentsHeap {
     /// (`subscribed` − `before`) ÷ runs: a run's room and subscriber and
     /// its share of a session room and subscriber, before publishing.
     pub per_run_subscribed: f64,
+    /// Live heap halfway through the schedule, every run going.
+    pub middle: usize,
+    /// (`middle` − `before`) ÷ runs.
+    pub per_run_middle: f64,
     /// Highest live heap while publishing, over `before`.
     pub peak_over_before: usize,
     /// `peak_over_before` ÷ runs: one active run (its rooms and
-    /// subscribers, and the bench's publisher and subscriber tasks).
+    /// subscribers, and the bench's publisher and subscriber tasks), plus
+    /// a share of what the store holds for all of them (sled's cache and
+    /// write buffers, publishes in flight), which grows with the events
+    /// written, not with the runs.
     pub per_active_run: f64,
 }
 
@@ -1013,17 +1020,22 @@ pub async fn run_agents(
             counters: Arc::clone(&counters),
         }));
     }
-    // What had arrived when the last event was due.
-    let at_end = {
+    // The live heap halfway through, every run going; what had arrived
+    // when the last event was due.
+    let readings = {
         let counters = Arc::clone(&counters);
+        let middle = pace_origin + Duration::from_secs_f64(schedule_s / 2.0);
         let end = pace_origin + Duration::from_secs_f64(schedule_s);
         tokio::spawn(async move {
+            tokio::time::sleep_until(middle).await;
+            let middle = heap.map(|heap| (heap.live)());
             tokio::time::sleep_until(end).await;
-            (
+            let at_end = (
                 counters.published.load(Ordering::Relaxed),
                 counters.delivered_runs.load(Ordering::Relaxed),
                 counters.delivered_sessions.load(Ordering::Relaxed),
-            )
+            );
+            (middle, at_end)
         })
     };
     let progress = tokio::spawn(progress_line(
@@ -1052,7 +1064,8 @@ pub async fn run_agents(
         eprintln!();
         return Err(error);
     }
-    let (published_by_end, delivered_runs_by_end, delivered_sessions_by_end) = at_end.await?;
+    let (middle, (published_by_end, delivered_runs_by_end, delivered_sessions_by_end)) =
+        readings.await?;
     let peak = heap.map(|heap| (heap.peak)());
 
     // The subscribers have until the drain's end to receive everything.
@@ -1096,15 +1109,17 @@ pub async fn run_agents(
         && backlog_at_end as f64 <= load.nominal_events_per_s() * KEPT_UP_BACKLOG_S;
     let last_delivery_ns = counters.last_delivery_ns.load(Ordering::Relaxed);
     let schedule_end_ns = (schedule_s * 1e9) as u64;
-    let heap = match (heap.zip(before), subscribed, peak) {
-        (Some((_, before)), Some(subscribed), Some(peak)) => {
-            let peak_over_before = peak.saturating_sub(before);
+    let heap = match (before, subscribed, middle, peak) {
+        (Some(before), Some(subscribed), Some(middle), Some(peak)) => {
+            let per_run = |bytes: usize| (bytes as f64 - before as f64) / load.runs as f64;
             Some(AgentsHeap {
                 before,
                 subscribed,
-                per_run_subscribed: (subscribed as f64 - before as f64) / load.runs as f64,
-                peak_over_before,
-                per_active_run: peak_over_before as f64 / load.runs as f64,
+                per_run_subscribed: per_run(subscribed),
+                middle,
+                per_run_middle: per_run(middle),
+                peak_over_before: peak.saturating_sub(before),
+                per_active_run: per_run(peak),
             })
         }
         _ => None,

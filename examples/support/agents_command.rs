@@ -555,11 +555,12 @@ fn print_load(report: &LoadReport) {
     );
     match &a.heap {
         Some(heap) => println!(
-            "memory     heap before {}   per run once subscribed {}   peak while running +{} = {} per active run   RSS {}   peak RSS {}",
+            "memory     heap before {}   per run: once subscribed {}, halfway {}, at the peak {} (+{} in all)   RSS {}   peak RSS {}",
             bytes(heap.before as f64),
             bytes(heap.per_run_subscribed),
-            bytes(heap.peak_over_before as f64),
+            bytes(heap.per_run_middle),
             bytes(heap.per_active_run),
+            bytes(heap.peak_over_before as f64),
             maybe_bytes(report.memory.rss_bytes),
             maybe_bytes(report.memory.peak_rss_bytes),
         ),
