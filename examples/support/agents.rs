@@ -82,6 +82,9 @@ const PUBLISH_GRACE_MIN: Duration = Duration::from_secs(30);
 /// everything; what they have not received by then counts as lost.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// From spawning the tasks to the schedule's start.
+const START_LEAD: Duration = Duration::from_millis(250);
+
 /// Largest latency the histograms hold, in microseconds (10 minutes).
 const MAX_LATENCY_US: u64 = 600_000_000;
 
@@ -970,8 +973,10 @@ pub async fn run_agents(
         (heap.reset_peak)();
     }
 
-    let origin = Instant::now();
-    let pace_origin = tokio::time::Instant::now();
+    // The schedule starts a moment from now, so that every task is spawned
+    // before its first slot is due.
+    let origin = Instant::now() + START_LEAD;
+    let pace_origin = tokio::time::Instant::now() + START_LEAD;
     let mut run_subscribers = JoinSet::new();
     for (index, (stream, &run_id)) in run_streams.into_iter().zip(&run_ids).enumerate() {
         run_subscribers.spawn(subscriber(
