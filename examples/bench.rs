@@ -434,7 +434,7 @@ fn main() -> ExitCode {
 fn agents_options(args: &Args) -> Result<agents_command::AgentsOptions, workload::Error> {
     let seconds = |value: f64, name: &str| {
         Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("{name} must be a number of seconds, at least 0, not {value}"))
+            .map_err(|_| format!("{name} must be a positive number of seconds, not {value}"))
     };
     let runs = args
         .runs
