@@ -431,7 +431,9 @@ impl Script {
             7 => match self.tool_result.event(run_id) {
                 AgentEvent::ToolExecutionFinished(mut finished) => {
                     finished.call_id = call_id;
-                    finished.timestamp = now;
+                    // Stamped after the copy of the 4 KiB result, which is
+                    // the producer's work, not the hub's.
+                    finished.timestamp = Utc::now();
                     AgentEvent::ToolExecutionFinished(finished)
                 }
                 other => other,
@@ -644,9 +646,10 @@ fn nanos_since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Reads a subscription until it ends, `done` says every publisher has
-/// finished and the stream has nothing ready, or `stop` is raised; checks
-/// each delivery. `runs` is what it should see (one run, or a session's).
+/// Reads a subscription, checking each delivery, until it ends (a run's),
+/// every run it follows has delivered its terminal event (a session's), or
+/// `stop` is raised. `runs` is what it should see: one run, or a
+/// session's.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site, each a different part"
