@@ -23,7 +23,8 @@
 //!
 //! `--profile agents` is another workload: thousands of concurrent runs, each
 //! publishing one event at a time at token pace, with tool calls, one
-//! subscriber per run and one per session (`examples/support/agents.rs`);
+//! subscriber per run and one per session (`examples/support/agents.rs`,
+//! what each run publishes in `examples/support/agent_script.rs`);
 //! with `--find-capacity`, the most runs the host serves within a p99 bound
 //! (`examples/support/agents_command.rs`).
 //!
@@ -44,6 +45,9 @@ mod workload;
 
 #[path = "support/agents.rs"]
 mod agents;
+
+#[path = "support/agent_script.rs"]
+mod agent_script;
 
 #[path = "support/agents_command.rs"]
 mod agents_command;
