@@ -10,6 +10,8 @@
 //! cargo run --release --example bench -- --rooms 1 --subscribers 100 --events 5000 --durability buffered
 //! cargo run --release --example bench -- --rooms 10000 --subscribers 1 --events 10 --durability buffered --evict
 //! cargo run --release --example bench -- --half-load --json
+//! cargo run --release --example bench -- --profile agents --runs 1000 --token-rate 30
+//! cargo run --release --example bench -- --profile agents --find-capacity --p99-ms 25
 //! ```
 //!
 //! The workload and the baselines are `examples/support/workload.rs`, shared
@@ -18,6 +20,13 @@
 //! start first) are not. Memory comes from a counting global allocator (this
 //! binary only; it adds two atomic operations per allocation) and from
 //! `/proc/self/status`.
+//!
+//! `--profile agents` is another workload: thousands of concurrent runs, each
+//! publishing one event at a time at token pace, with tool calls, one
+//! subscriber per run and one per session (`examples/support/agents.rs`,
+//! what each run publishes in `examples/support/agent_script.rs`);
+//! with `--find-capacity`, the most runs the host serves within a p99 bound
+//! (`examples/support/agents_command.rs`).
 //!
 //! Exits with status 1 if any subscriber lost or got a duplicate delivery,
 //! and 2 if the run failed.
@@ -33,6 +42,15 @@ use serde::Serialize;
 
 #[path = "support/workload.rs"]
 mod workload;
+
+#[path = "support/agents.rs"]
+mod agents;
+
+#[path = "support/agent_script.rs"]
+mod agent_script;
+
+#[path = "support/agents_command.rs"]
+mod agents_command;
 
 use workload::{
     Broadcast, EventMaker, FlushTimes, HeapProbe, HubRun, Probes, RawSled, Size, Workload,
@@ -130,11 +148,31 @@ impl From<DurabilityArg> for Durability {
     }
 }
 
+/// Which workload to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Profile {
+    /// Rooms with pipelined publishers, beside raw sled and tokio broadcast.
+    Rooms,
+    /// Many concurrent runs at token pace, each awaiting every publish
+    /// (the `agents` options below).
+    Agents,
+}
+
 /// Load the hub with rooms, subscribers and pipelined publishers, and
-/// measure it beside raw sled and tokio broadcast.
+/// measure it beside raw sled and tokio broadcast; or, with `--profile
+/// agents`, with many agent-shaped runs at token pace.
+///
+/// The agents profile reports whether the hub kept up: it did if, by the
+/// time the last event was due, run subscribers and session subscribers
+/// had each received at least 95% of the events offered, and no more than
+/// one second of the nominal load (runs x token rate) was still
+/// undelivered.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "bench", about)]
+#[command(name = "bench", about, long_about)]
 struct Args {
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = Profile::Rooms)]
+    profile: Profile,
     /// Rooms (fresh runs), each with its own publisher.
     #[arg(long, default_value_t = 1)]
     rooms: usize,
@@ -189,6 +227,49 @@ struct Args {
     /// `--features nats`).
     #[arg(long)]
     nats: Option<String>,
+    /// agents: concurrent runs (with --find-capacity, the first step's);
+    /// 100, or 250 for a capacity search, if not given.
+    #[arg(long, help_heading = "Agents profile")]
+    runs: Option<usize>,
+    /// agents: events per second each run publishes (every event takes one
+    /// token slot: deltas, tool call events, the rest).
+    #[arg(long, default_value_t = 30.0, help_heading = "Agents profile")]
+    token_rate: f64,
+    /// agents: seconds of each run's schedule (runs start staggered over
+    /// the first second).
+    #[arg(long, default_value_t = 10.0, help_heading = "Agents profile")]
+    duration: f64,
+    /// agents: sessions the runs are spread over; one per run if not given.
+    #[arg(long, help_heading = "Agents profile")]
+    sessions: Option<usize>,
+    /// agents: each token slot varies by up to this share of its length,
+    /// either way (0 <= jitter < 1).
+    #[arg(long, default_value_t = 0.2, help_heading = "Agents profile")]
+    jitter: f64,
+    /// agents: seconds between a run's tool calls, about (each returns a
+    /// 4 KiB JSON result).
+    #[arg(long, default_value_t = 5.0, help_heading = "Agents profile")]
+    tool_every: f64,
+    /// agents: raise the runs (doubling, then bisecting, each step on a
+    /// fresh hub) until a step does not hold, and print the largest that
+    /// held. Held: kept up, p99 at the run subscribers <= --p99-ms, and
+    /// nothing lost, duplicated or out of order.
+    #[arg(long, help_heading = "Agents profile")]
+    find_capacity: bool,
+    /// agents, --find-capacity: the p99 bound, in milliseconds.
+    #[arg(long, default_value_t = 25.0, help_heading = "Agents profile")]
+    p99_ms: f64,
+    /// agents, --find-capacity: most runs a step has.
+    #[arg(long, default_value_t = 8000, help_heading = "Agents profile")]
+    max_runs: usize,
+    /// agents, --find-capacity: seconds the search may take; no step starts
+    /// that would end past it.
+    #[arg(long, default_value_t = 600, help_heading = "Agents profile")]
+    search_budget: u64,
+    /// agents, --find-capacity: most bisecting steps after the first step
+    /// that did not hold.
+    #[arg(long, default_value_t = 4, help_heading = "Agents profile")]
+    bisect_steps: usize,
 }
 
 /// The configuration, as reported.
@@ -312,6 +393,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.profile == Profile::Agents {
+        return match agents_options(&args) {
+            Ok(options) => agents_command::run(&options, &runtime, HEAP, cores),
+            Err(error) => {
+                eprintln!("bench: {error}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if args.find_capacity {
+        eprintln!("bench: --find-capacity needs --profile agents");
+        return ExitCode::from(2);
+    }
     let report = match measure(&args, cores, &runtime) {
         Ok(report) => report,
         Err(error) => {
@@ -338,6 +432,51 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// The agents profile's options, from the command line.
+fn agents_options(args: &Args) -> Result<agents_command::AgentsOptions, workload::Error> {
+    let seconds = |value: f64, name: &str| {
+        Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("{name} must be a positive number of seconds, not {value}"))
+    };
+    let runs = args
+        .runs
+        .unwrap_or(if args.find_capacity { 250 } else { 100 });
+    let load = agents::AgentsLoad {
+        runs,
+        sessions: args.sessions.unwrap_or(runs),
+        token_rate: args.token_rate,
+        duration: seconds(args.duration, "--duration")?,
+        jitter: args.jitter,
+        tool_every: seconds(args.tool_every, "--tool-every")?,
+        durability: args.durability.into(),
+    };
+    load.validate()?;
+    let capacity = if args.find_capacity {
+        if !(args.p99_ms.is_finite() && args.p99_ms > 0.0) {
+            return Err(format!("--p99-ms must be a positive number, not {}", args.p99_ms).into());
+        }
+        if args.max_runs == 0 {
+            return Err("--max-runs must be at least 1".into());
+        }
+        Some(agents_command::CapacityOptions {
+            p99_ms: args.p99_ms,
+            max_runs: args.max_runs,
+            budget: Duration::from_secs(args.search_budget),
+            bisect_steps: args.bisect_steps,
+        })
+    } else {
+        None
+    };
+    Ok(agents_command::AgentsOptions {
+        load,
+        sessions_given: args.sessions.is_some(),
+        temporary: args.temporary,
+        hub_in_flight: args.hub_in_flight,
+        json: args.json,
+        capacity,
+    })
 }
 
 /// Runs the hub (full speed, then half load if asked), then the baselines.

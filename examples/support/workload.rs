@@ -324,7 +324,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(histogram: &Histogram<u64>) -> Self {
+    /// Percentiles of `histogram`, recorded in microseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         Self {
             p50_ms: ms(histogram.value_at_quantile(0.50)),
