@@ -14,28 +14,10 @@ use std::time::Duration;
 use behest_stream::{
     Config, EventHub, ProviderId, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom,
 };
-use common::{completed, delta, next_within, started, wait_for};
+use common::{completed, delta, next_within, quiet_injected_panics, started, wait_for};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Keeps the injected panic out of the output.
-fn quiet_injected_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let message = info
-                .payload()
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !message.starts_with("injected panic") {
-                default(info);
-            }
-        }));
-    });
-}
 
 /// A hub, a run of a session, and live subscribers of that session and of
 /// the run's provider that have received the run's first event.
@@ -100,15 +82,14 @@ async fn both_get(watched: &mut Watched, expected: &RuntimeEventEnvelope) {
     }
 }
 
-/// The run room dies (a panic) while the terminal event's append is at the
-/// store; the store keeps it and its publisher hears `Ok`. The live session
-/// and provider subscribers get that event, though nothing is published
-/// after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_session_and_provider_subscriber_gets_an_event_acknowledged_after_its_room_died() {
-    quiet_injected_panics();
-    let mut watched = watched().await;
-    let (hub, run) = (watched.hub.clone(), watched.run);
+/// Publishes the run's terminal event and kills its room (a panic) while
+/// that event's append is held at the store; then lets the store commit
+/// it. Returns the terminal envelope, which the store kept and
+/// acknowledged although the room that sequenced it is dead.
+async fn terminal_acknowledged_after_its_room_died(
+    hub: &EventHub,
+    run: RunId,
+) -> RuntimeEventEnvelope {
     hub.store().hold_commits(true).unwrap();
     let terminal = hub.submit(completed(run)).await.unwrap();
     wait_for("the append at the store", DEADLINE, async || {
@@ -121,7 +102,19 @@ async fn a_live_session_and_provider_subscriber_gets_an_event_acknowledged_after
     let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
     assert!(refused.is_err(), "{refused:?}");
     hub.store().hold_commits(false).unwrap();
-    let terminal = terminal.await.expect("the store kept it: Ok");
+    terminal.await.expect("the store kept it: Ok")
+}
+
+/// The run room dies (a panic) while the terminal event's append is at the
+/// store; the store keeps it and its publisher hears `Ok`. The live session
+/// and provider subscribers get that event, though nothing is published
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_and_provider_subscriber_gets_an_event_acknowledged_after_its_room_died() {
+    quiet_injected_panics();
+    let mut watched = watched().await;
+    let (hub, run) = (watched.hub.clone(), watched.run);
+    let terminal = terminal_acknowledged_after_its_room_died(&hub, run).await;
     assert_eq!(terminal.seq, 2);
     both_get(&mut watched, &terminal).await;
     assert_eq!(hub.replay(run, 0, 10).await.unwrap().len(), 2);
@@ -138,18 +131,7 @@ async fn a_room_that_cannot_restart_at_once_fans_out_what_it_owes_after_the_rest
     let config = Config::temporary().restart_intensity(0, Duration::from_millis(300));
     let mut watched = watched_with(config).await;
     let (hub, run) = (watched.hub.clone(), watched.run);
-    hub.store().hold_commits(true).unwrap();
-    let terminal = hub.submit(completed(run)).await.unwrap();
-    wait_for("the append at the store", DEADLINE, async || {
-        let stats = hub.stats().await.unwrap();
-        (stats.store.pending_appends == 1).then_some(())
-    })
-    .await;
-    hub.inject_room_panic(RuntimeRoom::Run(run), 1);
-    let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
-    assert!(refused.is_err(), "{refused:?}");
-    hub.store().hold_commits(false).unwrap();
-    let terminal = terminal.await.expect("the store kept it: Ok");
+    let terminal = terminal_acknowledged_after_its_room_died(&hub, run).await;
     both_get(&mut watched, &terminal).await;
     hub.shutdown().await.unwrap();
 }
@@ -167,18 +149,7 @@ async fn a_debt_that_can_no_longer_be_read_is_given_up_not_retried_forever() {
     let config = Config::temporary().restart_intensity(0, Duration::from_secs(2));
     let watched = watched_with(config).await;
     let (hub, run) = (watched.hub.clone(), watched.run);
-    hub.store().hold_commits(true).unwrap();
-    let terminal = hub.submit(completed(run)).await.unwrap();
-    wait_for("the append at the store", DEADLINE, async || {
-        let stats = hub.stats().await.unwrap();
-        (stats.store.pending_appends == 1).then_some(())
-    })
-    .await;
-    hub.inject_room_panic(RuntimeRoom::Run(run), 1);
-    let refused = hub.submit(delta(run, "never taken")).await.unwrap().await;
-    assert!(refused.is_err(), "{refused:?}");
-    hub.store().hold_commits(false).unwrap();
-    terminal.await.expect("the store kept it: Ok");
+    terminal_acknowledged_after_its_room_died(&hub, run).await;
     let cutoff = chrono::Utc::now() + chrono::Duration::seconds(60);
     let removal = hub.store().remove_ended_before(cutoff, 10).await.unwrap();
     assert_eq!(removal.runs, vec![run]);

@@ -217,20 +217,7 @@ async fn an_envelope_whose_event_names_another_run_is_refused_by_the_log() {
         .unwrap();
     let by_store = store.append(vec![stray()]).await;
     for refused in [by_writer, by_store] {
-        let error = refused.expect_err("a stray envelope was stored");
-        assert!(
-            matches!(
-                error,
-                StoreError::RunMismatch { envelope_run, event_run }
-                    if envelope_run == run && event_run == other
-            ),
-            "{error:?}"
-        );
-        let message = error.to_string();
-        assert!(
-            message.contains(&run.to_string()) && message.contains(&other.to_string()),
-            "{message}"
-        );
+        common::assert_run_mismatch(refused, run, other);
     }
     for id in [run, other] {
         assert!(log.list_after(id, 0, 10).await.unwrap().is_empty());

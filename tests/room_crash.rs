@@ -9,28 +9,10 @@ use std::time::Duration;
 use behest_stream::{
     AgentEvent, Config, EventHub, HubError, PendingPublish, Resume, RunId, RuntimeRoom,
 };
-use common::{completed, delta, next_within, started};
+use common::{completed, delta, next_within, quiet_injected_panics, started};
 
 const EVENTS: usize = 400;
 
-/// Keeps the injected panics (hundreds in one test) out of the output;
-/// any other panic is reported as usual.
-fn quiet_injected_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let message = info
-                .payload()
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !message.starts_with("injected panic") {
-                default(info);
-            }
-        }));
-    });
-}
 const SUBSCRIBERS: usize = 10;
 
 /// A pipelined publisher (64 in flight) and ten subscribers; the room

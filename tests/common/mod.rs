@@ -222,3 +222,45 @@ pub fn close_sled(db: sled::Db, dir: &std::path::Path) {
     }
     FileExt::unlock(&file).unwrap();
 }
+
+/// Asserts that `refused` is `RunMismatch` naming `envelope_run` (the
+/// envelope's) and `event_run` (its event's), in the variant and the text.
+pub fn assert_run_mismatch(
+    refused: Result<(), behest_stream::StoreError>,
+    envelope_run: RunId,
+    event_run: RunId,
+) {
+    let error = refused.expect_err("a stray envelope was stored");
+    assert!(
+        matches!(
+            error,
+            behest_stream::StoreError::RunMismatch { envelope_run: e, event_run: v }
+                if e == envelope_run && v == event_run
+        ),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&envelope_run.to_string()) && message.contains(&event_run.to_string()),
+        "{message}"
+    );
+}
+
+/// Keeps injected panics (`"injected panic …"`) out of a test's output;
+/// any other panic is reported as usual.
+pub fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or_default();
+            if !message.starts_with("injected panic") {
+                default(info);
+            }
+        }));
+    });
+}
