@@ -380,11 +380,12 @@ impl RunState {
                 Err(error) => return self.settle_owed(error),
             };
             let Some(last) = envelopes.last().map(|e| e.seq) else {
-                return Err(format!(
-                    "run {} has no events after seq {fanned} in the store, but recovered seq {}",
-                    self.run_id, self.persisted
-                )
-                .into());
+                // The store contradicts itself; no retry will mend that.
+                let persisted = self.persisted;
+                self.give_up_owed(&format!(
+                    "the store has no events after seq {fanned}, but its last seq is {persisted}"
+                ));
+                return Ok(());
             };
             tracing::debug!(run_id = %self.run_id, first_seq = fanned + 1, seq = last, "fanning out what a failed room left");
             let owed: Vec<_> = envelopes
@@ -413,10 +414,14 @@ impl RunState {
             )
             .into());
         }
-        tracing::error!(run_id = %self.run_id, %error, "fan-out owed by a failed room given up; live session and provider subscribers miss it (resuming ones read it from the store)");
+        self.give_up_owed(&error);
+        Ok(())
+    }
+
+    fn give_up_owed(&mut self, why: &dyn std::fmt::Display) {
+        tracing::error!(run_id = %self.run_id, error = %why, "fan-out owed by a failed room given up; live session and provider subscribers miss it (resuming ones read it from the store)");
         self.unfanned_from = None;
         self.progress.start_at(self.persisted, self.persisted);
-        Ok(())
     }
 
     /// Tries recovery again if it failed in a way a retry may fix.
