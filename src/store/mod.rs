@@ -407,8 +407,10 @@ impl Inner {
         self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sends to the current store actor. A dead actor still in the slot is
-    /// being restarted by its supervisor: `Interrupted`, retry.
+    /// Sends to the current store actor (the test hooks' messages). A dead
+    /// actor still in the slot is being restarted by its supervisor:
+    /// `Interrupted`, retry.
+    #[cfg(feature = "fault-injection")]
     fn send(&self, message: StoreMsg) -> Result<(), StoreError> {
         self.actor()
             .ok_or(StoreError::Closed)?
