@@ -24,7 +24,7 @@ use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 /// Every message a session or provider room takes.
 pub(crate) enum FanoutMsg {
-    /// Persisted envelopes of one run from its room (through the router),
+    /// Persisted envelopes of one run, sent by its run room directly,
     /// in seq order.
     Fanout(Vec<Arc<RuntimeEventEnvelope>>),
     /// Attach a live subscriber.

@@ -126,6 +126,7 @@ mod fanout_room;
 mod feed;
 mod follow;
 mod progress;
+mod registry;
 mod router;
 mod run_room;
 mod session_log;
@@ -184,6 +185,9 @@ pub(crate) struct Shared {
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) counters: Counters,
+    /// The running session and provider rooms, which run rooms fan out to
+    /// directly (the router writes it).
+    pub(crate) fanout_rooms: registry::FanoutRooms,
     /// Test hook: rooms told to panic at their n-th publish from now.
     #[cfg(feature = "fault-injection")]
     pub(crate) panics: std::sync::Mutex<std::collections::HashMap<RuntimeRoom, u64>>,
@@ -204,6 +208,7 @@ impl Shared {
             max_restarts: config.max_restarts,
             restart_window: config.restart_window,
             counters: Counters::default(),
+            fanout_rooms: registry::FanoutRooms::default(),
             #[cfg(feature = "fault-injection")]
             panics: std::sync::Mutex::default(),
             #[cfg(feature = "fault-injection")]

@@ -42,11 +42,6 @@ pub(crate) enum RouterMsg {
         room: RuntimeRoom,
         reply: RpcReplyPort<Result<LiveFeed, HubError>>,
     },
-    /// Persisted envelopes for a session or provider room, in seq order.
-    Fanout {
-        room: RuntimeRoom,
-        envelopes: Vec<Arc<RuntimeEventEnvelope>>,
-    },
     /// Live-only fanout of an envelope (the adapter's publish), to the
     /// room if it is running; answered `Ok` at once if it is not.
     LivePublish {
@@ -201,13 +196,6 @@ impl Actor for Router {
                     let _ = reply.send(Err(error));
                 }
             },
-            RouterMsg::Fanout { room, envelopes } => {
-                if let Some(RoomRef::Fanout(r)) = state.rooms.get(&room)
-                    && r.send_message(FanoutMsg::Fanout(envelopes)).is_err()
-                {
-                    state.forget(&room);
-                }
-            }
             RouterMsg::LivePublish {
                 room,
                 envelope,
@@ -276,6 +264,7 @@ impl Actor for Router {
             }
             RouterMsg::Shutdown(reply) => {
                 state.rooms.clear();
+                state.shared.fanout_rooms.clear();
                 state.by_id.clear();
                 myself
                     .stop_children_and_wait(Some("hub shutdown".into()), Some(ROOM_ANSWER_TIMEOUT))
@@ -371,6 +360,9 @@ impl RouterState {
     fn forget(&mut self, room: &RuntimeRoom) {
         if let Some(room_ref) = self.rooms.remove(room) {
             self.by_id.remove(&room_ref.id());
+            if let RoomRef::Fanout(_) = &room_ref {
+                self.shared.fanout_rooms.remove(room, room_ref.id());
+            }
             if let (RuntimeRoom::Run(run_id), RoomRef::Run(_, progress)) = (room, &room_ref)
                 && let Some(fanned) = progress.unfanned_from()
             {
@@ -462,6 +454,9 @@ impl RouterState {
         };
         self.shared.counters.record_start();
         self.by_id.insert(room_ref.id(), room.clone());
+        if let RoomRef::Fanout(actor) = &room_ref {
+            self.shared.fanout_rooms.insert(room.clone(), actor.clone());
+        }
         self.rooms.insert(room.clone(), room_ref.clone());
         Ok(room_ref)
     }

@@ -19,6 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
 use uuid::Uuid;
 
+use super::fanout_room::FanoutMsg;
 use super::feed::Feed;
 use super::progress::Progress;
 use super::router::RouterMsg;
@@ -776,17 +777,17 @@ impl RunState {
         // at most two spans of sessions (none, then one).
         for span in envelopes.chunk_by(|a, b| a.session_id == b.session_id) {
             if let Some(session) = span[0].session_id {
-                let _ = self.router.send_message(RouterMsg::Fanout {
-                    room: RuntimeRoom::Session(session),
-                    envelopes: span.to_vec(),
-                });
+                self.shared.fanout_rooms.send(
+                    &RuntimeRoom::Session(session),
+                    FanoutMsg::Fanout(span.to_vec()),
+                );
             }
         }
         if let Some(provider) = &self.provider {
-            let _ = self.router.send_message(RouterMsg::Fanout {
-                room: RuntimeRoom::Provider(provider.clone()),
-                envelopes: envelopes.clone(),
-            });
+            self.shared.fanout_rooms.send(
+                &RuntimeRoom::Provider(provider.clone()),
+                FanoutMsg::Fanout(envelopes.clone()),
+            );
         }
         if let Some(last) = envelopes.last() {
             self.progress.fanned(last.seq);
