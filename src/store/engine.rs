@@ -917,28 +917,31 @@ pub(crate) fn run_info(db: &sled::Db, run_id: RunId) -> Result<Option<RunInfo>, 
 
 /// The runs of a session, in the order they started.
 pub(crate) fn session_runs(db: &sled::Db, session: Uuid) -> Result<Vec<RunId>, StoreError> {
-    db.scan_prefix(layout::session_prefix(session))
-        .map(|entry| {
-            let (key, _) = entry.map_err(read_failed)?;
-            layout::session_key_run(&key).ok_or_else(|| StoreError::ReadFailed {
-                message: format!("malformed session index key of {} bytes", key.len()),
-            })
+    indexed_runs(db, layout::session_prefix(session)).collect()
+}
+
+/// The runs of a session index (`s`, or `x` for the removed ones) under
+/// `prefix`, in key order.
+fn indexed_runs(
+    db: &sled::Db,
+    prefix: impl AsRef<[u8]>,
+) -> impl Iterator<Item = Result<RunId, StoreError>> {
+    db.scan_prefix(prefix).map(|entry| {
+        let (key, _) = entry.map_err(read_failed)?;
+        layout::session_key_run(&key).ok_or_else(|| StoreError::ReadFailed {
+            message: format!("malformed session index key of {} bytes", key.len()),
         })
-        .collect()
+    })
 }
 
 /// Every run of a session, with what a subscriber needs to know of each,
 /// in one read: the runs in its index in start order, then those retention
 /// removed. Costs a record read per run of the session, nothing more.
 pub(crate) fn session_state(db: &sled::Db, session: Uuid) -> Result<Vec<SessionRun>, StoreError> {
-    let live = db.scan_prefix(layout::session_prefix(session));
-    let removed = db.scan_prefix(layout::removed_session_prefix(session));
-    live.chain(removed)
-        .map(|entry| {
-            let (key, _) = entry.map_err(read_failed)?;
-            let run_id = layout::session_key_run(&key).ok_or_else(|| StoreError::ReadFailed {
-                message: format!("malformed session index key of {} bytes", key.len()),
-            })?;
+    indexed_runs(db, layout::session_prefix(session))
+        .chain(indexed_runs(db, layout::removed_session_prefix(session)))
+        .map(|run_id| {
+            let run_id = run_id?;
             // An index entry is written with the run's first segment, so a
             // run with no record yet has nothing to read.
             Ok(match load_record(db, run_id)? {
