@@ -34,7 +34,10 @@ pub const FORMAT_VERSION: u8 = 1;
 /// - 2: retention: tombstones of removed runs and the index of ended runs.
 ///   A build at 1 would read a tombstone (a run record without segments) as
 ///   damage.
-pub const STORE_FORMAT_VERSION: u8 = 2;
+/// - 3: commit records (`w` keys): a commit's envelopes wait there until
+///   they are compacted into segments. A build at 2 would not see them, and
+///   would reuse the seqs of acknowledged events.
+pub const STORE_FORMAT_VERSION: u8 = 3;
 
 /// Deepest nesting of arrays and objects accepted in an event's JSON
 /// payload (a scalar is no level: `[]` and `[1]` are 1 deep). Deeper

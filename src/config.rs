@@ -188,8 +188,9 @@ impl Config {
         self
     }
 
-    /// Largest segment (the value holding consecutive events of one run from
-    /// one group commit), by events and by bytes (defaults 256 and 256 KiB).
+    /// Largest segment (the value holding consecutive events of one run,
+    /// written when the commit log is compacted), by events and by bytes
+    /// (defaults 256 and 256 KiB).
     #[must_use]
     pub fn segment_limits(mut self, max_events: usize, max_bytes: usize) -> Self {
         self.segment_max_events = max_events.max(1);

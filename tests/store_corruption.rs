@@ -25,10 +25,12 @@ fn run_key(run: RunId) -> Vec<u8> {
     key
 }
 
-/// Writes `runs` with events 1..=9 each, appended in three batches of three
-/// (so segments start at seqs 1, 4 and 7), and closes the store.
+/// Writes `runs` with events 1..=9 each in segments of three (starting at
+/// seqs 1, 4 and 7), and closes the store.
 async fn store_with_runs(dir: &Path, runs: &[RunId]) {
-    let store = Store::open(Config::new(dir)).await.unwrap();
+    let store = Store::open(Config::new(dir).segment_limits(3, 1 << 20))
+        .await
+        .unwrap();
     for run in runs {
         for first in [1, 4, 7] {
             let batch = (first..first + 3)
@@ -187,7 +189,9 @@ async fn lost_tail_of_an_ended_run_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let (ended, live) = (RunId::new(), RunId::new());
     store_with_runs(dir.path(), &[live]).await;
-    let store = Store::open(Config::new(dir.path())).await.unwrap();
+    let store = Store::open(Config::new(dir.path()).segment_limits(3, 1 << 20))
+        .await
+        .unwrap();
     store
         .append((1..=3).map(|seq| envelope(ended, None, seq)).collect())
         .await

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use std::sync::{Arc, RwLock};
 
+use super::commit_log::CommitLog;
 use super::engine::{self, AppendRequest, RemovalStep, RunCache, SegmentLimits};
 use super::{Counters, RunCheck, RunInfo, SessionRun, StoreStats};
 use crate::error::StoreError;
@@ -188,8 +189,8 @@ impl Actor for StoreActor {
                 limit,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| {
-                engine::list_after(db, run_id, after_seq, limit)
+            } => state.read(permit, reply, move |db, log| {
+                engine::list_after(db, log, run_id, after_seq, limit)
             }),
             StoreMsg::RunInfo {
                 run_id,
@@ -201,37 +202,39 @@ impl Actor for StoreActor {
                 // room that restarts while its predecessor's appends are
                 // still pending would otherwise read a stale last seq).
                 let barrier = if barrier { state.received } else { 0 };
-                state.read_after(barrier, permit, reply, move |db| {
-                    engine::run_info(db, run_id)
+                state.read_after(barrier, permit, reply, move |db, log| {
+                    engine::run_info(db, log, run_id)
                 });
             }
             StoreMsg::SessionRuns {
                 session_id,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| {
+            } => state.read(permit, reply, move |db, _| {
                 engine::session_runs(db, session_id)
             }),
             StoreMsg::SessionState {
                 session_id,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| {
-                engine::session_state(db, session_id)
+            } => state.read(permit, reply, move |db, log| {
+                engine::session_state(db, log, session_id)
             }),
             StoreMsg::RunsAfter {
                 after,
                 limit,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| {
-                engine::runs_after(db, after, limit)
+            } => state.read(permit, reply, move |db, log| {
+                engine::runs_after(db, log, after, limit)
             }),
             StoreMsg::VerifyRun {
                 run_id,
                 permit,
                 reply,
-            } => state.read(permit, reply, move |db| engine::verify_run(db, run_id)),
+            } => state.read(permit, reply, move |db, log| {
+                engine::verify_run(db, log, run_id)
+            }),
             StoreMsg::RemoveEnded {
                 cutoff,
                 max_runs,
@@ -243,10 +246,11 @@ impl Actor for StoreActor {
                     return Ok(());
                 };
                 let gate = Arc::clone(&state.gate);
+                let limits = state.limits;
                 // Like a read, it holds a read permit until it has dropped
                 // its database handle, so `close` waits for it.
                 tokio::task::spawn_blocking(move || {
-                    let result = engine::remove_ended_before(&db, &gate, cutoff, max_runs);
+                    let result = engine::remove_ended_before(&db, &gate, cutoff, max_runs, limits);
                     drop(db);
                     drop(permit);
                     let _ = reply.send(result);
@@ -299,7 +303,7 @@ impl Actor for StoreActor {
         // Stopped without a Close (every handle dropped): still release the
         // database off the async workers.
         if let Some(db) = state.db.take() {
-            let _ = engine::release(db).await;
+            let _ = engine::release(db, Arc::clone(&state.gate), state.limits).await;
         }
         Ok(())
     }
@@ -328,7 +332,7 @@ type ReadJob = Box<dyn FnOnce(Option<sled::Db>, Arc<RwLock<RunCache>>) + Send>;
 fn read_job<T: Send + 'static>(
     permit: OwnedSemaphorePermit,
     reply: RpcReplyPort<Result<T, StoreError>>,
-    read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+    read: impl FnOnce(&sled::Db, &CommitLog) -> Result<T, StoreError> + Send + 'static,
 ) -> ReadJob {
     Box::new(move |db, gate| {
         let Some(db) = db else {
@@ -402,7 +406,7 @@ impl StoreState {
         &self,
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<T, StoreError>>,
-        read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+        read: impl FnOnce(&sled::Db, &CommitLog) -> Result<T, StoreError> + Send + 'static,
     ) {
         let job = read_job(permit, reply, read);
         job(self.db.clone(), Arc::clone(&self.gate));
@@ -414,7 +418,7 @@ impl StoreState {
         barrier: u64,
         permit: OwnedSemaphorePermit,
         reply: RpcReplyPort<Result<T, StoreError>>,
-        read: impl FnOnce(&sled::Db) -> Result<T, StoreError> + Send + 'static,
+        read: impl FnOnce(&sled::Db, &CommitLog) -> Result<T, StoreError> + Send + 'static,
     ) {
         let job = read_job(permit, reply, read);
         if self.committed >= barrier {
@@ -442,7 +446,7 @@ impl StoreState {
             return;
         }
         let result = match self.db.take() {
-            Some(db) => engine::release(db).await,
+            Some(db) => engine::release(db, Arc::clone(&self.gate), self.limits).await,
             None => Ok(()),
         };
         if let Some(reply) = self.closing.take() {

@@ -10,6 +10,7 @@ use chrono::Utc;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
+use super::commit_log::{self, CommitLog, Logged};
 use super::layout::{self, RunRecord, StoreMeta};
 use super::{AppendWaiter, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
@@ -169,6 +170,17 @@ pub(crate) fn open(config: &Config) -> Result<Opened, OpenError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    let limits = SegmentLimits {
+        max_events: config.segment_max_events,
+        max_bytes: config.segment_max_bytes,
+    };
+    recover_commit_log(&db, limits).map_err(|reason| OpenError::NotAStore {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{reason}; it holds events acknowledged before a crash, so the store does not \
+             open without them"
+        ),
+    })?;
     if let Err(error) = ensure_ended_index(&db) {
         // The store still opens (verify must be able to report damage);
         // retention just does not see the runs that ended before the index
@@ -276,18 +288,30 @@ pub(crate) fn commit(
     span.record("events", events);
 
     let mut batch = sled::Batch::default();
+    // Every run's envelopes go into commit records, a few keys however many
+    // runs the commit carries; compaction writes them as segments later.
+    let parts: Vec<(RunId, u64, Vec<&[u8]>)> = runs
+        .iter()
+        .filter_map(|(run_id, run)| {
+            let first = run.items.first()?;
+            Some((
+                *run_id,
+                first.seq,
+                run.items.iter().map(|i| i.bytes.as_slice()).collect(),
+            ))
+        })
+        .collect();
+    let records = commit_log::encode_records(
+        parts
+            .iter()
+            .map(|(run_id, first_seq, bytes)| (*run_id, *first_seq, bytes.as_slice())),
+    );
+    drop(parts);
+    let record_count = records.len() as u64;
+    for (index, record) in records.into_iter().enumerate() {
+        batch.insert(cache.log.next_key(index).as_slice(), record);
+    }
     for (run_id, run) in &runs {
-        for segment in segments(&run.items, limits) {
-            let first_seq = segment[0].seq;
-            tracing::trace!(
-                %run_id,
-                first_seq,
-                seq = first_seq + segment.len() as u64 - 1,
-                "segment"
-            );
-            let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
-            batch.insert(&layout::segment_key(*run_id, first_seq), value);
-        }
         if run.record_changed() {
             match codec::encode_value(&run.record) {
                 Ok(value) => batch.insert(&layout::run_key(*run_id), value),
@@ -337,9 +361,16 @@ pub(crate) fn commit(
         return;
     }
     counters.record_commit(accepted.len(), events);
+    let mut logged = Vec::with_capacity(runs.len());
     for (run_id, run) in runs {
         cache.put(run_id, run.record);
+        let items = run.items.into_iter().map(|item| Logged {
+            seq: item.seq,
+            bytes: item.bytes,
+        });
+        logged.push((run_id, items.collect()));
     }
+    cache.log.committed(logged, record_count);
 
     // Every commit is flushed before the gate opens and before anyone
     // hears that it is durable: no reader, and so no subscriber, ever sees
@@ -372,6 +403,76 @@ pub(crate) fn commit(
             });
         }
     }
+    // After the answers, so no publisher waits for it; the next commit does.
+    let mut exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if exclusive.log.full()
+        && let Err(error) = compact(db, &mut exclusive, limits)
+    {
+        tracing::error!(%error, "compaction failed; the commit log keeps its records");
+    }
+}
+
+/// Writes every run the commit log holds as segments, and deletes the
+/// records they came from, in one batch. Not flushed: until a flush covers
+/// the batch, a crash leaves the records (the batch is atomic), and the
+/// next open compacts them again. Call with the commit gate held
+/// exclusively.
+pub(crate) fn compact(
+    db: &sled::Db,
+    cache: &mut RunCache,
+    limits: SegmentLimits,
+) -> Result<(), StoreError> {
+    if cache.log.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut batch = sled::Batch::default();
+    let (runs, first, end) = cache.log.pending();
+    let mut keys = 0usize;
+    for (run_id, logged) in runs {
+        for segment in segments(logged, limits) {
+            let value = codec::encode_segment(segment.iter().map(|l| l.bytes.as_slice()));
+            batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
+            keys += 1;
+        }
+    }
+    for key in db.range(first..end).keys() {
+        batch.remove(key.map_err(read_failed)?);
+    }
+    db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
+        message: format!("compaction: {e}"),
+    })?;
+    cache.log.compacted();
+    tracing::debug!(segments = keys, elapsed = ?started.elapsed(), "compacted the commit log");
+    Ok(())
+}
+
+/// Compacts the commit records a crash left (see [`commit_log`]), flushed,
+/// so that the store opens with every acknowledged event in its segments.
+fn recover_commit_log(db: &sled::Db, limits: SegmentLimits) -> Result<(), String> {
+    let mut records = Vec::new();
+    for entry in db.scan_prefix(layout::COMMIT_PREFIX) {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let number = layout::commit_number(&key)
+            .ok_or_else(|| format!("malformed commit record key of {} bytes", key.len()))?;
+        records.push((number, value.to_vec()));
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let count = records.len();
+    let log = CommitLog::recover(records)
+        .map_err(|(number, e)| format!("commit record {number} is damaged: {e}"))?;
+    let mut cache = RunCache {
+        log,
+        ..RunCache::default()
+    };
+    compact(db, &mut cache, limits).map_err(|e| e.to_string())?;
+    flush(db).map_err(|e| e.to_string())?;
+    tracing::info!(records = count, "compacted the commit records a crash left");
+    Ok(())
 }
 
 /// The run records as the last commits left them in sled, so that a commit
@@ -387,6 +488,9 @@ pub(crate) struct RunCache {
     /// A commit's flush failed: sled holds writes that may not be on disk.
     /// Nothing is read until a flush succeeds (see [`read_flushed`]).
     unflushed: bool,
+    /// Envelopes committed and not yet compacted into segments: readers
+    /// read them after a run's segments.
+    pub(crate) log: CommitLog,
 }
 
 /// Runs `read` under the commit gate, so that it sees commits whole; if a
@@ -396,12 +500,12 @@ pub(crate) struct RunCache {
 pub(crate) fn read_flushed<T>(
     db: &sled::Db,
     gate: &RwLock<RunCache>,
-    read: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
+    read: impl FnOnce(&sled::Db, &CommitLog) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     {
         let shared = gate.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !shared.unflushed {
-            return read(db);
+            return read(db, &shared.log);
         }
     }
     let mut exclusive = gate
@@ -413,7 +517,7 @@ pub(crate) fn read_flushed<T>(
         })?;
         exclusive.unflushed = false;
     }
-    read(db)
+    read(db, &exclusive.log)
 }
 
 /// Runs whose records the commit gate keeps.
@@ -496,7 +600,7 @@ fn stage(
                     None => {
                         let stored = match cache.get(item.run_id) {
                             Some(record) => Some(record.clone()),
-                            None => load_record(db, item.run_id)?,
+                            None => load_record(db, &cache.log, item.run_id)?,
                         };
                         (stored.clone(), stored)
                     }
@@ -560,7 +664,7 @@ fn stage(
 }
 
 /// Splits one run's consecutive items into segments within the limits.
-fn segments(items: &[StoredEnvelope], limits: SegmentLimits) -> Vec<&[StoredEnvelope]> {
+fn segments(items: &[Logged], limits: SegmentLimits) -> Vec<&[Logged]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
@@ -600,7 +704,11 @@ fn fail_all(requests: Vec<AppendRequest>, error: impl Fn() -> StoreError) {
 /// the record itself is written only when the run's metadata changes (its
 /// first commit, its session or provider learned, its end), not at every
 /// commit, so that a commit of one event writes one sled key, not two.
-fn load_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreError> {
+fn load_record(
+    db: &sled::Db,
+    log: &CommitLog,
+    run_id: RunId,
+) -> Result<Option<RunRecord>, StoreError> {
     let Some(bytes) = db.get(layout::run_key(run_id)).map_err(read_failed)? else {
         return Ok(None);
     };
@@ -611,7 +719,10 @@ fn load_record(db: &sled::Db, run_id: RunId) -> Result<Option<RunRecord>, StoreE
         // run's final one (the record is always written when a run ends).
         return Ok(Some(record));
     }
-    let stored = last_stored_seq(db, run_id)?;
+    let stored = match log.last_seq(run_id) {
+        Some(seq) => seq,
+        None => last_stored_seq(db, run_id)?,
+    };
     // A record is written with the segments it describes, never ahead of
     // them: a record that counts more events than the segments hold means
     // segments were lost.
@@ -665,6 +776,7 @@ fn read_failed(e: sled::Error) -> StoreError {
 /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq order.
 pub(crate) fn list_after(
     db: &sled::Db,
+    log: &CommitLog,
     run_id: RunId,
     after_seq: u64,
     limit: usize,
@@ -733,6 +845,44 @@ pub(crate) fn list_after(
             }
         }
     }
+    // Then what the commit log holds, which continues the segments.
+    for logged in log.run(run_id) {
+        if let Some(expected) = expected
+            && logged.seq < expected
+        {
+            continue;
+        }
+        if let Some(expected) = expected
+            && logged.seq != expected
+        {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: expected,
+                source: CodecError::Malformed(format!(
+                    "the segments end before seq {expected}, the commit log resumes at {}",
+                    logged.seq
+                )),
+            });
+        }
+        expected = Some(logged.seq.saturating_add(1));
+        if logged.seq < wanted {
+            continue;
+        }
+        if out.is_empty() && logged.seq != wanted {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: wanted,
+                source: CodecError::Malformed(format!(
+                    "seq {wanted} is missing; the log resumes at seq {}",
+                    logged.seq
+                )),
+            });
+        }
+        out.push(decode_logged(run_id, logged)?);
+        if out.len() == limit {
+            return Ok(out);
+        }
+    }
     if out.is_empty() {
         // Nothing to serve: say so explicitly if that is because retention
         // removed events the caller has not seen, rather than passing it off
@@ -787,6 +937,24 @@ fn decode_checked(
     Ok(envelopes)
 }
 
+/// Decodes an envelope the commit log holds and checks it is the one its
+/// place says.
+fn decode_logged(run_id: RunId, logged: &Logged) -> Result<RuntimeEventEnvelope, StoreError> {
+    let corrupt = |source| StoreError::Corrupt {
+        run_id,
+        seq: logged.seq,
+        source,
+    };
+    let envelope = codec::decode_envelope(&logged.bytes).map_err(corrupt)?;
+    if envelope.seq != logged.seq || envelope.run_id != run_id {
+        return Err(corrupt(CodecError::Malformed(format!(
+            "the commit log holds run {} seq {} where run {run_id} seq {} belongs",
+            envelope.run_id, envelope.seq, logged.seq
+        ))));
+    }
+    Ok(envelope)
+}
+
 /// The seq of the envelope at `index` of a segment that starts at
 /// `first_seq`; `None` past `u64::MAX`, where only a damaged key puts one.
 fn seq_at(first_seq: u64, index: usize) -> Option<u64> {
@@ -811,6 +979,7 @@ fn past_the_last_seq(run_id: RunId, first_seq: u64, count: usize) -> StoreError 
 /// order, with what the store knows of each.
 pub(crate) fn runs_after(
     db: &sled::Db,
+    log: &CommitLog,
     after: Option<RunId>,
     limit: usize,
 ) -> Result<Vec<RunInfo>, StoreError> {
@@ -834,7 +1003,7 @@ pub(crate) fn runs_after(
                 message: format!("malformed run key of {} bytes", key.len()),
             });
         };
-        if let Some(info) = run_info(db, run_id)? {
+        if let Some(info) = run_info(db, log, run_id)? {
             out.push(info);
         }
     }
@@ -843,8 +1012,12 @@ pub(crate) fn runs_after(
 
 /// Reads every segment of `run_id`, decoding every envelope, and checks
 /// that they tile seqs 1..=last with no gap and agree with the run record.
-pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, StoreError> {
-    let info = run_info(db, run_id)?;
+pub(crate) fn verify_run(
+    db: &sled::Db,
+    log: &CommitLog,
+    run_id: RunId,
+) -> Result<RunCheck, StoreError> {
+    let info = run_info(db, log, run_id)?;
     let mut check = RunCheck {
         run_id,
         events: 0,
@@ -872,6 +1045,22 @@ pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, Store
         check.events = check.events.saturating_add(envelopes.len() as u64);
         check.segments += 1;
         check.bytes = check.bytes.saturating_add(value.len() as u64);
+    }
+    for logged in log.run(run_id) {
+        if logged.seq != expected {
+            return Err(StoreError::Corrupt {
+                run_id,
+                seq: expected,
+                source: CodecError::Malformed(format!(
+                    "seq {expected} is missing; the commit log resumes at seq {}",
+                    logged.seq
+                )),
+            });
+        }
+        decode_logged(run_id, logged)?;
+        expected = logged.seq.saturating_add(1);
+        check.events = check.events.saturating_add(1);
+        check.bytes = check.bytes.saturating_add(logged.bytes.len() as u64);
     }
     if check.removed_at.is_some() {
         // Removal deletes a run's segments and writes its tombstone in one
@@ -903,8 +1092,12 @@ pub(crate) fn verify_run(db: &sled::Db, run_id: RunId) -> Result<RunCheck, Store
 }
 
 /// What the store knows of a run, or `None` if it has never seen it.
-pub(crate) fn run_info(db: &sled::Db, run_id: RunId) -> Result<Option<RunInfo>, StoreError> {
-    Ok(load_record(db, run_id)?.map(|record| RunInfo {
+pub(crate) fn run_info(
+    db: &sled::Db,
+    log: &CommitLog,
+    run_id: RunId,
+) -> Result<Option<RunInfo>, StoreError> {
+    Ok(load_record(db, log, run_id)?.map(|record| RunInfo {
         run_id,
         last_seq: record.last_seq,
         session_id: record.session_id,
@@ -937,14 +1130,18 @@ fn indexed_runs(
 /// Every run of a session, with what a subscriber needs to know of each,
 /// in one read: the runs in its index in start order, then those retention
 /// removed. Costs a record read per run of the session, nothing more.
-pub(crate) fn session_state(db: &sled::Db, session: Uuid) -> Result<Vec<SessionRun>, StoreError> {
+pub(crate) fn session_state(
+    db: &sled::Db,
+    log: &CommitLog,
+    session: Uuid,
+) -> Result<Vec<SessionRun>, StoreError> {
     indexed_runs(db, layout::session_prefix(session))
         .chain(indexed_runs(db, layout::removed_session_prefix(session)))
         .map(|run_id| {
             let run_id = run_id?;
             // An index entry is written with the run's first segment, so a
             // run with no record yet has nothing to read.
-            Ok(match load_record(db, run_id)? {
+            Ok(match load_record(db, log, run_id)? {
                 Some(record) => SessionRun {
                     run_id,
                     last_seq: record.last_seq,
@@ -998,7 +1195,16 @@ pub(crate) fn remove_ended_before(
     gate: &RwLock<RunCache>,
     cutoff: chrono::DateTime<Utc>,
     max_runs: usize,
+    limits: SegmentLimits,
 ) -> Result<RemovalStep, StoreError> {
+    {
+        // An ended run's last envelopes may still be in the commit log;
+        // removal deletes segments, so they must be segments first.
+        let mut exclusive = gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        compact(db, &mut exclusive, limits)?;
+    }
     let mut doomed: Vec<Doomed> = Vec::new();
     let mut keys = 0usize;
     let mut more = false;
@@ -1186,8 +1392,23 @@ pub(crate) fn read_ordinal(db: &sled::Db) -> Result<u64, StoreError> {
 
 /// Flushes and drops the database (sled's drop blocks, so this runs on the
 /// blocking pool, never on an async worker).
-pub(crate) async fn release(db: sled::Db) -> Result<(), StoreError> {
+pub(crate) async fn release(
+    db: sled::Db,
+    gate: std::sync::Arc<RwLock<RunCache>>,
+    limits: SegmentLimits,
+) -> Result<(), StoreError> {
     tokio::task::spawn_blocking(move || {
+        // A store closed cleanly keeps no commit records: an open after it
+        // has nothing to compact.
+        let compacted = {
+            let mut exclusive = gate
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            compact(&db, &mut exclusive, limits)
+        };
+        if let Err(error) = &compacted {
+            tracing::warn!(%error, "could not compact at close; the next open will");
+        }
         let result = flush(&db);
         drop(db);
         result
@@ -1250,15 +1471,9 @@ pub(crate) fn flush(db: &sled::Db) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
-    fn item(bytes: usize) -> StoredEnvelope {
-        StoredEnvelope {
-            run_id: RunId::new(),
-            event_id: crate::stream::RuntimeEventId::new(),
+    fn item(bytes: usize) -> Logged {
+        Logged {
             seq: 1,
-            session_id: None,
-            provider: None,
-            terminal: false,
-            emitted_at: Utc::now(),
             bytes: vec![0; bytes],
         }
     }

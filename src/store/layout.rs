@@ -6,6 +6,7 @@
 //! | `m` `ordinal`                              | next run ordinal (u64)         |
 //! | `r` run_id(16)                             | [`RunRecord`]                  |
 //! | `e` run_id(16) first_seq(8, big-endian)    | segment: envelopes first_seq.. |
+//! | `w` record(8, BE)                          | commit record (commit_log.rs)  |
 //! | `s` session(16) ordinal(8, BE) run_id(16)  | version byte only              |
 //! | `x` session(16) ordinal(8, BE) run_id(16)  | version byte only              |
 //! | `t` ended_at(8, BE ms) run_id(16)          | version byte only              |
@@ -37,6 +38,7 @@ const SEGMENT: u8 = b'e';
 const SESSION: u8 = b's';
 const ENDED: u8 = b't';
 const REMOVED_FROM_SESSION: u8 = b'x';
+const COMMIT: u8 = b'w';
 
 /// The store's identity, written once at creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +106,26 @@ pub(crate) fn segment_first_seq(run: RunId, key: &[u8]) -> Option<u64> {
     }
     Some(u64::from_be_bytes(seq.try_into().ok()?))
 }
+
+/// The key of commit record `number`: records sort in commit order.
+pub(crate) fn commit_key(number: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = COMMIT;
+    key[1..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
+/// The number of a commit-record key.
+pub(crate) fn commit_number(key: &[u8]) -> Option<u64> {
+    let (&kind, number) = key.split_first()?;
+    if kind != COMMIT {
+        return None;
+    }
+    Some(u64::from_be_bytes(number.try_into().ok()?))
+}
+
+/// The prefix of every commit-record key.
+pub(crate) const COMMIT_PREFIX: [u8; 1] = [COMMIT];
 
 pub(crate) fn session_key(session: Uuid, ordinal: u64, run: RunId) -> [u8; 41] {
     let mut key = [0u8; 41];
@@ -187,6 +209,14 @@ mod tests {
         assert!(segment_key(run, 255) < segment_key(run, 256));
         assert_eq!(segment_first_seq(run, &segment_key(run, 42)), Some(42));
         assert_eq!(segment_first_seq(RunId::new(), &segment_key(run, 42)), None);
+    }
+
+    #[test]
+    fn commit_keys_sort_by_number() {
+        assert!(commit_key(255) < commit_key(256));
+        assert_eq!(commit_number(&commit_key(42)), Some(42));
+        assert!(commit_key(7).starts_with(&COMMIT_PREFIX));
+        assert_eq!(commit_number(&segment_key(RunId::new(), 1)), None);
     }
 
     #[test]

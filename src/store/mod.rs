@@ -34,6 +34,7 @@
 //! can be reopened at once.
 
 mod actor;
+mod commit_log;
 mod engine;
 mod layout;
 #[cfg(feature = "nats")]

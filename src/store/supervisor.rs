@@ -137,7 +137,7 @@ impl Actor for StoreSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         state.clear_slot();
         if let Some(db) = state.db.take() {
-            let _ = engine::release(db).await;
+            let _ = engine::release(db, Arc::clone(&state.gate), state.limits).await;
         }
         Ok(())
     }
