@@ -22,6 +22,7 @@
 //! The bytes are what the layer above encoded; the log does not look inside.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
@@ -44,15 +45,53 @@ pub(crate) struct Logged {
     pub(crate) bytes: Vec<u8>,
 }
 
-/// Envelopes committed through records and not yet compacted, by run.
+/// Envelopes of a range of records, by run.
 #[derive(Debug, Default)]
-pub(crate) struct CommitLog {
+pub(crate) struct Generation {
     runs: HashMap<RunId, Vec<Logged>>,
     bytes: usize,
-    /// The first record not yet compacted.
+    /// The first record it holds.
     first_record: u64,
+    /// The record after its last (once it is compacting; until then the
+    /// log's next record).
+    end_record: u64,
+}
+
+impl Generation {
+    fn run(&self, run_id: RunId) -> &[Logged] {
+        self.runs.get(&run_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every run it holds, with its envelopes in seq order.
+    pub(crate) fn runs(&self) -> impl Iterator<Item = (&RunId, &Vec<Logged>)> {
+        self.runs.iter()
+    }
+
+    /// The keys of the records it came from: `first..end`.
+    pub(crate) fn record_keys(&self) -> std::ops::Range<[u8; 9]> {
+        layout::commit_key(self.first_record)..layout::commit_key(self.end_record)
+    }
+}
+
+/// Envelopes committed through records and not yet compacted, by run: the
+/// generation commits add to, and the one being compacted, if any. A
+/// compaction runs off the commit path: the commit that fills the log
+/// starts it ([`CommitLog::start_compaction`]) and the next commits go on
+/// into a new generation while it writes.
+#[derive(Debug, Default)]
+pub(crate) struct CommitLog {
+    current: Generation,
+    /// Being written as segments (or failed to be, and waiting for another
+    /// try). Readers still read it: until it is forgotten, its envelopes
+    /// may be in sled twice over, and readers skip seqs they have.
+    compacting: Option<Arc<Generation>>,
+    /// A compaction of `compacting` is under way.
+    running: bool,
     /// The number the next record gets.
     next_record: u64,
+    /// Held by whoever writes a compaction, so that a compaction that must
+    /// finish now (close, retention) waits for one under way.
+    compactor: Arc<Mutex<()>>,
 }
 
 impl CommitLog {
@@ -69,53 +108,113 @@ impl CommitLog {
         records: u64,
     ) {
         for (run_id, logged) in runs {
-            self.bytes += logged.iter().map(|l| l.bytes.len()).sum::<usize>();
-            self.runs.entry(run_id).or_default().extend(logged);
+            self.current.bytes += logged.iter().map(|l| l.bytes.len()).sum::<usize>();
+            self.current.runs.entry(run_id).or_default().extend(logged);
         }
         self.next_record += records;
+        self.current.end_record = self.next_record;
     }
 
-    /// Whether the log holds enough to compact.
+    /// Whether the generation commits add to holds enough to compact.
     pub(crate) fn full(&self) -> bool {
-        self.bytes >= COMPACT_BYTES || self.next_record - self.first_record >= COMPACT_RECORDS
+        self.current.bytes >= COMPACT_BYTES
+            || self.next_record - self.current.first_record >= COMPACT_RECORDS
     }
 
-    /// Whether there is anything to compact.
+    /// Whether there is nothing to compact.
     pub(crate) fn is_empty(&self) -> bool {
-        self.first_record == self.next_record
+        self.compacting.is_none() && self.current.first_record == self.next_record
     }
 
     /// The run's envelopes the log holds, in seq order.
-    pub(crate) fn run(&self, run_id: RunId) -> &[Logged] {
-        self.runs.get(&run_id).map_or(&[], Vec::as_slice)
+    pub(crate) fn run(&self, run_id: RunId) -> impl Iterator<Item = &Logged> {
+        let compacting = self
+            .compacting
+            .as_deref()
+            .map_or(&[][..], |g| g.run(run_id));
+        compacting.iter().chain(self.current.run(run_id))
     }
 
     /// The last seq the log holds for the run.
     pub(crate) fn last_seq(&self, run_id: RunId) -> Option<u64> {
-        self.run(run_id).last().map(|l| l.seq)
+        self.current
+            .run(run_id)
+            .last()
+            .or_else(|| self.compacting.as_deref()?.run(run_id).last())
+            .map(|l| l.seq)
     }
 
-    /// Every run the log holds, with its envelopes, and the range of record
-    /// numbers they came from: what one compaction writes and deletes.
-    pub(crate) fn pending(
-        &self,
-    ) -> (
-        impl Iterator<Item = (&RunId, &Vec<Logged>)>,
-        [u8; 9],
-        [u8; 9],
-    ) {
-        (
-            self.runs.iter(),
-            layout::commit_key(self.first_record),
-            layout::commit_key(self.next_record),
-        )
+    /// What a background compaction should write now, if anything: the
+    /// generation that failed to compact before, or, once the log is full,
+    /// the current one (commits then go on into a new one). `None` while
+    /// one is under way.
+    pub(crate) fn start_compaction(&mut self) -> Option<Arc<Generation>> {
+        if self.running {
+            return None;
+        }
+        if self.compacting.is_none() {
+            if !self.full() {
+                return None;
+            }
+            let next = Generation {
+                first_record: self.next_record,
+                end_record: self.next_record,
+                ..Generation::default()
+            };
+            self.compacting = Some(Arc::new(std::mem::replace(&mut self.current, next)));
+        }
+        self.running = true;
+        self.compacting.clone()
     }
 
-    /// Forgets what a compaction wrote (everything), once sled has it.
+    /// A background compaction of `generation` ended: written (forget it)
+    /// or failed (keep it, for readers and for the next try).
+    pub(crate) fn compaction_ended(&mut self, generation: &Arc<Generation>, written: bool) {
+        self.running = false;
+        if written
+            && self
+                .compacting
+                .as_ref()
+                .is_some_and(|g| Arc::ptr_eq(g, generation))
+        {
+            self.compacting = None;
+        }
+    }
+
+    /// Everything the log holds, oldest generation first: what a
+    /// compaction that must finish now writes. Call with the compactor
+    /// held (no background compaction under way).
+    pub(crate) fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.compacting
+            .as_deref()
+            .into_iter()
+            .chain([&self.current])
+    }
+
+    /// Whether `generation` is still the one to compact: a compaction that
+    /// had to finish at once may have written it meanwhile.
+    pub(crate) fn is_compacting(&self, generation: &Arc<Generation>) -> bool {
+        self.compacting
+            .as_ref()
+            .is_some_and(|g| Arc::ptr_eq(g, generation))
+    }
+
+    /// Forgets everything, once a compaction of [`Self::generations`] is
+    /// written. A background compaction that was about to start finds its
+    /// generation gone and does nothing.
     pub(crate) fn compacted(&mut self) {
-        self.runs.clear();
-        self.bytes = 0;
-        self.first_record = self.next_record;
+        self.running = false;
+        self.compacting = None;
+        self.current = Generation {
+            first_record: self.next_record,
+            end_record: self.next_record,
+            ..Generation::default()
+        };
+    }
+
+    /// The lock a compaction holds while it writes.
+    pub(crate) fn compactor(&self) -> Arc<Mutex<()>> {
+        Arc::clone(&self.compactor)
     }
 
     /// Reads the records a crash left, in commit order, into a log whose
@@ -150,7 +249,7 @@ impl CommitLog {
             log.next_record = number;
             log.committed(runs, 1);
         }
-        log.first_record = first.unwrap_or(0);
+        log.current.first_record = first.unwrap_or(0);
         Ok(log)
     }
 }
@@ -306,11 +405,11 @@ mod tests {
         assert!(split.len() > 3, "{} records", split.len());
         assert!(split.iter().all(|r| r.len() <= RECORD_BYTES + 10_032));
         let log = CommitLog::recover((10..).zip(split.clone())).unwrap();
-        assert_eq!(log.run(a), big(1..=25).as_slice());
-        assert_eq!(log.run(b), big(4..=30).as_slice());
-        let (_, from, to) = log.pending();
-        assert_eq!(from, layout::commit_key(10));
-        assert_eq!(to, layout::commit_key(10 + split.len() as u64));
+        assert_eq!(log.run(a).cloned().collect::<Vec<_>>(), big(1..=25));
+        assert_eq!(log.run(b).cloned().collect::<Vec<_>>(), big(4..=30));
+        let keys = log.generations().next().unwrap().record_keys();
+        assert_eq!(keys.start, layout::commit_key(10));
+        assert_eq!(keys.end, layout::commit_key(10 + split.len() as u64));
         // One envelope larger than a record still gets one.
         let huge = vec![(
             a,
@@ -353,6 +452,10 @@ mod tests {
         ));
     }
 
+    fn seqs(log: &CommitLog, run: RunId) -> Vec<u64> {
+        log.run(run).map(|l| l.seq).collect()
+    }
+
     #[test]
     fn the_log_serves_runs_in_order_and_forgets_what_was_compacted() {
         let (a, b) = (RunId::new(), RunId::new());
@@ -362,16 +465,63 @@ mod tests {
         log.committed([(a, logged(1..=2)), (b, logged(1..=1))], 1);
         log.committed([(a, logged(3..=3))], 1);
         assert_eq!(log.last_seq(a), Some(3));
-        assert_eq!(log.run(a).len(), 3);
+        assert_eq!(seqs(&log, a), vec![1, 2, 3]);
         assert_eq!(log.last_seq(RunId::new()), None);
-        let (_, from, to) = log.pending();
-        assert_eq!((from, to), (layout::commit_key(0), layout::commit_key(2)));
+        let keys = log.generations().last().unwrap().record_keys();
+        assert_eq!(keys, layout::commit_key(0)..layout::commit_key(2));
         log.compacted();
         assert!(log.is_empty());
-        assert_eq!(log.run(a), &[]);
+        assert_eq!(seqs(&log, a), Vec::<u64>::new());
         assert_eq!(log.next_key(1), layout::commit_key(3));
-        let (_, from, _) = log.pending();
-        assert_eq!(from, layout::commit_key(2));
+        let keys = log.generations().last().unwrap().record_keys();
+        assert_eq!(keys.start, layout::commit_key(2));
+    }
+
+    /// A background compaction takes the full generation; commits go on
+    /// into a new one; readers see both, in order, until the compaction
+    /// ends; a failed one is kept and handed out again.
+    #[test]
+    fn a_compaction_runs_beside_commits_and_is_retried_after_a_failure() {
+        let a = RunId::new();
+        let mut log = CommitLog::default();
+        log.committed([(a, logged(1..=2))], 1);
+        assert!(log.start_compaction().is_none(), "not full yet");
+        log.committed([], COMPACT_RECORDS);
+        let generation = log.start_compaction().expect("full");
+        assert_eq!(
+            generation.record_keys(),
+            layout::commit_key(0)..layout::commit_key(1 + COMPACT_RECORDS)
+        );
+        assert!(log.start_compaction().is_none(), "one at a time");
+        log.committed([(a, logged(3..=4))], 1);
+        assert_eq!(seqs(&log, a), vec![1, 2, 3, 4]);
+        assert_eq!(log.last_seq(a), Some(4));
+
+        log.compaction_ended(&generation, false);
+        assert_eq!(
+            seqs(&log, a),
+            vec![1, 2, 3, 4],
+            "a failed one stays readable"
+        );
+        let again = log.start_compaction().expect("retried");
+        assert!(Arc::ptr_eq(&again, &generation));
+        assert!(log.is_compacting(&again));
+        log.compaction_ended(&again, true);
+        assert!(!log.is_compacting(&again));
+        assert_eq!(seqs(&log, a), vec![3, 4]);
+        assert!(!log.is_empty());
+        let keys = log.generations().next().unwrap().record_keys();
+        assert_eq!(keys.start, layout::commit_key(1 + COMPACT_RECORDS));
+
+        // Compacted at once (close, retention) while one was handed out:
+        // the handed-out one is stale, and compactions can start again.
+        log.committed([], COMPACT_RECORDS);
+        let stale = log.start_compaction().expect("full");
+        log.compacted();
+        assert!(log.is_empty());
+        assert!(!log.is_compacting(&stale));
+        log.committed([(a, logged(5..=5))], COMPACT_RECORDS);
+        assert!(log.start_compaction().is_some());
     }
 
     #[test]
@@ -382,8 +532,8 @@ mod tests {
         let log = CommitLog::recover([(5, first.clone()), (6, second)]).unwrap();
         assert_eq!(log.last_seq(a), Some(4));
         assert_eq!(log.last_seq(b), Some(1));
-        let (_, from, to) = log.pending();
-        assert_eq!((from, to), (layout::commit_key(5), layout::commit_key(7)));
+        let keys = log.generations().last().unwrap().record_keys();
+        assert_eq!(keys, layout::commit_key(5)..layout::commit_key(7));
 
         let gap = record(&[(a, logged(6..=6))]);
         let error = CommitLog::recover([(5, first), (6, gap)]).unwrap_err();

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use super::commit_log::{self, CommitLog, Logged};
+use super::commit_log::{self, CommitLog, Generation, Logged};
 use super::layout::{self, RunRecord, StoreMeta};
 use super::{AppendWaiter, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
@@ -228,7 +228,7 @@ pub(crate) struct SegmentLimits {
 /// before the answers go out, so a caller that has its answer sees them.
 pub(crate) fn commit(
     db: &sled::Db,
-    gate: &RwLock<RunCache>,
+    gate: &Arc<RwLock<RunCache>>,
     requests: Vec<AppendRequest>,
     next_ordinal: &mut u64,
     limits: SegmentLimits,
@@ -403,23 +403,69 @@ pub(crate) fn commit(
             });
         }
     }
-    // After the answers, so no publisher waits for it; the next commit does.
-    let mut exclusive = gate
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if exclusive.log.full()
-        && let Err(error) = compact(db, &mut exclusive, limits)
-    {
-        tracing::error!(%error, "compaction failed; the commit log keeps its records");
+    // Off the commit path: the next commit goes on while it writes.
+    let generation = {
+        let mut exclusive = gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        exclusive.log.start_compaction()
+    };
+    if let Some(generation) = generation {
+        let (db, gate) = (db.clone(), Arc::clone(gate));
+        tokio::task::spawn_blocking(move || compact_in_background(&db, &gate, &generation, limits));
     }
 }
 
-/// Writes every run the commit log holds as segments, and deletes the
-/// records they came from, in one batch. Not flushed: until a flush covers
-/// the batch, a crash leaves the records (the batch is atomic), and the
-/// next open compacts them again. Call with the commit gate held
-/// exclusively.
-pub(crate) fn compact(
+/// Writes `generation` as segments and deletes its records, in one batch,
+/// without holding the commit gate (readers skip the seqs they then find
+/// twice), then forgets it. Not flushed: until a flush covers the batch, a
+/// crash leaves the records (the batch is atomic), and the next open
+/// compacts them again.
+fn compact_in_background(
+    db: &sled::Db,
+    gate: &RwLock<RunCache>,
+    generation: &Arc<Generation>,
+    limits: SegmentLimits,
+) {
+    let compactor = read_gate(gate).log.compactor();
+    let written = {
+        let _writing = compactor.lock().unwrap_or_else(|p| p.into_inner());
+        if !read_gate(gate).log.is_compacting(generation) {
+            // A compaction that had to finish at once (close, retention)
+            // wrote it before this one got the lock; writing it again
+            // could bring back segments retention has since removed.
+            return;
+        }
+        write_compaction(db, [generation.as_ref()], limits)
+    };
+    if let Err(error) = &written {
+        tracing::error!(%error, "compaction failed; the commit log keeps its records and tries again");
+    }
+    gate.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .log
+        .compaction_ended(generation, written.is_ok());
+}
+
+/// Compacts everything the commit log holds before it returns (waiting for
+/// a compaction under way): for close, and for retention, which deletes
+/// segments.
+pub(crate) fn compact_now(
+    db: &sled::Db,
+    gate: &RwLock<RunCache>,
+    limits: SegmentLimits,
+) -> Result<(), StoreError> {
+    let compactor = read_gate(gate).log.compactor();
+    let _writing = compactor.lock().unwrap_or_else(|p| p.into_inner());
+    let mut exclusive = gate
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    compact_all(db, &mut exclusive, limits)
+}
+
+/// Writes every generation of the commit log as segments and deletes their
+/// records, in one batch, under the commit gate.
+fn compact_all(
     db: &sled::Db,
     cache: &mut RunCache,
     limits: SegmentLimits,
@@ -427,26 +473,43 @@ pub(crate) fn compact(
     if cache.log.is_empty() {
         return Ok(());
     }
+    write_compaction(db, cache.log.generations(), limits)?;
+    cache.log.compacted();
+    Ok(())
+}
+
+/// One batch: a segment per run (within the limits) of each generation,
+/// and the removal of the records they came from.
+fn write_compaction<'a>(
+    db: &sled::Db,
+    generations: impl IntoIterator<Item = &'a Generation>,
+    limits: SegmentLimits,
+) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
-    let (runs, first, end) = cache.log.pending();
     let mut keys = 0usize;
-    for (run_id, logged) in runs {
-        for segment in segments(logged, limits) {
-            let value = codec::encode_segment(segment.iter().map(|l| l.bytes.as_slice()));
-            batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
-            keys += 1;
+    for generation in generations {
+        for (run_id, logged) in generation.runs() {
+            for segment in segments(logged, limits) {
+                let value = codec::encode_segment(segment.iter().map(|l| l.bytes.as_slice()));
+                batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
+                keys += 1;
+            }
         }
-    }
-    for key in db.range(first..end).keys() {
-        batch.remove(key.map_err(read_failed)?);
+        let records = generation.record_keys();
+        for key in db.range(records.start..records.end).keys() {
+            batch.remove(key.map_err(read_failed)?);
+        }
     }
     db.apply_batch(batch).map_err(|e| StoreError::WriteFailed {
         message: format!("compaction: {e}"),
     })?;
-    cache.log.compacted();
     tracing::debug!(segments = keys, elapsed = ?started.elapsed(), "compacted the commit log");
     Ok(())
+}
+
+fn read_gate(gate: &RwLock<RunCache>) -> std::sync::RwLockReadGuard<'_, RunCache> {
+    gate.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Compacts the commit records a crash left (see [`commit_log`]), flushed,
@@ -469,7 +532,7 @@ fn recover_commit_log(db: &sled::Db, limits: SegmentLimits) -> Result<(), String
         log,
         ..RunCache::default()
     };
-    compact(db, &mut cache, limits).map_err(|e| e.to_string())?;
+    compact_all(db, &mut cache, limits).map_err(|e| e.to_string())?;
     flush(db).map_err(|e| e.to_string())?;
     tracing::info!(records = count, "compacted the commit records a crash left");
     Ok(())
@@ -1047,6 +1110,10 @@ pub(crate) fn verify_run(
         check.bytes = check.bytes.saturating_add(value.len() as u64);
     }
     for logged in log.run(run_id) {
+        if logged.seq < expected {
+            // Compacted meanwhile: the segments above hold it.
+            continue;
+        }
         if logged.seq != expected {
             return Err(StoreError::Corrupt {
                 run_id,
@@ -1197,14 +1264,9 @@ pub(crate) fn remove_ended_before(
     max_runs: usize,
     limits: SegmentLimits,
 ) -> Result<RemovalStep, StoreError> {
-    {
-        // An ended run's last envelopes may still be in the commit log;
-        // removal deletes segments, so they must be segments first.
-        let mut exclusive = gate
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        compact(db, &mut exclusive, limits)?;
-    }
+    // An ended run's last envelopes may still be in the commit log;
+    // removal deletes segments, so they must be segments first.
+    compact_now(db, gate, limits)?;
     let mut doomed: Vec<Doomed> = Vec::new();
     let mut keys = 0usize;
     let mut more = false;
@@ -1236,6 +1298,15 @@ pub(crate) fn remove_ended_before(
     let mut batch = sled::Batch::default();
     let mut removed: Vec<(RunId, RunRecord)> = Vec::new();
     for Doomed { index_key, run } in doomed {
+        if let Some((run_id, _)) = &run
+            && exclusive.log.last_seq(*run_id).is_some()
+        {
+            // It ended after the compaction above: its last events are in
+            // the commit log, not in the segments read. The next step
+            // (which compacts first) takes it.
+            more = true;
+            continue;
+        }
         batch.remove(index_key);
         let Some((run_id, segments)) = run else {
             continue;
@@ -1400,12 +1471,7 @@ pub(crate) async fn release(
     tokio::task::spawn_blocking(move || {
         // A store closed cleanly keeps no commit records: an open after it
         // has nothing to compact.
-        let compacted = {
-            let mut exclusive = gate
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            compact(&db, &mut exclusive, limits)
-        };
+        let compacted = compact_now(&db, &gate, limits);
         if let Err(error) = &compacted {
             tracing::warn!(%error, "could not compact at close; the next open will");
         }
