@@ -1,8 +1,8 @@
 //! The blocking half of the store: every sled call lives here, and each runs
 //! on tokio's blocking pool, never on an async worker.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -214,6 +214,15 @@ fn open_error(path: &Path, error: sled::Error) -> OpenError {
     }
 }
 
+/// A run's part of a commit with at least this many events, or
+/// [`DIRECT_BYTES`] bytes, is written as segments at once rather than into
+/// the commit log, when the log holds nothing of the run: its own key costs
+/// less than writing it twice.
+const DIRECT_EVENTS: usize = 32;
+
+/// See [`DIRECT_EVENTS`].
+const DIRECT_BYTES: usize = 16 * 1024;
+
 /// Segment size limits, from the config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SegmentLimits {
@@ -288,24 +297,39 @@ pub(crate) fn commit(
     span.record("events", events);
 
     let mut batch = sled::Batch::default();
-    // Every run's envelopes go into commit records, a few keys however many
-    // runs the commit carries; compaction writes them as segments later.
-    let parts: Vec<(RunId, u64, Vec<&[u8]>)> = runs
-        .iter()
-        .filter_map(|(run_id, run)| {
-            let first = run.items.first()?;
-            Some((
-                *run_id,
-                first.seq,
-                run.items.iter().map(|i| i.bytes.as_slice()).collect(),
-            ))
-        })
-        .collect();
-    let records = commit_log::encode_records(
-        parts
-            .iter()
-            .map(|(run_id, first_seq, bytes)| (*run_id, *first_seq, bytes.as_slice())),
-    );
+    // A run's part of the commit goes into commit records (a few keys
+    // however many runs the commit carries; compaction writes segments
+    // later), unless it is large enough to pay for a key of its own and the
+    // log holds nothing of the run (its segments must end where the log
+    // begins): then it is written as segments at once, not twice.
+    let mut direct: HashSet<RunId> = HashSet::new();
+    let mut parts: Vec<(RunId, u64, Vec<&[u8]>)> = Vec::new();
+    for (run_id, run) in &runs {
+        let Some(first) = run.items.first() else {
+            continue;
+        };
+        let bytes: usize = run.items.iter().map(|i| i.bytes.len()).sum();
+        let large = run.items.len() >= DIRECT_EVENTS || bytes >= DIRECT_BYTES;
+        if large && cache.log.last_seq(*run_id).is_none() {
+            for segment in segments(&run.items, limits, |i| i.bytes.len()) {
+                let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
+                batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
+            }
+            direct.insert(*run_id);
+        } else {
+            let bytes = run.items.iter().map(|i| i.bytes.as_slice()).collect();
+            parts.push((*run_id, first.seq, bytes));
+        }
+    }
+    let records = if parts.is_empty() {
+        Vec::new()
+    } else {
+        commit_log::encode_records(
+            parts
+                .iter()
+                .map(|(run_id, first_seq, bytes)| (*run_id, *first_seq, bytes.as_slice())),
+        )
+    };
     drop(parts);
     let record_count = records.len() as u64;
     for (index, record) in records.into_iter().enumerate() {
@@ -364,6 +388,9 @@ pub(crate) fn commit(
     let mut logged = Vec::with_capacity(runs.len());
     for (run_id, run) in runs {
         cache.put(run_id, run.record);
+        if direct.contains(&run_id) {
+            continue;
+        }
         let items = run.items.into_iter().map(|item| Logged {
             seq: item.seq,
             bytes: item.bytes,
@@ -490,7 +517,7 @@ fn write_compaction<'a>(
     let mut keys = 0usize;
     for generation in generations {
         for (run_id, logged) in generation.runs() {
-            for segment in segments(logged, limits) {
+            for segment in segments(logged, limits, |l| l.bytes.len()) {
                 let value = codec::encode_segment(segment.iter().map(|l| l.bytes.as_slice()));
                 batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
                 keys += 1;
@@ -727,19 +754,19 @@ fn stage(
 }
 
 /// Splits one run's consecutive items into segments within the limits.
-fn segments(items: &[Logged], limits: SegmentLimits) -> Vec<&[Logged]> {
+fn segments<T>(items: &[T], limits: SegmentLimits, len: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
     for (i, item) in items.iter().enumerate() {
-        let full = i - start >= limits.max_events
-            || (i > start && bytes + item.bytes.len() > limits.max_bytes);
+        let full =
+            i - start >= limits.max_events || (i > start && bytes + len(item) > limits.max_bytes);
         if full {
             out.push(&items[start..i]);
             start = i;
             bytes = 0;
         }
-        bytes += item.bytes.len();
+        bytes += len(item);
     }
     if start < items.len() {
         out.push(&items[start..]);
@@ -1551,16 +1578,22 @@ mod tests {
             max_events: 4,
             max_bytes: 1000,
         };
-        let sizes: Vec<_> = segments(&items, limits).iter().map(|s| s.len()).collect();
+        let sizes: Vec<_> = segments(&items, limits, |l| l.bytes.len())
+            .iter()
+            .map(|s| s.len())
+            .collect();
         assert_eq!(sizes, vec![4, 4, 2]);
         let limits = SegmentLimits {
             max_events: 100,
             max_bytes: 25,
         };
-        let sizes: Vec<_> = segments(&items, limits).iter().map(|s| s.len()).collect();
+        let sizes: Vec<_> = segments(&items, limits, |l| l.bytes.len())
+            .iter()
+            .map(|s| s.len())
+            .collect();
         assert_eq!(sizes, vec![2, 2, 2, 2, 2]);
         // An item larger than the byte limit still gets a segment of its own.
         let big = vec![item(100), item(100)];
-        assert_eq!(segments(&big, limits).len(), 2);
+        assert_eq!(segments(&big, limits, |l| l.bytes.len()).len(), 2);
     }
 }
