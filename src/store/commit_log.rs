@@ -144,6 +144,44 @@ impl CommitLog {
             .map(|l| l.seq)
     }
 
+    /// Whether the generation being compacted holds any of the run.
+    pub(crate) fn compacting_holds(&self, run_id: RunId) -> bool {
+        self.compacting
+            .as_deref()
+            .is_some_and(|g| g.runs.contains_key(&run_id))
+    }
+
+    /// Takes the run's envelopes out of the generation commits add to, for
+    /// a commit that writes them as segments itself. Their records stay
+    /// until that generation is compacted; recovery skips what the
+    /// segments already hold.
+    pub(crate) fn take_run(&mut self, run_id: RunId) -> Vec<Logged> {
+        let taken = self.current.runs.remove(&run_id).unwrap_or_default();
+        self.current.bytes -= taken.iter().map(|l| l.bytes.len()).sum::<usize>();
+        taken
+    }
+
+    /// Drops what the segments already hold (seqs up to `stored` of each
+    /// run), after [`Self::recover`]: a commit may have written a run's
+    /// logged envelopes as segments and left their records.
+    ///
+    /// # Errors
+    ///
+    /// The first error of `stored`.
+    pub(crate) fn skip_stored<E>(
+        &mut self,
+        stored: impl Fn(RunId) -> Result<u64, E>,
+    ) -> Result<(), E> {
+        let current = &mut self.current;
+        for (run_id, logged) in &mut current.runs {
+            let upto = stored(*run_id)?;
+            logged.retain(|l| l.seq > upto);
+        }
+        current.runs.retain(|_, logged| !logged.is_empty());
+        current.bytes = current.runs.values().flatten().map(|l| l.bytes.len()).sum();
+        Ok(())
+    }
+
     /// What a background compaction should write now, if anything: the
     /// generation that failed to compact before, or, once the log is full,
     /// the current one (commits then go on into a new one). `None` while

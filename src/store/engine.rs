@@ -215,8 +215,8 @@ fn open_error(path: &Path, error: sled::Error) -> OpenError {
 }
 
 /// A run's part of a commit with at least this many events, or
-/// [`DIRECT_BYTES`] bytes, is written as segments at once rather than into
-/// the commit log, when the log holds nothing of the run: its own key costs
+/// [`DIRECT_BYTES`] bytes, is written as segments at once (with what the
+/// commit log holds of the run) rather than into the log: its own key costs
 /// less than writing it twice.
 const DIRECT_EVENTS: usize = 32;
 
@@ -299,9 +299,10 @@ pub(crate) fn commit(
     let mut batch = sled::Batch::default();
     // A run's part of the commit goes into commit records (a few keys
     // however many runs the commit carries; compaction writes segments
-    // later), unless it is large enough to pay for a key of its own and the
-    // log holds nothing of the run (its segments must end where the log
-    // begins): then it is written as segments at once, not twice.
+    // later), unless it is large enough to pay for a key of its own: then
+    // it is written as segments at once, not twice, with what the log
+    // holds of the run (a run's segments must end where the log begins),
+    // unless a compaction under way holds some of it.
     let mut direct: HashSet<RunId> = HashSet::new();
     let mut parts: Vec<(RunId, u64, Vec<&[u8]>)> = Vec::new();
     for (run_id, run) in &runs {
@@ -310,10 +311,19 @@ pub(crate) fn commit(
         };
         let bytes: usize = run.items.iter().map(|i| i.bytes.len()).sum();
         let large = run.items.len() >= DIRECT_EVENTS || bytes >= DIRECT_BYTES;
-        if large && cache.log.last_seq(*run_id).is_none() {
-            for segment in segments(&run.items, limits, |i| i.bytes.len()) {
-                let value = codec::encode_segment(segment.iter().map(|i| i.bytes.as_slice()));
-                batch.insert(&layout::segment_key(*run_id, segment[0].seq), value);
+        if large && !cache.log.compacting_holds(*run_id) {
+            // What the log holds of the run goes with it, so that its
+            // segments still end where the log begins.
+            let logged = cache.log.run(*run_id).map(|l| l.bytes.as_slice());
+            let all: Vec<&[u8]> = logged
+                .chain(run.items.iter().map(|i| i.bytes.as_slice()))
+                .collect();
+            let first_seq = cache.log.run(*run_id).next().map_or(first.seq, |l| l.seq);
+            let mut seq = first_seq;
+            for segment in segments(&all, limits, |b| b.len()) {
+                let value = codec::encode_segment(segment.iter().copied());
+                batch.insert(&layout::segment_key(*run_id, seq), value);
+                seq += segment.len() as u64;
             }
             direct.insert(*run_id);
         } else {
@@ -389,6 +399,7 @@ pub(crate) fn commit(
     for (run_id, run) in runs {
         cache.put(run_id, run.record);
         if direct.contains(&run_id) {
+            cache.log.take_run(run_id);
             continue;
         }
         let items = run.items.into_iter().map(|item| Logged {
@@ -553,8 +564,10 @@ fn recover_commit_log(db: &sled::Db, limits: SegmentLimits) -> Result<(), String
         return Ok(());
     }
     let count = records.len();
-    let log = CommitLog::recover(records)
+    let mut log = CommitLog::recover(records)
         .map_err(|(number, e)| format!("commit record {number} is damaged: {e}"))?;
+    log.skip_stored(|run_id| last_stored_seq(db, run_id))
+        .map_err(|e| e.to_string())?;
     let mut cache = RunCache {
         log,
         ..RunCache::default()
