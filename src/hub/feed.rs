@@ -1,19 +1,21 @@
 //! A room's outgoing side, shared by run and fanout rooms: the live feed
-//! subscribers read (a broadcast channel of batches, so a subscriber's queue
-//! is bounded by its capacity and a slow one only falls behind), the ring of
-//! recent envelopes, and the idle clock.
+//! subscribers read (a queue of batches with a position per subscriber, so
+//! a subscriber's queue is bounded by its capacity and a slow one only falls
+//! behind), the ring of recent envelopes, and the idle clock.
+//!
+//! Both the live feed and the ring start empty and grow with what the room
+//! fans out, so a room that has sent nothing yet costs neither.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::broadcast;
-
+use super::live::LiveSender;
 use super::{Delivery, LiveFeed, RoomStats, Shared};
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 pub(crate) struct Feed {
-    live: broadcast::Sender<Delivery>,
+    live: LiveSender,
     ring: VecDeque<Arc<RuntimeEventEnvelope>>,
     shared: Arc<Shared>,
     last_active: Instant,
@@ -22,10 +24,9 @@ pub(crate) struct Feed {
 
 impl Feed {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let (live, _) = broadcast::channel(shared.live_capacity);
         Self {
-            live,
-            ring: VecDeque::with_capacity(shared.ring_capacity.min(64)),
+            live: LiveSender::new(shared.live_capacity),
+            ring: VecDeque::new(),
             shared,
             last_active: Instant::now(),
             fanned_out: 0,
@@ -57,7 +58,7 @@ impl Feed {
     fn send(&mut self, envelopes: Arc<[Arc<RuntimeEventEnvelope>]>, persisted: bool) {
         let first = self.fanned_out;
         self.fanned_out += envelopes.len() as u64;
-        let _ = self.live.send(Delivery {
+        self.live.send(Delivery {
             first,
             envelopes,
             persisted,
@@ -92,13 +93,13 @@ impl Feed {
         &self.ring
     }
 
-    /// No subscriber, and no activity for the idle timeout. (A run room also
-    /// requires nothing in flight.)
     /// Whether anyone holds the live feed.
     pub(crate) fn has_subscribers(&self) -> bool {
         self.live.receiver_count() > 0
     }
 
+    /// No subscriber, and no activity for the idle timeout. (A run room also
+    /// requires nothing in flight.)
     pub(crate) fn is_idle(&self) -> bool {
         self.live.receiver_count() == 0 && self.last_active.elapsed() >= self.shared.idle_timeout
     }
@@ -126,6 +127,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::event::{AgentEvent, TextDelta};
+    use crate::hub::live::RecvError;
     use crate::ids::RunId;
     use crate::stream::RuntimeEventId;
 
@@ -165,11 +167,11 @@ mod tests {
         feed.push(envelopes(RunId::new(), 1..=100));
         assert_eq!(feed.ring().len(), 16);
 
-        // 100 envelopes in deliveries of 4: the channel kept the last 4.
+        // 100 envelopes in deliveries of 4: the feed kept the last 4.
         let mut kept = Vec::new();
         loop {
             match stalled.receiver.try_recv() {
-                Ok(delivery) => {
+                Ok(Some(delivery)) => {
                     assert!(
                         delivery.envelopes.len() <= 4,
                         "{}",
@@ -178,8 +180,8 @@ mod tests {
                     assert_eq!(delivery.first + 1, delivery.envelopes[0].seq);
                     kept.extend(delivery.envelopes.iter().map(|e| e.seq));
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
+                Err(RecvError::Lagged(_)) => {}
+                Ok(None) | Err(RecvError::Closed) => break,
             }
         }
         assert_eq!(kept, (85..=100).collect::<Vec<_>>());

@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use futures_util::stream;
 use ractor::{ActorRef, RpcReplyPort};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
+use super::live::{LiveReceiver, RecvError};
 use super::router::RouterMsg;
 use super::run_room::RunAttach;
 use super::{Delivery, LiveFeed, Shared};
@@ -230,7 +230,7 @@ struct RunFollower {
     catch_up_to: u64,
     /// Envelopes owed next, shared with the room's ring until delivered.
     backlog: VecDeque<Arc<RuntimeEventEnvelope>>,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     done: bool,
@@ -407,7 +407,7 @@ struct SessionFollower {
     pending: Option<Arc<RuntimeEventEnvelope>>,
     /// Runs still to be read from the store up to their end.
     sweep: VecDeque<RunId>,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     delivered: ::metrics::Counter,
@@ -620,7 +620,7 @@ pub(crate) async fn follow_live(
 struct LiveFollower {
     link: Link,
     room: RuntimeRoom,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// The feed index of the next envelope owed; a delivery that starts
     /// past it says how many were skipped.
     next_index: u64,

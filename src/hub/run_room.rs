@@ -16,15 +16,16 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use uuid::Uuid;
 
 use super::fanout_room::FanoutMsg;
 use super::feed::Feed;
+use super::live::LiveReceiver;
 use super::progress::Progress;
 use super::router::RouterMsg;
 use super::tail::{self, Tail};
-use super::{Delivery, LiveFeed, RoomStats, Shared};
+use super::{LiveFeed, RoomStats, Shared};
 use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
@@ -50,7 +51,7 @@ pub(crate) struct PublishRequest {
 /// What a subscriber gets when it attaches to a run room.
 pub(crate) struct RunAttach {
     /// Live envelopes fanned out after the attach.
-    pub(crate) live: broadcast::Receiver<Delivery>,
+    pub(crate) live: LiveReceiver,
     /// The last seq the room has fanned out.
     pub(crate) persisted_seq: u64,
     /// Whether `persisted_seq` is the run's terminal event.
