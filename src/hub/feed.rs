@@ -68,10 +68,10 @@ impl Feed {
     /// Fans out an envelope published through the adapter, unless the room
     /// already fanned it out (a host that appends, then publishes the same
     /// envelope, in the seed's style, delivers it once).
-    pub(crate) fn live_publish(&mut self, envelope: RuntimeEventEnvelope) {
+    pub(crate) fn live_publish(&mut self, envelope: Box<RuntimeEventEnvelope>) {
         self.touch();
         if !self.ring.iter().any(|e| e.event_id == envelope.event_id) {
-            self.send(Arc::new([Arc::new(envelope)]), false);
+            self.send(Arc::new([Arc::from(envelope)]), false);
         }
     }
 

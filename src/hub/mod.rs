@@ -843,7 +843,7 @@ impl EventHub {
             .router
             .send_message(RouterMsg::LivePublish {
                 room,
-                envelope,
+                envelope: Box::new(envelope),
                 reply: tx.into(),
             })
             .map_err(|_| RuntimeStreamError::Closed)?;
