@@ -190,6 +190,12 @@ impl LiveReceiver {
     /// Cancel safe: a delivery is taken only when the future completes.
     pub(crate) async fn recv(&mut self) -> Result<Delivery, RecvError> {
         loop {
+            // Looked at first without registering for a wakeup: registering
+            // (and unregistering) locks the list of waiters every receiver
+            // of the room shares, which a receiver that is behind need not.
+            if let Some(delivery) = take(&self.inner, &mut self.next)? {
+                return Ok(delivery);
+            }
             let notified = self.inner.ready.notified();
             let mut notified = std::pin::pin!(notified);
             // Registered before looking, so a delivery sent between the look
