@@ -152,6 +152,23 @@ mod tests {
         .collect()
     }
 
+    /// A room that has fanned out nothing holds no slot for it, with or
+    /// without a subscriber: the live feed and the ring grow with what is
+    /// fanned out, and the live feed gives back what every subscriber read.
+    #[test]
+    fn a_room_allocates_its_feed_and_ring_on_demand() {
+        let shared = Arc::new(Shared::new(&Config::temporary()));
+        let mut feed = Feed::new(shared);
+        let mut subscriber = feed.subscribe();
+        assert_eq!((feed.live.allocated(), feed.ring().capacity()), (0, 0));
+        feed.push(envelopes(RunId::new(), 1..=3));
+        assert_eq!(feed.live.queued(), 1, "one delivery, unread");
+        assert!(feed.ring().capacity() < 64, "{}", feed.ring().capacity());
+        let delivery = subscriber.receiver.try_recv().unwrap().unwrap();
+        assert_eq!(delivery.envelopes.len(), 3);
+        assert_eq!(feed.live.queued(), 0, "read by its only subscriber");
+    }
+
     /// A big fan-out is split into deliveries of at most
     /// ring_capacity / live_capacity envelopes, so a subscriber that stopped
     /// reading keeps at most about a ring's worth alive, and the indices let

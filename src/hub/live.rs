@@ -149,13 +149,13 @@ impl LiveSender {
 
     /// Deliveries held for receivers that have not read them.
     #[cfg(test)]
-    fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.inner.lock().slots.len()
     }
 
     /// Slots allocated, filled or not.
     #[cfg(test)]
-    fn allocated(&self) -> usize {
+    pub(crate) fn allocated(&self) -> usize {
         self.inner.lock().slots.capacity()
     }
 }
