@@ -215,8 +215,9 @@ impl Config {
     /// envelopes. A subscriber that falls further behind catches up from the
     /// ring or the store (run and session rooms) or gets
     /// [`RuntimeStreamError::Lagged`](crate::RuntimeStreamError::Lagged)
-    /// (live subscriptions). Each room allocates these slots (about 40 bytes
-    /// each) up front.
+    /// (live subscriptions). The queue holds only what some subscriber has
+    /// not read yet, so a room pays for it (about 40 bytes a delivery) only
+    /// while a subscriber lags.
     #[must_use]
     pub fn live_capacity(mut self, deliveries: usize) -> Self {
         self.live_capacity = deliveries.max(1);

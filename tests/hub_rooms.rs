@@ -309,6 +309,61 @@ async fn a_busy_room_is_not_replaced() {
     hub.shutdown().await.unwrap();
 }
 
+/// Publishes that switch durability while an append of their room is at
+/// the store: the room sends what gathered under the old durability before
+/// it gathers the new one, and every event is stored once, in the order it
+/// was submitted, and delivered. Commits are held so that the switches
+/// happen while appends are outstanding, whatever the timing.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_that_switch_durability_mid_pipeline_keep_their_order() {
+    use behest_stream::Durability::{Buffered, Flushed};
+
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    hub.store().hold_commits(true).unwrap();
+    // The first goes to the store at once; the rest gather behind it, and
+    // each change of durability sends what gathered before it.
+    let durabilities = [
+        Flushed, Flushed, Flushed, Buffered, Buffered, Flushed, Buffered, Flushed,
+    ];
+    let mut pending = Vec::new();
+    for (i, durability) in durabilities.into_iter().enumerate() {
+        let event = delta(run, &i.to_string());
+        pending.push(hub.submit_with(event, durability).await.unwrap());
+    }
+    let last = hub.submit(completed(run)).await.unwrap();
+    hub.store().hold_commits(false).unwrap();
+    for (i, publish) in pending.into_iter().enumerate() {
+        let envelope = publish.await.unwrap();
+        assert_eq!(envelope.seq, i as u64 + 2);
+        assert!(
+            matches!(&envelope.event, AgentEvent::TextDelta(d) if d.delta == i.to_string()),
+            "{envelope:?}"
+        );
+    }
+    assert_eq!(last.await.unwrap().seq, 10);
+    let stored: Vec<u64> = hub
+        .replay(run, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, (1..=10).collect::<Vec<_>>());
+    let mut stream = hub
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while let Some(item) = next_within(&mut stream, DEADLINE).await {
+        seqs.push(item.unwrap().seq);
+    }
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    hub.shutdown().await.unwrap();
+}
+
 /// The number of running rooms is bounded: beyond `max_rooms` a publish that
 /// needs a new room is refused (nothing stored) until idle rooms stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

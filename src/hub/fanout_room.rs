@@ -30,11 +30,13 @@ pub(crate) enum FanoutMsg {
     /// Attach a live subscriber.
     Attach(RpcReplyPort<Result<LiveFeed, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`.
+    /// (Boxed: the largest variant sizes every message and the room's
+    /// `handle` future.)
     LivePublish {
-        envelope: RuntimeEventEnvelope,
+        envelope: Box<RuntimeEventEnvelope>,
         reply: RpcReplyPort<Result<(), HubError>>,
     },
-    /// Periodic check for idleness.
+    /// From the router, every half idle timeout: report if idle.
     Tick,
     /// From the router: stop if still idle, and say whether it did.
     StopIfIdle(RpcReplyPort<bool>),
@@ -98,10 +100,9 @@ impl Actor for FanoutRoom {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         args: FanoutRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(args.shared.idle_timeout / 2, || FanoutMsg::Tick);
         let log = match &args.room {
             RuntimeRoom::Session(session_id) => Some(SessionLog::new(*session_id, args.store)),
             _ => None,
@@ -114,6 +115,9 @@ impl Actor for FanoutRoom {
         })
     }
 
+    /// As a run room's (see `RunRoom::handle`), this future lives as long
+    /// as the room, as large as its largest arm: the shared log's awaits,
+    /// which only session rooms on NATS make, are boxed.
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -126,7 +130,7 @@ impl Actor for FanoutRoom {
                 // Following before answering: whatever another host appends
                 // after the subscriber's catch-up reaches it live.
                 if let Some(log) = state.log.as_mut()
-                    && let Err(error) = log.attach(&myself).await
+                    && let Err(error) = Box::pin(log.attach(&myself)).await
                 {
                     let _ = reply.send(Err(error.into()));
                     return Ok(());
@@ -135,7 +139,7 @@ impl Actor for FanoutRoom {
             }
             FanoutMsg::RunsJoined { runs, done } => {
                 if let Some(log) = state.log.as_mut() {
-                    log.joined(&myself, runs).await;
+                    Box::pin(log.joined(&myself, runs)).await;
                 }
                 let _ = done.send(());
             }
@@ -151,7 +155,7 @@ impl Actor for FanoutRoom {
             FanoutMsg::Refollow => {
                 let subscribed = state.feed.has_subscribers();
                 if let Some(log) = state.log.as_mut() {
-                    log.retry(&myself, subscribed).await;
+                    Box::pin(log.retry(&myself, subscribed)).await;
                 }
             }
             FanoutMsg::LivePublish { envelope, reply } => {

@@ -1,19 +1,21 @@
 //! A room's outgoing side, shared by run and fanout rooms: the live feed
-//! subscribers read (a broadcast channel of batches, so a subscriber's queue
-//! is bounded by its capacity and a slow one only falls behind), the ring of
-//! recent envelopes, and the idle clock.
+//! subscribers read (a queue of batches with a position per subscriber, so
+//! a subscriber's queue is bounded by its capacity and a slow one only falls
+//! behind), the ring of recent envelopes, and the idle clock.
+//!
+//! Both the live feed and the ring start empty and grow with what the room
+//! fans out, so a room that has sent nothing yet costs neither.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::broadcast;
-
+use super::live::LiveSender;
 use super::{Delivery, LiveFeed, RoomStats, Shared};
 use crate::stream::{RuntimeEventEnvelope, RuntimeRoom};
 
 pub(crate) struct Feed {
-    live: broadcast::Sender<Delivery>,
+    live: LiveSender,
     ring: VecDeque<Arc<RuntimeEventEnvelope>>,
     shared: Arc<Shared>,
     last_active: Instant,
@@ -22,10 +24,9 @@ pub(crate) struct Feed {
 
 impl Feed {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let (live, _) = broadcast::channel(shared.live_capacity);
         Self {
-            live,
-            ring: VecDeque::with_capacity(shared.ring_capacity.min(64)),
+            live: LiveSender::new(shared.live_capacity),
+            ring: VecDeque::new(),
             shared,
             last_active: Instant::now(),
             fanned_out: 0,
@@ -57,7 +58,7 @@ impl Feed {
     fn send(&mut self, envelopes: Arc<[Arc<RuntimeEventEnvelope>]>, persisted: bool) {
         let first = self.fanned_out;
         self.fanned_out += envelopes.len() as u64;
-        let _ = self.live.send(Delivery {
+        self.live.send(Delivery {
             first,
             envelopes,
             persisted,
@@ -67,10 +68,10 @@ impl Feed {
     /// Fans out an envelope published through the adapter, unless the room
     /// already fanned it out (a host that appends, then publishes the same
     /// envelope, in the seed's style, delivers it once).
-    pub(crate) fn live_publish(&mut self, envelope: RuntimeEventEnvelope) {
+    pub(crate) fn live_publish(&mut self, envelope: Box<RuntimeEventEnvelope>) {
         self.touch();
         if !self.ring.iter().any(|e| e.event_id == envelope.event_id) {
-            self.send(Arc::new([Arc::new(envelope)]), false);
+            self.send(Arc::new([Arc::from(envelope)]), false);
         }
     }
 
@@ -92,13 +93,13 @@ impl Feed {
         &self.ring
     }
 
-    /// No subscriber, and no activity for the idle timeout. (A run room also
-    /// requires nothing in flight.)
     /// Whether anyone holds the live feed.
     pub(crate) fn has_subscribers(&self) -> bool {
         self.live.receiver_count() > 0
     }
 
+    /// No subscriber, and no activity for the idle timeout. (A run room also
+    /// requires nothing in flight.)
     pub(crate) fn is_idle(&self) -> bool {
         self.live.receiver_count() == 0 && self.last_active.elapsed() >= self.shared.idle_timeout
     }
@@ -126,6 +127,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::event::{AgentEvent, TextDelta};
+    use crate::hub::live::RecvError;
     use crate::ids::RunId;
     use crate::stream::RuntimeEventId;
 
@@ -150,6 +152,23 @@ mod tests {
         .collect()
     }
 
+    /// A room that has fanned out nothing holds no slot for it, with or
+    /// without a subscriber: the live feed and the ring grow with what is
+    /// fanned out, and the live feed gives back what every subscriber read.
+    #[test]
+    fn a_room_allocates_its_feed_and_ring_on_demand() {
+        let shared = Arc::new(Shared::new(&Config::temporary()));
+        let mut feed = Feed::new(shared);
+        let mut subscriber = feed.subscribe();
+        assert_eq!((feed.live.allocated(), feed.ring().capacity()), (0, 0));
+        feed.push(envelopes(RunId::new(), 1..=3));
+        assert_eq!(feed.live.queued(), 1, "one delivery, unread");
+        assert!(feed.ring().capacity() < 64, "{}", feed.ring().capacity());
+        let delivery = subscriber.receiver.try_recv().unwrap().unwrap();
+        assert_eq!(delivery.envelopes.len(), 3);
+        assert_eq!(feed.live.queued(), 0, "read by its only subscriber");
+    }
+
     /// A big fan-out is split into deliveries of at most
     /// ring_capacity / live_capacity envelopes, so a subscriber that stopped
     /// reading keeps at most about a ring's worth alive, and the indices let
@@ -165,11 +184,11 @@ mod tests {
         feed.push(envelopes(RunId::new(), 1..=100));
         assert_eq!(feed.ring().len(), 16);
 
-        // 100 envelopes in deliveries of 4: the channel kept the last 4.
+        // 100 envelopes in deliveries of 4: the feed kept the last 4.
         let mut kept = Vec::new();
         loop {
             match stalled.receiver.try_recv() {
-                Ok(delivery) => {
+                Ok(Some(delivery)) => {
                     assert!(
                         delivery.envelopes.len() <= 4,
                         "{}",
@@ -178,8 +197,8 @@ mod tests {
                     assert_eq!(delivery.first + 1, delivery.envelopes[0].seq);
                     kept.extend(delivery.envelopes.iter().map(|e| e.seq));
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
+                Err(RecvError::Lagged(_)) => {}
+                Ok(None) | Err(RecvError::Closed) => break,
             }
         }
         assert_eq!(kept, (85..=100).collect::<Vec<_>>());

@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use futures_util::stream;
 use ractor::{ActorRef, RpcReplyPort};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
+use super::live::{LiveReceiver, RecvError};
 use super::router::RouterMsg;
 use super::run_room::RunAttach;
 use super::{Delivery, LiveFeed, Shared};
@@ -188,6 +188,12 @@ impl Unread {
     }
 }
 
+/// A subscription's state machine. Its `next` future lives as long as the
+/// subscription (inside the boxed stream), so the store reads and re-attaches
+/// it awaits are boxed where they are awaited: they are rare (a page per
+/// `catch_up_page` envelopes, an attach per lag) and far larger than the
+/// wait for the live feed, and inline they would make every subscription as
+/// large as them for its whole life.
 trait Follower: Send + 'static {
     /// The next envelope, `None` at the end, or the error that ends it.
     fn next(
@@ -230,7 +236,7 @@ struct RunFollower {
     catch_up_to: u64,
     /// Envelopes owed next, shared with the room's ring until delivered.
     backlog: VecDeque<Arc<RuntimeEventEnvelope>>,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     done: bool,
@@ -322,7 +328,7 @@ impl Follower for RunFollower {
             }
             if self.next_seq <= self.catch_up_to {
                 let page = self.link.shared.catch_up_page;
-                match self.link.page(self.run_id, self.next_seq - 1, page).await {
+                match Box::pin(self.link.page(self.run_id, self.next_seq - 1, page)).await {
                     Ok(page) => self.backlog.extend(page.into_iter().map(Arc::new)),
                     Err(error) => return Err(error),
                 }
@@ -350,7 +356,9 @@ impl Follower for RunFollower {
                 continue;
             }
             let Some(live) = self.live.as_mut() else {
-                self.attach().await.map_err(|e| subscribe_error(&e))?;
+                Box::pin(self.attach())
+                    .await
+                    .map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
@@ -407,7 +415,7 @@ struct SessionFollower {
     pending: Option<Arc<RuntimeEventEnvelope>>,
     /// Runs still to be read from the store up to their end.
     sweep: VecDeque<RunId>,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     delivered: ::metrics::Counter,
@@ -540,10 +548,7 @@ impl Follower for SessionFollower {
                 }
                 // A gap before this envelope: fill it from the store first.
                 let missing = usize::try_from(envelope.seq - 1 - seen).unwrap_or(usize::MAX);
-                match self
-                    .page_of(envelope.run_id, seen, missing.min(page))
-                    .await?
-                {
+                match Box::pin(self.page_of(envelope.run_id, seen, missing.min(page))).await? {
                     // Gone unseen: so is this envelope's place in history.
                     None => continue,
                     Some(fill) if fill.is_empty() => {
@@ -556,7 +561,7 @@ impl Follower for SessionFollower {
             }
             if let Some(run_id) = self.sweep.front().copied() {
                 let seen = self.cursor.seq(run_id);
-                match self.page_of(run_id, seen, page).await? {
+                match Box::pin(self.page_of(run_id, seen, page)).await? {
                     Some(fill) => {
                         if fill.len() < page {
                             self.sweep.pop_front();
@@ -576,7 +581,9 @@ impl Follower for SessionFollower {
                 continue;
             }
             let Some(live) = self.live.as_mut() else {
-                self.attach().await.map_err(|e| subscribe_error(&e))?;
+                Box::pin(self.attach())
+                    .await
+                    .map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {
@@ -589,7 +596,9 @@ impl Follower for SessionFollower {
                 // Runs that ended while this subscriber lagged send nothing
                 // more to reveal their gap: sweep them all.
                 Err(RecvError::Lagged(_)) => {
-                    self.sweep_all().await.map_err(|e| subscribe_error(&e))?;
+                    Box::pin(self.sweep_all())
+                        .await
+                        .map_err(|e| subscribe_error(&e))?;
                 }
                 Err(RecvError::Closed) => self.live = None,
             }
@@ -620,7 +629,7 @@ pub(crate) async fn follow_live(
 struct LiveFollower {
     link: Link,
     room: RuntimeRoom,
-    live: Option<broadcast::Receiver<Delivery>>,
+    live: Option<LiveReceiver>,
     /// The feed index of the next envelope owed; a delivery that starts
     /// past it says how many were skipped.
     next_index: u64,
@@ -650,7 +659,9 @@ impl Follower for LiveFollower {
                 return Ok(Some(envelope));
             }
             let Some(live) = self.live.as_mut() else {
-                self.attach().await.map_err(|e| subscribe_error(&e))?;
+                Box::pin(self.attach())
+                    .await
+                    .map_err(|e| subscribe_error(&e))?;
                 continue;
             };
             match live.recv().await {

@@ -125,6 +125,7 @@ mod cursor;
 mod fanout_room;
 mod feed;
 mod follow;
+mod live;
 mod progress;
 mod registry;
 mod router;
@@ -169,7 +170,7 @@ pub(crate) struct Delivery {
 /// A subscriber's end of a room's live feed.
 #[derive(Debug)]
 pub(crate) struct LiveFeed {
-    pub(crate) receiver: tokio::sync::broadcast::Receiver<Delivery>,
+    pub(crate) receiver: live::LiveReceiver,
     /// The feed index of the next envelope the room will send.
     pub(crate) next: u64,
 }
@@ -842,7 +843,7 @@ impl EventHub {
             .router
             .send_message(RouterMsg::LivePublish {
                 room,
-                envelope,
+                envelope: Box::new(envelope),
                 reply: tx.into(),
             })
             .map_err(|_| RuntimeStreamError::Closed)?;

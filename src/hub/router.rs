@@ -46,7 +46,7 @@ pub(crate) enum RouterMsg {
     /// room if it is running; answered `Ok` at once if it is not.
     LivePublish {
         room: RuntimeRoom,
-        envelope: RuntimeEventEnvelope,
+        envelope: Box<RuntimeEventEnvelope>,
         reply: RpcReplyPort<Result<(), HubError>>,
     },
     /// A room reports it has been idle.
@@ -57,6 +57,8 @@ pub(crate) enum RouterMsg {
     Shutdown(RpcReplyPort<()>),
     /// Try again to start a run room that died owing fan-out.
     RestartOwing(RunId),
+    /// Every half idle timeout: ask every room whether it is idle.
+    Tick,
 }
 
 #[derive(Clone)]
@@ -107,9 +109,12 @@ impl Actor for Router {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: RouterArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // One timer for all rooms: a timer per room costs each a task and a
+        // timer entry (about 0.4 KiB) for its whole life.
+        myself.send_interval(args.shared.idle_timeout / 2, || RouterMsg::Tick);
         Ok(RouterState {
             store: args.store,
             shared: args.shared,
@@ -254,6 +259,20 @@ impl Actor for Router {
                     let all = futures_util::future::join_all(answers).await;
                     let _ = reply.send(all.into_iter().flatten().collect());
                 });
+            }
+            RouterMsg::Tick => {
+                // A room that stopped meanwhile refuses it; the router hears
+                // of its end from supervision.
+                for room_ref in state.rooms.values() {
+                    match room_ref {
+                        RoomRef::Run(r, _) => {
+                            let _ = r.send_message(RunMsg::Tick);
+                        }
+                        RoomRef::Fanout(r) => {
+                            let _ = r.send_message(FanoutMsg::Tick);
+                        }
+                    }
+                }
             }
             RouterMsg::RestartOwing(run_id) => {
                 if state.unfanned.contains_key(&run_id)

@@ -16,15 +16,16 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use uuid::Uuid;
 
 use super::fanout_room::FanoutMsg;
 use super::feed::Feed;
+use super::live::LiveReceiver;
 use super::progress::Progress;
 use super::router::RouterMsg;
 use super::tail::{self, Tail};
-use super::{Delivery, LiveFeed, RoomStats, Shared};
+use super::{LiveFeed, RoomStats, Shared};
 use crate::config::Durability;
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
@@ -50,7 +51,7 @@ pub(crate) struct PublishRequest {
 /// What a subscriber gets when it attaches to a run room.
 pub(crate) struct RunAttach {
     /// Live envelopes fanned out after the attach.
-    pub(crate) live: broadcast::Receiver<Delivery>,
+    pub(crate) live: LiveReceiver,
     /// The last seq the room has fanned out.
     pub(crate) persisted_seq: u64,
     /// Whether `persisted_seq` is the run's terminal event.
@@ -78,12 +79,13 @@ pub(crate) enum RunMsg {
     /// Attach a live-only subscriber (the adapter's subscribe).
     AttachLive(RpcReplyPort<Result<LiveFeed, HubError>>),
     /// Fan out an envelope published through `RuntimeStreamAdapter`: live
-    /// only, not sequenced, not stored.
+    /// only, not sequenced, not stored. (Boxed: the largest variant sizes
+    /// every message and the room's `handle` future.)
     LivePublish {
-        envelope: RuntimeEventEnvelope,
+        envelope: Box<RuntimeEventEnvelope>,
         reply: RpcReplyPort<Result<(), HubError>>,
     },
-    /// Periodic check for idleness.
+    /// From the router, every half idle timeout: report if idle.
     Tick,
     /// From the router: stop if still idle, and say whether it did.
     StopIfIdle(RpcReplyPort<bool>),
@@ -131,6 +133,34 @@ struct InFlight {
     /// The append that carries it; `None` while it is gathering.
     batch: Option<u64>,
     result: Option<Result<(), StoreError>>,
+}
+
+/// A publish with its envelope built and encoded, not yet given its seq.
+struct Sequenced {
+    gathered: Gathered,
+    durability: Durability,
+}
+
+/// What a publish leaves the room to await.
+enum AfterPublish {
+    /// Nothing: it was refused (and answered), or it gathers behind an
+    /// append of the room at the store.
+    Nothing,
+    /// Hand what gathered, this publish included, to the store.
+    Send,
+    /// It asks for another durability than what gathered: hand that to the
+    /// store first. (Boxed: rare, and this value is held across the await
+    /// of the common case.)
+    SendFirst(Box<Sequenced>),
+}
+
+/// What gathered, as one append on its way to the store.
+struct Append {
+    items: Vec<StoredEnvelope>,
+    waiter: Box<RoomAppend>,
+    last_seq: u64,
+    /// Its share of the store's in-flight budget.
+    bytes: usize,
 }
 
 /// A sequenced, encoded event waiting for the room's next append.
@@ -243,87 +273,111 @@ impl Actor for RunRoom {
     /// awaits `pre_start`, is not held up by a store read.
     async fn post_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.recover().await;
         state.fan_out_owed().await?;
         tracing::debug!(run_id = %state.run_id, last_seq = state.persisted, "run room started");
-        myself.send_interval(state.shared.idle_timeout / 2, || RunMsg::Tick);
         Ok(())
     }
 
-    async fn handle(
+    /// Ractor keeps one future of this method inline in each room's message
+    /// loop for the room's whole life, as large as its largest arm (twice:
+    /// its loop holds it in two places). So the awaits that happen only now
+    /// and then (recovery, a durability switch, the shared log's reads) are
+    /// boxed where they are awaited, and the work between awaits is done by
+    /// plain functions, so that the request and envelope it handles are not
+    /// held in the future: a room pays for them only while it handles them.
+    /// Not an `async fn`, which would hold the message twice (its argument
+    /// and the local it copies it into).
+    #[allow(clippy::manual_async_fn)]
+    fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            RunMsg::Publish(request) => {
-                #[cfg(feature = "fault-injection")]
-                if state.shared.should_panic(&RuntimeRoom::Run(state.run_id)) {
-                    panic!("injected panic in room run:{}", state.run_id);
-                }
-                state.feed.touch();
+    ) -> impl Future<Output = Result<(), ActorProcessingErr>> + Send {
+        async move {
+            // Before anything is taken out of the message, so that none of
+            // it is held across this await.
+            if matches!(message, RunMsg::Publish(_) | RunMsg::Attach { .. }) {
                 state.recover_if_broken().await;
-                state.publish(&myself, request).await;
             }
-            RunMsg::Persisted { batch, result } => state.persisted(&myself, batch, result).await?,
-            RunMsg::Attach { from_seq, reply } => {
-                state.recover_if_broken().await;
-                state.follow_shared_log(&myself).await;
-                let _ = reply.send(state.attach(from_seq));
-            }
-            RunMsg::AttachLive(reply) => {
-                state.follow_shared_log(&myself).await;
-                let _ = reply.send(Ok(state.feed.subscribe()));
-            }
-            RunMsg::Remote { envelopes, done } => {
-                state.remote(envelopes).await;
-                let _ = done.send(());
-            }
-            RunMsg::TailEnded(tail) => {
-                if state.tail.as_ref().is_some_and(|t| t.id() == tail) {
-                    state.tail = None;
-                    state.refollow_later(&myself);
+            match message {
+                RunMsg::Publish(request) => {
+                    #[cfg(feature = "fault-injection")]
+                    if state.shared.should_panic(&RuntimeRoom::Run(state.run_id)) {
+                        panic!("injected panic in room run:{}", state.run_id);
+                    }
+                    state.feed.touch();
+                    match state.publish(request) {
+                        AfterPublish::Nothing => {}
+                        AfterPublish::Send => state.send_gathered(&myself).await,
+                        AfterPublish::SendFirst(sequenced) => {
+                            Box::pin(state.publish_after_switch(&myself, *sequenced)).await;
+                        }
+                    }
                 }
-            }
-            RunMsg::Refollow => {
-                state.retry_pending = false;
-                if state.feed.has_subscribers() {
+                RunMsg::Persisted { batch, result } => {
+                    let send_first = state.record_answer(batch, result);
+                    state.after_answer(&myself, send_first).await?;
+                }
+                RunMsg::Attach { from_seq, reply } => {
                     state.follow_shared_log(&myself).await;
+                    let _ = reply.send(state.attach(from_seq));
                 }
-            }
-            RunMsg::LivePublish { envelope, reply } => {
-                state.feed.live_publish(envelope);
-                let _ = reply.send(Ok(()));
-            }
-            RunMsg::Tick => {
-                if state.is_idle() {
+                RunMsg::AttachLive(reply) => {
+                    state.follow_shared_log(&myself).await;
+                    let _ = reply.send(Ok(state.feed.subscribe()));
+                }
+                RunMsg::Remote { envelopes, done } => {
+                    Box::pin(state.remote(envelopes)).await;
+                    let _ = done.send(());
+                }
+                RunMsg::TailEnded(tail) => {
+                    if state.tail.as_ref().is_some_and(|t| t.id() == tail) {
+                        state.tail = None;
+                        state.refollow_later(&myself);
+                    }
+                }
+                RunMsg::Refollow => {
+                    state.retry_pending = false;
+                    if state.feed.has_subscribers() {
+                        state.follow_shared_log(&myself).await;
+                    }
+                }
+                RunMsg::LivePublish { envelope, reply } => {
+                    state.feed.live_publish(envelope);
+                    let _ = reply.send(Ok(()));
+                }
+                RunMsg::Tick => {
+                    if state.is_idle() {
+                        let room = RuntimeRoom::Run(state.run_id);
+                        let _ = state.router.send_message(RouterMsg::Idle {
+                            room,
+                            id: myself.get_id(),
+                        });
+                    }
+                }
+                RunMsg::StopIfIdle(reply) => {
+                    let idle = state.is_idle();
+                    let _ = reply.send(idle);
+                    if idle {
+                        myself.stop(Some("idle".into()));
+                    }
+                }
+                RunMsg::Stats(reply) => {
                     let room = RuntimeRoom::Run(state.run_id);
-                    let _ = state.router.send_message(RouterMsg::Idle {
-                        room,
-                        id: myself.get_id(),
-                    });
+                    let stats =
+                        state
+                            .feed
+                            .stats(room, state.in_flight.len(), Some(state.persisted));
+                    let _ = reply.send(stats);
                 }
             }
-            RunMsg::StopIfIdle(reply) => {
-                let idle = state.is_idle();
-                let _ = reply.send(idle);
-                if idle {
-                    myself.stop(Some("idle".into()));
-                }
-            }
-            RunMsg::Stats(reply) => {
-                let room = RuntimeRoom::Run(state.run_id);
-                let stats = state
-                    .feed
-                    .stats(room, state.in_flight.len(), Some(state.persisted));
-                let _ = reply.send(stats);
-            }
+            Ok(())
         }
-        Ok(())
     }
 }
 
@@ -428,7 +482,9 @@ impl RunState {
     /// Tries recovery again if it failed in a way a retry may fix.
     async fn recover_if_broken(&mut self) {
         if self.broken.as_ref().is_some_and(StoreError::is_retryable) {
-            self.recover().await;
+            // Boxed, as every store read `handle` awaits only now and then:
+            // see `RunRoom::handle`.
+            Box::pin(self.recover()).await;
         }
     }
 
@@ -445,7 +501,7 @@ impl RunState {
             return;
         }
         let from = FollowFrom::AfterSeq(self.persisted);
-        let following = match self.store.follow_run(self.run_id, from).await {
+        let following = match Box::pin(self.store.follow_run(self.run_id, from)).await {
             Ok(Some(following)) => following,
             Ok(None) => return,
             Err(error) => {
@@ -526,6 +582,11 @@ impl RunState {
             return;
         }
         self.remote_behind = false;
+        Box::pin(self.read_others_appends()).await;
+    }
+
+    /// The reading part of [`RunState::catch_up_remote`].
+    async fn read_others_appends(&mut self) {
         let page = self.shared.catch_up_page;
         loop {
             let fill = match self
@@ -577,16 +638,20 @@ impl RunState {
         self.in_flight.is_empty() && self.feed.is_idle()
     }
 
-    async fn publish(&mut self, myself: &ActorRef<RunMsg>, request: PublishRequest) {
+    /// Takes a publish: refuses it (answered), or gives it its seq and
+    /// gathers it, saying what is left to await. Not async, so that the
+    /// request and its envelope are not part of the room's `handle` future
+    /// (see `RunRoom::handle`).
+    fn publish(&mut self, request: PublishRequest) -> AfterPublish {
         if let Some(error) = &self.broken {
             let _ = request.reply.send(Err(HubError::Store(error.clone())));
-            return;
+            return AfterPublish::Nothing;
         }
         if self.ended_assigned {
             let _ = request.reply.send(Err(HubError::RunClosed {
                 run_id: self.run_id,
             }));
-            return;
+            return AfterPublish::Nothing;
         }
         let seq = self.assigned.saturating_add(1);
         let session_id = self.session_id.or_else(|| request.event.session_id());
@@ -603,43 +668,68 @@ impl RunState {
             Ok(stored) => stored,
             Err(error) => {
                 let _ = request.reply.send(Err(error.into()));
-                return;
+                return AfterPublish::Nothing;
             }
+        };
+        let sequenced = Sequenced {
+            gathered: Gathered {
+                stored,
+                envelope: Arc::new(envelope),
+                reply: request.reply,
+                permit: request.permit,
+            },
+            durability: request.durability,
         };
         // A batch has one durability: a publish asking for another sends
         // what has gathered first.
         // (On a shared log durability is the server's, and a second append
         // in flight could reach it before the first.)
         if !self.gathering.is_empty()
-            && self.gathering_durability != request.durability
+            && self.gathering_durability != sequenced.durability
             && !self.store.is_shared_log()
         {
+            return AfterPublish::SendFirst(Box::new(sequenced));
+        }
+        self.gather(sequenced)
+    }
+
+    /// A publish of another durability than what gathered: sends that, then
+    /// gathers the publish.
+    async fn publish_after_switch(&mut self, myself: &ActorRef<RunMsg>, sequenced: Sequenced) {
+        self.send_gathered(myself).await;
+        if let AfterPublish::Send = self.gather(sequenced) {
             self.send_gathered(myself).await;
         }
-        self.assigned = seq;
+    }
+
+    /// Gives a sequenced event its seq and gathers it for the next append,
+    /// which goes at once if none of the room's is at the store.
+    fn gather(&mut self, sequenced: Sequenced) -> AfterPublish {
+        let Sequenced {
+            gathered,
+            durability,
+        } = sequenced;
+        let envelope = &gathered.envelope;
+        self.assigned = envelope.seq;
         self.published.increment(1);
-        tracing::trace!(run_id = %self.run_id, seq, kind = envelope.event.kind(), "sequenced");
-        self.session_id = session_id;
+        tracing::trace!(run_id = %self.run_id, seq = envelope.seq, kind = envelope.event.kind(), "sequenced");
+        self.session_id = envelope.session_id;
         if self.provider.is_none() {
             self.provider = envelope.event.provider().cloned();
         }
         self.ended_assigned = envelope.is_terminal();
-        let envelope = Arc::new(envelope);
         self.in_flight.push_back(InFlight {
-            envelope: Arc::clone(&envelope),
+            envelope: Arc::clone(envelope),
             generation: self.generation,
             batch: None,
             result: None,
         });
-        self.gathering_durability = request.durability;
-        self.gathering.push(Gathered {
-            stored,
-            envelope,
-            reply: request.reply,
-            permit: request.permit,
-        });
+        self.gathering_durability = durability;
+        self.gathering.push(gathered);
         if self.outstanding == 0 {
-            self.send_gathered(myself).await;
+            AfterPublish::Send
+        } else {
+            AfterPublish::Nothing
         }
     }
 
@@ -647,9 +737,54 @@ impl RunState {
     /// publishers' replies: the store answers each with its own outcome,
     /// also if the room dies.
     async fn send_gathered(&mut self, myself: &ActorRef<RunMsg>) {
+        let Some(append) = self.take_gathered(myself) else {
+            return;
+        };
+        // Waits only when the store's in-flight budget is spent: the store,
+        // not this room, is then the bottleneck, and waiting here is the
+        // backpressure. Boxed, being the exception (see `RunRoom::handle`).
+        if let Err(append) = self.hand_over_now(append) {
+            Box::pin(self.hand_over_when_reserved(append)).await;
+        }
+    }
+
+    /// Hands `append` to the store if its in-flight budget has room now;
+    /// gives it back if it has to wait.
+    fn hand_over_now(&mut self, append: Append) -> Result<(), Append> {
+        match self.store.try_reserve(append.bytes) {
+            Ok(Some(permit)) => self.hand_over(append, Ok(permit)),
+            Ok(None) => return Err(append),
+            Err(error) => self.hand_over(append, Err(error)),
+        }
+        Ok(())
+    }
+
+    async fn hand_over_when_reserved(&mut self, append: Append) {
+        let permit = self.store.reserve(append.bytes).await;
+        self.hand_over(append, permit);
+    }
+
+    fn hand_over(&mut self, append: Append, permit: Result<OwnedSemaphorePermit, StoreError>) {
+        match permit {
+            Ok(permit) => {
+                self.store.enqueue(
+                    append.items,
+                    self.gathering_durability,
+                    permit,
+                    append.waiter,
+                );
+                self.progress.handed(append.last_seq);
+            }
+            // Not handed to the store: nothing stored.
+            Err(error) => append.waiter.done(Err(error)),
+        }
+    }
+
+    /// What gathered, as one append numbered and counted as outstanding.
+    fn take_gathered(&mut self, myself: &ActorRef<RunMsg>) -> Option<Append> {
         let gathered = std::mem::take(&mut self.gathering);
         if gathered.is_empty() {
-            return;
+            return None;
         }
         let batch = self.next_batch;
         self.next_batch += 1;
@@ -671,6 +806,7 @@ impl RunState {
             publishers.push((g.envelope, Some(g.reply), g.permit));
         }
         let last_seq = items.last().map_or(0, |i| i.seq);
+        let bytes = encoded_len(&items);
         let waiter = Box::new(RoomAppend {
             room: myself.clone(),
             run_id: self.run_id,
@@ -678,30 +814,39 @@ impl RunState {
             publishers,
         });
         self.outstanding += 1;
-        // Waits only when the store's in-flight budget is spent: the store,
-        // not this room, is then the bottleneck, and waiting here is the
-        // backpressure.
-        match self.store.reserve(encoded_len(&items)).await {
-            Ok(permit) => {
-                self.store
-                    .enqueue(items, self.gathering_durability, permit, waiter);
-                self.progress.handed(last_seq);
-            }
-            // Not handed to the store: nothing stored.
-            Err(error) => waiter.done(Err(error)),
-        }
+        Some(Append {
+            items,
+            waiter,
+            last_seq,
+            bytes,
+        })
     }
 
-    /// Records the store's answer for one append, answers and fans out, in
-    /// seq order, every event at the front that has its answer, and sends
-    /// what gathered meanwhile: first, when nothing has failed, so that the
+    /// Once the store's answer for an append is recorded (see
+    /// [`RunState::record_answer`]): answers and fans out, in seq order,
+    /// every event at the front that has its answer, and sends what gathered
+    /// meanwhile: first (`send_first`), when nothing has failed, so that the
     /// store writes the next append while the room fans out this one.
-    async fn persisted(
+    async fn after_answer(
         &mut self,
         myself: &ActorRef<RunMsg>,
-        batch: u64,
-        result: Result<(), StoreError>,
+        send_first: bool,
     ) -> Result<(), ActorProcessingErr> {
+        if send_first {
+            self.send_gathered(myself).await;
+        }
+        self.fan_out_answered()?;
+        self.catch_up_remote().await;
+        if self.outstanding == 0 {
+            self.send_gathered(myself).await;
+        }
+        Ok(())
+    }
+
+    /// Records the store's answer for the events of append `batch`; true if
+    /// what gathered should go to the store now (no other append of the
+    /// room is there and nothing has failed).
+    fn record_answer(&mut self, batch: u64, result: Result<(), StoreError>) -> bool {
         self.outstanding = self.outstanding.saturating_sub(1);
         // An append's events are contiguous in `in_flight`.
         if let Some(first) = self.in_flight.iter().position(|f| f.batch == Some(batch)) {
@@ -712,16 +857,17 @@ impl RunState {
                 slot.result = Some(result.clone());
             }
         }
-        let nothing_failed = || {
-            self.in_flight
+        self.outstanding == 0
+            && self
+                .in_flight
                 .iter()
                 .all(|f| f.result.as_ref().is_none_or(Result::is_ok))
-        };
-        if self.outstanding == 0 && nothing_failed() {
-            self.send_gathered(myself).await;
-        }
-        // Fanned out as one delivery once the loop is done, even if a
-        // failure stops the room partway.
+    }
+
+    /// Answers and fans out, in seq order, every event at the front of
+    /// `in_flight` that has the store's answer. Fanned out as one delivery
+    /// once the loop is done, even if a failure stops the room partway.
+    fn fan_out_answered(&mut self) -> Result<(), ActorProcessingErr> {
         let mut fanned = Vec::new();
         let mut stop = Ok(());
         while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
@@ -743,12 +889,7 @@ impl RunState {
             }
         }
         self.fan_out(fanned);
-        stop?;
-        self.catch_up_remote().await;
-        if self.outstanding == 0 {
-            self.send_gathered(myself).await;
-        }
-        Ok(())
+        stop
     }
 
     fn mark_persisted(&mut self, envelope: &RuntimeEventEnvelope) {

@@ -692,13 +692,31 @@ impl Store {
     /// Waits for `bytes` of the in-flight budget (clamped to the whole
     /// budget, so one oversized append can still go alone).
     pub(crate) async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, StoreError> {
-        let share = u32::try_from(bytes)
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.inner.append_budget_total);
         Arc::clone(&self.inner.append_budget)
-            .acquire_many_owned(share)
+            .acquire_many_owned(self.budget_share(bytes))
             .await
             .map_err(|_| StoreError::Closed)
+    }
+
+    /// As [`Store::reserve`] without waiting: `None` while the budget is
+    /// spent. Lets a caller await (and hold the larger future of) `reserve`
+    /// only when it has to.
+    pub(crate) fn try_reserve(
+        &self,
+        bytes: usize,
+    ) -> Result<Option<OwnedSemaphorePermit>, StoreError> {
+        match Arc::clone(&self.inner.append_budget).try_acquire_many_owned(self.budget_share(bytes))
+        {
+            Ok(permit) => Ok(Some(permit)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(StoreError::Closed),
+        }
+    }
+
+    fn budget_share(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.inner.append_budget_total)
     }
 
     /// Hands an append to the store actor without waiting: appends enqueued
