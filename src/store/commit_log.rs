@@ -161,27 +161,6 @@ impl CommitLog {
         taken
     }
 
-    /// Drops what the segments already hold (seqs up to `stored` of each
-    /// run), after [`Self::recover`]: a commit may have written a run's
-    /// logged envelopes as segments and left their records.
-    ///
-    /// # Errors
-    ///
-    /// The first error of `stored`.
-    pub(crate) fn skip_stored<E>(
-        &mut self,
-        stored: impl Fn(RunId) -> Result<u64, E>,
-    ) -> Result<(), E> {
-        let current = &mut self.current;
-        for (run_id, logged) in &mut current.runs {
-            let upto = stored(*run_id)?;
-            logged.retain(|l| l.seq > upto);
-        }
-        current.runs.retain(|_, logged| !logged.is_empty());
-        current.bytes = current.runs.values().flatten().map(|l| l.bytes.len()).sum();
-        Ok(())
-    }
-
     /// What a background compaction should write now, if anything: the
     /// generation that failed to compact before, or, once the log is full,
     /// the current one (commits then go on into a new one). `None` while
@@ -208,15 +187,23 @@ impl CommitLog {
     /// A background compaction of `generation` ended: written (forget it)
     /// or failed (keep it, for readers and for the next try).
     pub(crate) fn compaction_ended(&mut self, generation: &Arc<Generation>, written: bool) {
+        // A stale task (its generation compacted at once meanwhile) must
+        // not end the compaction of a newer one.
+        if !self.is_compacting(generation) {
+            return;
+        }
         self.running = false;
-        if written
-            && self
-                .compacting
-                .as_ref()
-                .is_some_and(|g| Arc::ptr_eq(g, generation))
-        {
+        if written {
             self.compacting = None;
         }
+    }
+
+    /// Whether the generation commits add to holds so much more than a
+    /// compaction takes (one is under way, or keeps failing) that the
+    /// commit must compact before it goes on: bounds the log's memory.
+    pub(crate) fn overfull(&self) -> bool {
+        self.current.bytes >= 2 * COMPACT_BYTES
+            || self.next_record - self.current.first_record >= 2 * COMPACT_RECORDS
     }
 
     /// Everything the log holds, oldest generation first: what a
@@ -256,34 +243,45 @@ impl CommitLog {
     }
 
     /// Reads the records a crash left, in commit order, into a log whose
-    /// record numbers continue after them.
+    /// record numbers continue after them. `stored` gives the last seq a
+    /// run's segments hold: a commit may have written a run's logged
+    /// envelopes as segments and left their records, so what the segments
+    /// hold is skipped, and each run must then continue from its segments
+    /// without a gap.
     ///
     /// # Errors
     ///
     /// A record that does not decode, or that does not continue its run
-    /// where the records before it left it (the damaged record's number and
-    /// why).
+    /// where the segments and the records before it left it (naming the
+    /// record), or an error of `stored`.
     pub(crate) fn recover(
         records: impl IntoIterator<Item = (u64, Vec<u8>)>,
-    ) -> Result<Self, (u64, CodecError)> {
+        mut stored: impl FnMut(RunId) -> Result<u64, String>,
+    ) -> Result<Self, String> {
         let mut log = Self::default();
         let mut first = None;
+        let mut in_segments: HashMap<RunId, u64> = HashMap::new();
         for (number, value) in records {
             first.get_or_insert(number);
-            let runs = decode_record(&value).map_err(|e| (number, e))?;
-            for (run_id, logged) in &runs {
-                if let (Some(last), Some(next)) = (log.last_seq(*run_id), logged.first())
+            let damaged = |e: CodecError| format!("commit record {number} is damaged: {e}");
+            let mut runs = decode_record(&value).map_err(damaged)?;
+            for (run_id, logged) in &mut runs {
+                let upto = match in_segments.get(run_id) {
+                    Some(upto) => *upto,
+                    None => *in_segments.entry(*run_id).or_insert(stored(*run_id)?),
+                };
+                logged.retain(|l| l.seq > upto);
+                let last = log.last_seq(*run_id).unwrap_or(upto);
+                if let Some(next) = logged.first()
                     && last.checked_add(1) != Some(next.seq)
                 {
-                    return Err((
-                        number,
-                        CodecError::Malformed(format!(
-                            "run {run_id} continues at seq {} after seq {last}",
-                            next.seq
-                        )),
-                    ));
+                    return Err(damaged(CodecError::Malformed(format!(
+                        "run {run_id} continues at seq {} after seq {last}",
+                        next.seq
+                    ))));
                 }
             }
+            runs.retain(|(_, logged)| !logged.is_empty());
             log.next_record = number;
             log.committed(runs, 1);
         }
@@ -442,7 +440,9 @@ mod tests {
         let split = records(&runs);
         assert!(split.len() > 3, "{} records", split.len());
         assert!(split.iter().all(|r| r.len() <= RECORD_BYTES + 10_032));
-        let log = CommitLog::recover((10..).zip(split.clone())).unwrap();
+        // Run b's segments hold seqs 1..=3.
+        let stored = |run: RunId| Ok(if run == b { 3 } else { 0 });
+        let log = CommitLog::recover((10..).zip(split.clone()), stored).unwrap();
         assert_eq!(log.run(a).cloned().collect::<Vec<_>>(), big(1..=25));
         assert_eq!(log.run(b).cloned().collect::<Vec<_>>(), big(4..=30));
         let keys = log.generations().next().unwrap().record_keys();
@@ -567,15 +567,26 @@ mod tests {
         let (a, b) = (RunId::new(), RunId::new());
         let first = record(&[(a, logged(1..=2)), (b, logged(1..=1))]);
         let second = record(&[(a, logged(3..=4))]);
-        let log = CommitLog::recover([(5, first.clone()), (6, second)]).unwrap();
+        let log = CommitLog::recover([(5, first.clone()), (6, second)], |_| Ok(0)).unwrap();
         assert_eq!(log.last_seq(a), Some(4));
         assert_eq!(log.last_seq(b), Some(1));
         let keys = log.generations().last().unwrap().record_keys();
         assert_eq!(keys, layout::commit_key(5)..layout::commit_key(7));
 
         let gap = record(&[(a, logged(6..=6))]);
-        let error = CommitLog::recover([(5, first), (6, gap)]).unwrap_err();
-        assert_eq!(error.0, 6);
+        let error = CommitLog::recover([(5, first.clone()), (6, gap)], |_| Ok(0)).unwrap_err();
+        assert!(error.contains("commit record 6"), "{error}");
+
+        // What the segments hold is skipped before continuity is checked:
+        // a run whose seqs 3..=5 went straight to segments continues at 6.
+        let small = record(&[(a, logged(1..=2))]);
+        let after = record(&[(a, logged(6..=6))]);
+        let log = CommitLog::recover([(0, small.clone()), (1, after)], |_| Ok(5)).unwrap();
+        assert_eq!(seqs(&log, a), vec![6]);
+        // ...but not past a gap after them.
+        let late = record(&[(a, logged(8..=8))]);
+        let error = CommitLog::recover([(0, small), (1, late)], |_| Ok(5)).unwrap_err();
+        assert!(error.contains("commit record 1"), "{error}");
     }
 
     #[test]

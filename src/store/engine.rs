@@ -441,13 +441,19 @@ pub(crate) fn commit(
             });
         }
     }
-    // Off the commit path: the next commit goes on while it writes.
-    let generation = {
+    // Off the commit path: the next commit goes on while it writes. Unless
+    // the log outgrew what compactions take (one under way is slow, or they
+    // keep failing): then this commit compacts everything before the next
+    // one starts, so the log's memory stays bounded.
+    let (generation, overfull) = {
         let mut exclusive = gate
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        exclusive.log.start_compaction()
+        (exclusive.log.start_compaction(), exclusive.log.overfull())
     };
+    if overfull && let Err(error) = compact_now(db, gate, limits) {
+        tracing::error!(%error, "compaction failed; the commit log keeps its records");
+    }
     if let Some(generation) = generation {
         let (db, gate) = (db.clone(), Arc::clone(gate));
         tokio::task::spawn_blocking(move || compact_in_background(&db, &gate, &generation, limits));
@@ -486,8 +492,8 @@ fn compact_in_background(
 }
 
 /// Compacts everything the commit log holds before it returns (waiting for
-/// a compaction under way): for close, and for retention, which deletes
-/// segments.
+/// a compaction under way): for close, and for a commit whose log outgrew
+/// what compactions take.
 pub(crate) fn compact_now(
     db: &sled::Db,
     gate: &RwLock<RunCache>,
@@ -564,10 +570,9 @@ fn recover_commit_log(db: &sled::Db, limits: SegmentLimits) -> Result<(), String
         return Ok(());
     }
     let count = records.len();
-    let mut log = CommitLog::recover(records)
-        .map_err(|(number, e)| format!("commit record {number} is damaged: {e}"))?;
-    log.skip_stored(|run_id| last_stored_seq(db, run_id))
-        .map_err(|e| e.to_string())?;
+    let log = CommitLog::recover(records, |run_id| {
+        last_stored_seq(db, run_id).map_err(|e| e.to_string())
+    })?;
     let mut cache = RunCache {
         log,
         ..RunCache::default()
@@ -1289,8 +1294,16 @@ pub(crate) fn remove_ended_before(
     limits: SegmentLimits,
 ) -> Result<RemovalStep, StoreError> {
     // An ended run's last envelopes may still be in the commit log;
-    // removal deletes segments, so they must be segments first.
-    compact_now(db, gate, limits)?;
+    // removal deletes segments, so they must be segments first. The
+    // compactor is held to the end of the step, so that no background
+    // compaction writes a segment the step has not listed.
+    let compactor = read_gate(gate).log.compactor();
+    let _writing = compactor.lock().unwrap_or_else(|p| p.into_inner());
+    compact_all(
+        db,
+        &mut gate.write().unwrap_or_else(|p| p.into_inner()),
+        limits,
+    )?;
     let mut doomed: Vec<Doomed> = Vec::new();
     let mut keys = 0usize;
     let mut more = false;
