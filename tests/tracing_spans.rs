@@ -1,6 +1,6 @@
 //! The paths that matter report through `tracing` with the fields an
 //! operator filters on: the run room sequences (`run_id`, `seq`), the store
-//! commits in a `commit` span and writes segments (`run_id`, `seq`), and a
+//! commits in a `commit` span and stores each run's part (`run_id`, `seq`), and a
 //! subscriber's deliveries happen inside a `subscription` span naming its
 //! `room`. A recording subscriber, installed for this test binary, sees them.
 
@@ -155,11 +155,11 @@ async fn publish_commit_and_delivery_report_room_run_and_seq() {
         "the run room sequenced each"
     );
 
-    let segments = events_named("segment");
-    assert!(!segments.is_empty(), "the store reported its segments");
+    let segments = events_named("stored");
+    assert!(!segments.is_empty(), "the store reported each run's part");
     for segment in &segments {
         let parent = segment.parent.and_then(|id| recorded.spans.get(&id));
-        let parent = parent.expect("a segment is written inside a commit span");
+        let parent = parent.expect("a run's part is stored inside a commit span");
         assert_eq!(parent.name, "commit");
         assert!(parent.fields.contains_key("appends"));
         assert!(parent.fields.contains_key("events"), "{parent:?}");

@@ -306,12 +306,20 @@ pub(crate) fn commit(
     let mut direct: HashSet<RunId> = HashSet::new();
     let mut parts: Vec<(RunId, u64, Vec<&[u8]>)> = Vec::new();
     for (run_id, run) in &runs {
-        let Some(first) = run.items.first() else {
+        let (Some(first), Some(last)) = (run.items.first(), run.items.last()) else {
             continue;
         };
         let bytes: usize = run.items.iter().map(|i| i.bytes.len()).sum();
         let large = run.items.len() >= DIRECT_EVENTS || bytes >= DIRECT_BYTES;
-        if large && !cache.log.compacting_holds(*run_id) {
+        let direct_now = large && !cache.log.compacting_holds(*run_id);
+        tracing::trace!(
+            %run_id,
+            first_seq = first.seq,
+            seq = last.seq,
+            into = if direct_now { "segments" } else { "commit log" },
+            "stored"
+        );
+        if direct_now {
             // What the log holds of the run goes with it, so that its
             // segments still end where the log begins.
             let logged = cache.log.run(*run_id).map(|l| l.bytes.as_slice());
