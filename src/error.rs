@@ -349,3 +349,17 @@ impl From<StoreError> for HubError {
         }
     }
 }
+
+impl StoreError {
+    /// `wanted` is missing from `run_id`'s log (sled's segments and commit
+    /// log, or the NATS stream), which goes on at `resumes_at`.
+    pub(crate) fn missing(run_id: RunId, wanted: u64, resumes_at: u64) -> Self {
+        Self::Corrupt {
+            run_id,
+            seq: wanted,
+            source: CodecError::Malformed(format!(
+                "seq {wanted} is missing; the run's log resumes at seq {resumes_at}"
+            )),
+        }
+    }
+}

@@ -634,7 +634,7 @@ impl NatsLog {
             };
             let envelope = decode(run_id, Some(expected), &message)?;
             if envelope.seq != expected {
-                return Err(missing(run_id, expected, envelope.seq));
+                return Err(StoreError::missing(run_id, expected, envelope.seq));
             }
             next = message.sequence + 1;
             out.push(envelope);
@@ -939,16 +939,6 @@ fn decode(
         });
     }
     Ok(envelope)
-}
-
-fn missing(run_id: RunId, expected: u64, found: u64) -> StoreError {
-    StoreError::Corrupt {
-        run_id,
-        seq: expected,
-        source: CodecError::Malformed(format!(
-            "seq {expected} is missing; the run's log goes on at seq {found}"
-        )),
-    }
 }
 
 fn read_failed(error: &impl std::fmt::Display) -> StoreError {

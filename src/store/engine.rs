@@ -945,7 +945,7 @@ pub(crate) fn list_after(
                 // The first event served must be the one asked for: a
                 // missing segment below it is damage, not a shorter log.
                 if out.is_empty() && envelope.seq != wanted {
-                    return Err(missing(run_id, wanted, envelope.seq));
+                    return Err(StoreError::missing(run_id, wanted, envelope.seq));
                 }
                 out.push(envelope);
                 if out.len() == limit {
@@ -964,14 +964,14 @@ pub(crate) fn list_after(
         if let Some(expected) = expected
             && logged.seq != expected
         {
-            return Err(missing(run_id, expected, logged.seq));
+            return Err(StoreError::missing(run_id, expected, logged.seq));
         }
         expected = Some(logged.seq.saturating_add(1));
         if logged.seq < wanted {
             continue;
         }
         if out.is_empty() && logged.seq != wanted {
-            return Err(missing(run_id, wanted, logged.seq));
+            return Err(StoreError::missing(run_id, wanted, logged.seq));
         }
         out.push(decode_logged(run_id, logged)?);
         if out.len() == limit {
@@ -986,18 +986,6 @@ pub(crate) fn list_after(
         removed_error(db, run_id, after_seq)?;
     }
     Ok(out)
-}
-
-/// `wanted` is missing from a run's log (its segments, then the commit
-/// log), which resumes at `resumes_at`.
-fn missing(run_id: RunId, wanted: u64, resumes_at: u64) -> StoreError {
-    StoreError::Corrupt {
-        run_id,
-        seq: wanted,
-        source: CodecError::Malformed(format!(
-            "seq {wanted} is missing; the log resumes at seq {resumes_at}"
-        )),
-    }
 }
 
 /// `RunRemoved` if retention removed `run_id` and it had events after
@@ -1159,7 +1147,7 @@ pub(crate) fn verify_run(
             continue;
         }
         if logged.seq != expected {
-            return Err(missing(run_id, expected, logged.seq));
+            return Err(StoreError::missing(run_id, expected, logged.seq));
         }
         decode_logged(run_id, logged)?;
         expected = logged.seq.saturating_add(1);
