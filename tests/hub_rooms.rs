@@ -391,3 +391,72 @@ async fn rooms_beyond_the_limit_are_refused_until_idle_ones_stop() {
     assert_eq!(hub.publish(started(runs[2], None)).await.unwrap().seq, 1);
     hub.shutdown().await.unwrap();
 }
+
+/// Publishers send to a running run room directly, and through the router
+/// only when the room is not running, stopped, or still has publishes at
+/// the router. Pipelined publishers whose rooms keep stopping (a 2 ms idle
+/// timeout), some of whose publishes therefore go through the router and
+/// some straight to a room, must still get seqs in the order they
+/// submitted: every envelope carries its submission index, and each run's
+/// seqs must follow it with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_keep_their_order_while_rooms_stop_and_start() {
+    const RUNS: usize = 32;
+    const ROUNDS: usize = 80;
+    const PER_ROUND: usize = 16;
+    let hub = EventHub::open(Config::temporary().idle_timeout(Duration::from_millis(2)))
+        .await
+        .unwrap();
+    let mut publishers = tokio::task::JoinSet::new();
+    for r in 0..RUNS {
+        let hub = hub.clone();
+        publishers.spawn(async move {
+            let run = RunId::new();
+            hub.publish(started(run, None)).await.unwrap();
+            let mut next = 2u64;
+            for round in 0..ROUNDS {
+                let mut pending = Vec::with_capacity(PER_ROUND);
+                for i in 0..PER_ROUND {
+                    let text = format!("{round}/{i}");
+                    pending.push((text.clone(), hub.submit(delta(run, &text)).await.unwrap()));
+                }
+                for (text, publish) in pending {
+                    let envelope = publish.await.unwrap();
+                    assert_eq!(envelope.seq, next, "run {r}: seq of {text}");
+                    assert!(
+                        matches!(&envelope.event, AgentEvent::TextDelta(d) if d.delta == text),
+                        "run {r}: seq {next} holds {envelope:?}, submitted as {text}"
+                    );
+                    next += 1;
+                }
+                // Now and then long enough for the room to be stopped as
+                // idle, so that the next round starts at the router.
+                if (round + r) % 3 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let stored: Vec<u64> = hub
+                .replay(run, 0, 10_000)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(
+                stored,
+                (1..next).collect::<Vec<_>>(),
+                "run {r}: stored seqs"
+            );
+        });
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.unwrap();
+    }
+    let stats = hub.stats().await.unwrap();
+    assert!(
+        stats.rooms_evicted >= RUNS as u64,
+        "the rooms were meant to stop while their runs went on: {} evictions",
+        stats.rooms_evicted
+    );
+    hub.shutdown().await.unwrap();
+}

@@ -189,6 +189,9 @@ pub(crate) struct Shared {
     /// The running session and provider rooms, which run rooms fan out to
     /// directly (the router writes it).
     pub(crate) fanout_rooms: registry::FanoutRooms,
+    /// The running run rooms, which publishers send to directly (the
+    /// router writes it).
+    pub(crate) run_rooms: registry::RunRooms,
     /// Test hook: rooms told to panic at their n-th publish from now.
     #[cfg(feature = "fault-injection")]
     pub(crate) panics: std::sync::Mutex<std::collections::HashMap<RuntimeRoom, u64>>,
@@ -210,6 +213,7 @@ impl Shared {
             restart_window: config.restart_window,
             counters: Counters::default(),
             fanout_rooms: registry::FanoutRooms::default(),
+            run_rooms: registry::RunRooms::default(),
             #[cfg(feature = "fault-injection")]
             panics: std::sync::Mutex::default(),
             #[cfg(feature = "fault-injection")]
@@ -573,15 +577,18 @@ impl EventHub {
             .map_err(|_| HubError::Closed)?;
         let (tx, rx) = oneshot::channel();
         let run_id = event.run_id();
-        self.inner
-            .link
-            .router
-            .send_message(RouterMsg::Publish(PublishRequest {
-                event,
-                durability,
-                permit,
-                reply: tx,
-            }))
+        let link = &self.inner.link;
+        link.shared
+            .run_rooms
+            .publish(
+                &link.router,
+                PublishRequest {
+                    event,
+                    durability,
+                    permit,
+                    reply: tx,
+                },
+            )
             .map_err(|_| HubError::Closed)?;
         Ok(PendingPublish { reply: rx, run_id })
     }

@@ -1,6 +1,10 @@
-//! The running session and provider rooms, readable by every run room, so
-//! that a run room fans out to them directly instead of through the router
-//! (which would otherwise carry every fanned-out batch of every run).
+//! The running rooms, readable without the router, so that the router only
+//! starts and supervises rooms and is not on the path of every event:
+//! - [`RunRooms`]: run rooms, which publishers send to directly;
+//! - [`FanoutRooms`]: session and provider rooms, which run rooms fan out
+//!   to directly.
+//!
+//! Only the router adds and removes rooms.
 //!
 //! Only the router writes it: it adds a room when it starts one and removes
 //! it when it forgets it, so it holds exactly the rooms in the router's map
@@ -9,11 +13,14 @@
 //! come reads the store.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use ractor::{ActorId, ActorRef};
 
 use super::fanout_room::FanoutMsg;
+use super::router::RouterMsg;
+use super::run_room::{PublishRequest, RunMsg};
+use crate::ids::RunId;
 use crate::stream::RuntimeRoom;
 
 /// Session and provider rooms by room.
@@ -60,5 +67,146 @@ impl FanoutRooms {
         self.rooms
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Shards of [`RunRooms`]: publishers of different runs rarely wait on one
+/// another's lock.
+const RUN_ROOM_SHARDS: usize = 16;
+
+/// The running run rooms, which publishers send to directly, so that a
+/// publish does not pass through the router (which would otherwise handle
+/// every event of every run).
+///
+/// A publish takes the router's path (which starts the room if need be)
+/// when the room is not here, when a send to it fails (it stopped), and
+/// while publishes of the run are still with the router: `routed` counts
+/// those, and a direct send waits until it is back to 0, so that it never
+/// overtakes an earlier publish still queued at the router ("publishes
+/// submitted in order get seqs in that order").
+///
+/// Bounded: an entry is either a room in the router's map (at most
+/// `Config::max_rooms`) or counts publishes in flight (at most
+/// `Config::max_in_flight_publishes`).
+#[derive(Debug)]
+pub(crate) struct RunRooms {
+    shards: Box<[Mutex<HashMap<RunId, RunEntry>>]>,
+}
+
+#[derive(Debug, Default)]
+struct RunEntry {
+    room: Option<ActorRef<RunMsg>>,
+    /// Publishes of this run handed to the router and not yet on to a room.
+    routed: usize,
+}
+
+impl Default for RunRooms {
+    fn default() -> Self {
+        Self {
+            shards: (0..RUN_ROOM_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl RunRooms {
+    fn shard(&self, run_id: RunId) -> MutexGuard<'_, HashMap<RunId, RunEntry>> {
+        let index = (run_id.as_uuid().as_u128() % RUN_ROOM_SHARDS as u128) as usize;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands `request` to its run room directly if it may, or else to the
+    /// router. The send happens under the shard's lock, so that the router,
+    /// once [`RunRooms::withdraw`] returns, knows that no direct send to the
+    /// room is still to come.
+    ///
+    /// # Errors
+    ///
+    /// The request back if the router has stopped (the hub shut down).
+    pub(crate) fn publish(
+        &self,
+        router: &ActorRef<RouterMsg>,
+        request: PublishRequest,
+    ) -> Result<(), PublishRequest> {
+        let run_id = request.event.run_id();
+        let mut shard = self.shard(run_id);
+        let entry = shard.entry(run_id).or_default();
+        let mut message = RunMsg::Publish(request);
+        if entry.routed == 0
+            && let Some(room) = &entry.room
+        {
+            match room.send_message(message) {
+                Ok(()) => return Ok(()),
+                Err(ractor::MessagingErr::SendErr(back)) => {
+                    // Stopped: the router learns of it and starts another.
+                    entry.room = None;
+                    message = back;
+                }
+                Err(_) => return Ok(()),
+            }
+        }
+        let RunMsg::Publish(request) = message else {
+            unreachable!("only a publish was sent")
+        };
+        match router.send_message(RouterMsg::Publish(request)) {
+            Ok(()) => {
+                entry.routed += 1;
+                Ok(())
+            }
+            Err(ractor::MessagingErr::SendErr(RouterMsg::Publish(request))) => {
+                if entry.room.is_none() && entry.routed == 0 {
+                    shard.remove(&run_id);
+                }
+                Err(request)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The router has handed on (or answered) a publish of `run_id` that
+    /// came through it.
+    pub(crate) fn routed_done(&self, run_id: RunId) {
+        let mut shard = self.shard(run_id);
+        if let Some(entry) = shard.get_mut(&run_id) {
+            entry.routed = entry.routed.saturating_sub(1);
+            if entry.routed == 0 && entry.room.is_none() {
+                shard.remove(&run_id);
+            }
+        }
+    }
+
+    /// The router started `room` for `run_id` (or kept it after asking it
+    /// to stop): publishers may send to it directly.
+    pub(crate) fn insert(&self, run_id: RunId, room: ActorRef<RunMsg>) {
+        self.shard(run_id).entry(run_id).or_default().room = Some(room);
+    }
+
+    /// Publishers stop sending to `run_id`'s room `id` (a newer room of the
+    /// run is left alone): every direct send to it has happened when this
+    /// returns, so a message the router sends it next comes after them.
+    pub(crate) fn withdraw(&self, run_id: RunId, id: ActorId) {
+        let mut shard = self.shard(run_id);
+        if let Some(entry) = shard.get_mut(&run_id)
+            && entry.room.as_ref().is_some_and(|room| room.get_id() == id)
+        {
+            entry.room = None;
+            if entry.routed == 0 {
+                shard.remove(&run_id);
+            }
+        }
+    }
+
+    /// The router stopped every room.
+    pub(crate) fn clear(&self) {
+        for shard in &*self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .retain(|_, entry| {
+                    entry.room = None;
+                    entry.routed > 0
+                });
+        }
     }
 }

@@ -134,33 +134,9 @@ impl Actor for Router {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             RouterMsg::Publish(request) => {
-                let room = RuntimeRoom::Run(request.event.run_id());
-                let mut message = RunMsg::Publish(request);
-                // A room that stopped since the map last heard of it hands the
-                // message back; start a fresh one (it recovers from the store).
-                for _ in 0..2 {
-                    match state.run_room(&myself, &room).await {
-                        Ok(room_ref) => match room_ref.send_message(message) {
-                            Ok(()) => return Ok(()),
-                            Err(ractor::MessagingErr::SendErr(back)) => {
-                                state.forget(&room);
-                                message = back;
-                            }
-                            Err(_) => return Ok(()),
-                        },
-                        Err(error) => {
-                            if let RunMsg::Publish(request) = message {
-                                let _ = request.reply.send(Err(error));
-                            }
-                            return Ok(());
-                        }
-                    }
-                }
-                if let RunMsg::Publish(request) = message {
-                    let _ = request
-                        .reply
-                        .send(Err(unavailable(&room, "room keeps stopping")));
-                }
+                let run_id = request.event.run_id();
+                state.route_publish(&myself, request).await;
+                state.shared.run_rooms.routed_done(run_id);
             }
             RouterMsg::AttachRun {
                 run_id,
@@ -233,11 +209,24 @@ impl Actor for Router {
                 if room_ref.id() != id {
                     return Ok(());
                 }
-                // The room decides, having handled everything the router sent
-                // it before this question; the router sends it nothing more
-                // until it has the answer.
+                // The room decides, having handled everything sent to it
+                // before this question: publishers are withdrawn from a run
+                // room first, so what they sent it directly is ahead of the
+                // question, and what they send next waits at the router,
+                // which sends the room nothing more until it has the answer.
                 let stopped = match &room_ref {
-                    RoomRef::Run(r, _) => ask(r, RunMsg::StopIfIdle).await,
+                    RoomRef::Run(r, _) => {
+                        if let RuntimeRoom::Run(run_id) = &room {
+                            state.shared.run_rooms.withdraw(*run_id, id);
+                        }
+                        let stopped = ask(r, RunMsg::StopIfIdle).await;
+                        if stopped != Some(true)
+                            && let RuntimeRoom::Run(run_id) = &room
+                        {
+                            state.shared.run_rooms.insert(*run_id, r.clone());
+                        }
+                        stopped
+                    }
                     RoomRef::Fanout(r) => ask(r, FanoutMsg::StopIfIdle).await,
                 };
                 if stopped == Some(true) {
@@ -284,6 +273,7 @@ impl Actor for Router {
             RouterMsg::Shutdown(reply) => {
                 state.rooms.clear();
                 state.shared.fanout_rooms.clear();
+                state.shared.run_rooms.clear();
                 state.by_id.clear();
                 myself
                     .stop_children_and_wait(Some("hub shutdown".into()), Some(ROOM_ANSWER_TIMEOUT))
@@ -379,8 +369,11 @@ impl RouterState {
     fn forget(&mut self, room: &RuntimeRoom) {
         if let Some(room_ref) = self.rooms.remove(room) {
             self.by_id.remove(&room_ref.id());
-            if let RoomRef::Fanout(_) = &room_ref {
-                self.shared.fanout_rooms.remove(room, room_ref.id());
+            match (room, &room_ref) {
+                (RuntimeRoom::Run(run_id), RoomRef::Run(..)) => {
+                    self.shared.run_rooms.withdraw(*run_id, room_ref.id());
+                }
+                _ => self.shared.fanout_rooms.remove(room, room_ref.id()),
             }
             if let (RuntimeRoom::Run(run_id), RoomRef::Run(_, progress)) = (room, &room_ref)
                 && let Some(fanned) = progress.unfanned_from()
@@ -400,6 +393,38 @@ impl RouterState {
             {
                 self.restart_owing(myself, run_id).await;
             }
+        }
+    }
+
+    /// Hands a publish that came through the router to its run room,
+    /// starting the room if need be.
+    async fn route_publish(&mut self, myself: &ActorRef<RouterMsg>, request: PublishRequest) {
+        let room = RuntimeRoom::Run(request.event.run_id());
+        let mut message = RunMsg::Publish(request);
+        // A room that stopped since the map last heard of it hands the
+        // message back; start a fresh one (it recovers from the store).
+        for _ in 0..2 {
+            match self.run_room(myself, &room).await {
+                Ok(room_ref) => match room_ref.send_message(message) {
+                    Ok(()) => return,
+                    Err(ractor::MessagingErr::SendErr(back)) => {
+                        self.forget(&room);
+                        message = back;
+                    }
+                    Err(_) => return,
+                },
+                Err(error) => {
+                    if let RunMsg::Publish(request) = message {
+                        let _ = request.reply.send(Err(error));
+                    }
+                    return;
+                }
+            }
+        }
+        if let RunMsg::Publish(request) = message {
+            let _ = request
+                .reply
+                .send(Err(unavailable(&room, "room keeps stopping")));
         }
     }
 
@@ -473,8 +498,14 @@ impl RouterState {
         };
         self.shared.counters.record_start();
         self.by_id.insert(room_ref.id(), room.clone());
-        if let RoomRef::Fanout(actor) = &room_ref {
-            self.shared.fanout_rooms.insert(room.clone(), actor.clone());
+        match (room, &room_ref) {
+            (RuntimeRoom::Run(run_id), RoomRef::Run(actor, _)) => {
+                self.shared.run_rooms.insert(*run_id, actor.clone());
+            }
+            (_, RoomRef::Fanout(actor)) => {
+                self.shared.fanout_rooms.insert(room.clone(), actor.clone());
+            }
+            _ => {}
         }
         self.rooms.insert(room.clone(), room_ref.clone());
         Ok(room_ref)
