@@ -206,6 +206,10 @@ struct Args {
     /// every room is evicted; report the heap then.
     #[arg(long)]
     evict: bool,
+    /// Subscribe with `EventHub::subscribe_shared`: each subscriber gets
+    /// the envelope the room shares instead of a copy.
+    #[arg(long)]
+    shared: bool,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -288,6 +292,7 @@ struct ConfigReport {
     rate: f64,
     half_load: bool,
     evict: bool,
+    shared_envelopes: bool,
 }
 
 /// The machine, as reported.
@@ -493,6 +498,7 @@ fn measure(
     work.rate = args.rate;
     work.timeout = timeout;
     work.evict_within = args.evict.then_some(Duration::from_secs(60));
+    work.shared_envelopes = args.shared;
     let hub_in_flight = args
         .hub_in_flight
         .unwrap_or_else(|| work.default_hub_in_flight());
@@ -518,6 +524,7 @@ fn measure(
         rate: args.rate,
         half_load: args.half_load,
         evict: args.evict,
+        shared_envelopes: args.shared,
     };
 
     // The hub runs.
@@ -766,7 +773,7 @@ fn print_table(report: &Report) {
     };
     println!("behest-stream hub bench");
     println!(
-        "config     {} room(s) x {} subscriber(s), {} events/room, {} ({} B encoded), {}, {}, {} in flight/room ({} hub-wide), ring {}, rate {}",
+        "config     {} room(s) x {} subscriber(s), {} events/room, {} ({} B encoded), {}, {}, {} in flight/room ({} hub-wide), ring {}, rate {}{}",
         c.rooms,
         c.subscribers,
         c.events_per_room,
@@ -778,7 +785,12 @@ fn print_table(report: &Report) {
         c.hub_in_flight,
         c.ring_capacity
             .map_or_else(|| "default".to_owned(), |ring| ring.to_string()),
-        rate
+        rate,
+        if c.shared_envelopes {
+            ", shared envelopes"
+        } else {
+            ""
+        }
     );
     println!(
         "machine    {} cores, {}",

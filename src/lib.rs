@@ -46,7 +46,10 @@ pub use event::{
     ToolCallDelta, ToolCallStarted, ToolExecutionFinished, ToolExecutionStarted, ToolResult,
     UsageRecorded,
 };
-pub use hub::{Cursor, CursorParseError, EventHub, HubStats, PendingPublish, Resume, RoomStats};
+pub use hub::{
+    Cursor, CursorParseError, EventHub, HubStats, PendingPublish, Resume, RoomStats,
+    SharedEventStream,
+};
 pub use ids::{ProviderId, RunId};
 pub use store::{Removal, RunCheck, RunInfo, Store, StoreStats};
 pub use stream::{

@@ -40,6 +40,7 @@
 
 #![allow(dead_code, reason = "the example and the bench each use a part")]
 
+use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,11 +50,11 @@ use std::time::{Duration, Instant};
 use behest_stream::codec;
 use behest_stream::{
     AgentEvent, BoxRuntimeEventStream, Config, Durability, EventHub, Resume, RunCompleted, RunId,
-    RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom, TextDelta, ToolExecutionFinished,
-    ToolResult,
+    RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom, RuntimeStreamError, SharedEventStream,
+    TextDelta, ToolExecutionFinished, ToolResult,
 };
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
@@ -228,6 +229,9 @@ pub struct Workload {
     /// After the run, wait this long at most for every room of the run to be
     /// evicted (the hub needs a short `idle_timeout`), and read the heap.
     pub evict_within: Option<Duration>,
+    /// Subscribe with `EventHub::subscribe_shared` (envelopes shared, not
+    /// copied per subscriber) instead of `EventHub::subscribe`.
+    pub shared_envelopes: bool,
 }
 
 impl Workload {
@@ -244,6 +248,7 @@ impl Workload {
             rate: 0.0,
             timeout: Duration::from_secs(300),
             evict_within: None,
+            shared_envelopes: false,
         }
     }
 
@@ -515,22 +520,26 @@ pub async fn run_hub(
 
     // Every subscription first: this starts every room.
     let subscribing = Instant::now();
-    let streams = subscribe_all(hub, &runs, subscribers, deadline).await?;
+    let streams =
+        subscribe_all(hub, &runs, subscribers, workload.shared_envelopes, deadline).await?;
     let subscribe_s = subscribing.elapsed().as_secs_f64();
     let heap_subscribed = probes.heap.map(|heap| (heap.live)());
 
     let origin = Instant::now();
     let mut subscriber_tasks = JoinSet::new();
     for (index, (room, stream)) in streams.into_iter().enumerate() {
-        subscriber_tasks.spawn(subscriber(
-            stream,
-            Arc::clone(&submitted[room]),
+        let tally = Tally {
+            submitted: Arc::clone(&submitted[room]),
             origin,
             events,
-            Arc::clone(&shards),
-            index % HISTOGRAM_SHARDS,
-            Arc::clone(&shared),
-        ));
+            shards: Arc::clone(&shards),
+            shard: index % HISTOGRAM_SHARDS,
+            shared: Arc::clone(&shared),
+        };
+        match stream {
+            SubStream::Owned(stream) => subscriber_tasks.spawn(subscriber(stream, tally)),
+            SubStream::Shared(stream) => subscriber_tasks.spawn(subscriber(stream, tally)),
+        };
     }
     if let Some(heap) = probes.heap {
         (heap.reset_peak)();
@@ -668,16 +677,21 @@ async fn subscribe_all(
     hub: &EventHub,
     runs: &[RunId],
     subscribers: usize,
+    shared_envelopes: bool,
     deadline: tokio::time::Instant,
-) -> Result<Vec<(usize, BoxRuntimeEventStream)>, Error> {
+) -> Result<Vec<(usize, SubStream)>, Error> {
     let count = runs.len() * subscribers;
     let attach = futures_util::stream::iter(0..count)
         .map(|i| {
             let room = i / subscribers.max(1);
+            let target = RuntimeRoom::Run(runs[room]);
             async move {
-                hub.subscribe(RuntimeRoom::Run(runs[room]), Resume::FromStart)
-                    .await
-                    .map(|stream| (room, stream))
+                let stream = if shared_envelopes {
+                    SubStream::Shared(hub.subscribe_shared(target, Resume::FromStart).await?)
+                } else {
+                    SubStream::Owned(hub.subscribe(target, Resume::FromStart).await?)
+                };
+                Ok::<_, behest_stream::HubError>((room, stream))
             }
         })
         .buffered(32)
@@ -748,16 +762,35 @@ async fn publisher(p: Publisher) -> Result<u64, Error> {
     Ok(mismatches)
 }
 
-/// Reads `stream` to its end, checking seqs and recording latencies.
-async fn subscriber(
-    mut stream: BoxRuntimeEventStream,
+/// A subscription of either kind.
+enum SubStream {
+    Owned(BoxRuntimeEventStream),
+    Shared(SharedEventStream),
+}
+
+/// Where a subscriber checks and records what it receives.
+struct Tally {
     submitted: Arc<[AtomicU64]>,
     origin: Instant,
     events: u64,
     shards: Arc<[Mutex<Histogram<u64>>]>,
     shard: usize,
     shared: Arc<Shared>,
+}
+
+/// Reads `stream` to its end, checking seqs and recording latencies.
+async fn subscriber<E: Borrow<RuntimeEventEnvelope>>(
+    mut stream: impl Stream<Item = Result<E, RuntimeStreamError>> + Unpin,
+    tally: Tally,
 ) -> SubReport {
+    let Tally {
+        submitted,
+        origin,
+        events,
+        shards,
+        shard,
+        shared,
+    } = tally;
     let mut report = SubReport::default();
     let mut next = 1u64;
     let mut batch = [0u64; LATENCY_BATCH];
@@ -784,7 +817,7 @@ async fn subscriber(
         let now = nanos_since(origin);
         last_ns = now;
         report.delivered += 1;
-        let seq = envelope.seq;
+        let seq = envelope.borrow().seq;
         match seq.cmp(&next) {
             std::cmp::Ordering::Equal => next += 1,
             std::cmp::Ordering::Greater => {

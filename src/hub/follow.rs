@@ -10,9 +10,11 @@
 //! subscriber.
 
 use std::collections::{HashSet, VecDeque};
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::stream;
+use futures_util::{Stream, stream};
 use ractor::{ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 use tracing::Instrument;
@@ -26,7 +28,7 @@ use super::{Delivery, LiveFeed, Shared};
 use crate::error::{HubError, StoreError};
 use crate::ids::RunId;
 use crate::store::Store;
-use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
+use crate::stream::{RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
 /// How often a follower tries to attach to a room that dies before it
 /// answers.
@@ -125,17 +127,67 @@ pub(crate) fn subscribe_error(error: &HubError) -> RuntimeStreamError {
     }
 }
 
-/// Turns a follower into the public stream type. An error ends the stream
-/// after it is yielded, except `Lagged`, which reports a gap and goes on.
-fn into_stream<F: Follower>(follower: F, span: tracing::Span) -> BoxRuntimeEventStream {
+/// A subscription's stream of `T`: [`crate::BoxRuntimeEventStream`] for
+/// owned envelopes, [`crate::SharedEventStream`] for shared ones.
+pub(crate) type FollowStream<T> =
+    Pin<Box<dyn Stream<Item = Result<T, RuntimeStreamError>> + Send + 'static>>;
+
+/// What a subscription yields: an owned envelope (the seed's stream type),
+/// or the envelope the room, its ring and every other subscriber share,
+/// which costs no copy of the event.
+pub(crate) trait Yielded: Send + 'static {
+    /// From an envelope others hold too (a live batch).
+    fn from_shared(envelope: &Arc<RuntimeEventEnvelope>) -> Self;
+    /// From an envelope this follower may hold alone (its backlog).
+    fn from_arc(envelope: Arc<RuntimeEventEnvelope>) -> Self;
+    /// From an envelope read from the store.
+    fn from_owned(envelope: RuntimeEventEnvelope) -> Self;
+    fn envelope(&self) -> &RuntimeEventEnvelope;
+}
+
+impl Yielded for RuntimeEventEnvelope {
+    fn from_shared(envelope: &Arc<RuntimeEventEnvelope>) -> Self {
+        // Copied out of the batch without touching its reference count,
+        // which every subscriber of the room would otherwise contend on.
+        RuntimeEventEnvelope::clone(envelope)
+    }
+    fn from_arc(envelope: Arc<RuntimeEventEnvelope>) -> Self {
+        Arc::unwrap_or_clone(envelope)
+    }
+    fn from_owned(envelope: RuntimeEventEnvelope) -> Self {
+        envelope
+    }
+    fn envelope(&self) -> &RuntimeEventEnvelope {
+        self
+    }
+}
+
+impl Yielded for Arc<RuntimeEventEnvelope> {
+    fn from_shared(envelope: &Arc<RuntimeEventEnvelope>) -> Self {
+        Arc::clone(envelope)
+    }
+    fn from_arc(envelope: Arc<RuntimeEventEnvelope>) -> Self {
+        envelope
+    }
+    fn from_owned(envelope: RuntimeEventEnvelope) -> Self {
+        Arc::new(envelope)
+    }
+    fn envelope(&self) -> &RuntimeEventEnvelope {
+        self
+    }
+}
+
+/// Turns a follower into a stream. An error ends the stream after it is
+/// yielded, except `Lagged`, which reports a gap and goes on.
+fn into_stream<T: Yielded, F: Follower<T>>(follower: F, span: tracing::Span) -> FollowStream<T> {
     Box::pin(stream::unfold(Some(follower), move |follower| {
         next_item(follower).instrument(span.clone())
     }))
 }
 
-async fn next_item<F: Follower>(
+async fn next_item<T: Yielded, F: Follower<T>>(
     follower: Option<F>,
-) -> Option<(Result<RuntimeEventEnvelope, RuntimeStreamError>, Option<F>)> {
+) -> Option<(Result<T, RuntimeStreamError>, Option<F>)> {
     let mut follower = follower?;
     match follower.next().await {
         Ok(Some(envelope)) => Some((Ok(envelope), Some(follower))),
@@ -159,9 +211,8 @@ fn delivered_counter() -> ::metrics::Counter {
     ::metrics::counter!(crate::metrics::DELIVERED)
 }
 
-/// What is left of the last live delivery, read in place: a follower copies
-/// each envelope out of the shared batch without touching its reference
-/// count, which every subscriber of the room would otherwise contend on.
+/// What is left of the last live delivery, read in place: a follower takes
+/// each envelope out of the shared batch as [`Yielded::from_shared`].
 #[derive(Default)]
 struct Unread {
     envelopes: Option<Arc<[Arc<RuntimeEventEnvelope>]>>,
@@ -194,21 +245,19 @@ impl Unread {
 /// `catch_up_page` envelopes, an attach per lag) and far larger than the
 /// wait for the live feed, and inline they would make every subscription as
 /// large as them for its whole life.
-trait Follower: Send + 'static {
+trait Follower<T>: Send + 'static {
     /// The next envelope, `None` at the end, or the error that ends it.
-    fn next(
-        &mut self,
-    ) -> impl Future<Output = Result<Option<RuntimeEventEnvelope>, RuntimeStreamError>> + Send;
+    fn next(&mut self) -> impl Future<Output = Result<Option<T>, RuntimeStreamError>> + Send;
 }
 
 /// A run room's stream: gapless and duplicate-free in seq order, from
 /// `start` (or from the live edge), ending after the terminal event. Attaches
 /// before it returns, so the live edge is the moment of the call.
-pub(crate) async fn follow_run(
+pub(crate) async fn follow_run<T: Yielded>(
     link: Link,
     run_id: RunId,
     start: Option<u64>,
-) -> Result<BoxRuntimeEventStream, HubError> {
+) -> Result<FollowStream<T>, HubError> {
     let mut follower = RunFollower {
         link,
         run_id,
@@ -220,13 +269,14 @@ pub(crate) async fn follow_run(
         unread: Unread::default(),
         done: false,
         delivered: delivered_counter(),
+        yields: PhantomData,
     };
     let span = subscription_span(&RuntimeRoom::Run(run_id));
     follower.attach().instrument(span.clone()).await?;
     Ok(into_stream(follower, span))
 }
 
-struct RunFollower {
+struct RunFollower<T> {
     link: Link,
     run_id: RunId,
     next_seq: u64,
@@ -241,18 +291,17 @@ struct RunFollower {
     unread: Unread,
     done: bool,
     delivered: ::metrics::Counter,
+    yields: PhantomData<fn() -> T>,
 }
 
-impl RunFollower {
-    fn deliver(
-        &mut self,
-        envelope: RuntimeEventEnvelope,
-    ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
+impl<T: Yielded> RunFollower<T> {
+    fn deliver(&mut self, yielded: T) -> Result<Option<T>, RuntimeStreamError> {
+        let envelope = yielded.envelope();
         self.next_seq = envelope.seq.saturating_add(1);
         self.done = envelope.is_terminal();
         self.delivered.increment(1);
         tracing::trace!(run_id = %envelope.run_id, seq = envelope.seq, "delivered");
-        Ok(Some(envelope))
+        Ok(Some(yielded))
     }
 
     async fn attach(&mut self) -> Result<(), HubError> {
@@ -305,8 +354,8 @@ impl RunFollower {
     }
 }
 
-impl Follower for RunFollower {
-    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
+impl<T: Yielded> Follower<T> for RunFollower<T> {
+    async fn next(&mut self) -> Result<Option<T>, RuntimeStreamError> {
         loop {
             if self.done {
                 return Ok(None);
@@ -315,7 +364,7 @@ impl Follower for RunFollower {
                 match envelope.seq.cmp(&self.next_seq) {
                     std::cmp::Ordering::Less => continue,
                     std::cmp::Ordering::Equal => {
-                        return self.deliver(Arc::unwrap_or_clone(envelope));
+                        return self.deliver(T::from_arc(envelope));
                     }
                     // The backlog is contiguous; this cannot follow. Start
                     // over from a fresh attach rather than skip.
@@ -343,7 +392,7 @@ impl Follower for RunFollower {
                         self.unread.advance();
                     }
                     std::cmp::Ordering::Equal => {
-                        let envelope = RuntimeEventEnvelope::clone(envelope);
+                        let envelope = T::from_shared(envelope);
                         self.unread.advance();
                         return self.deliver(envelope);
                     }
@@ -377,12 +426,12 @@ impl Follower for RunFollower {
 /// A session room's stream: every run of the session, each in seq order,
 /// resumable by the per-run positions of `cursor`. Attaches before it
 /// returns.
-pub(crate) async fn follow_session(
+pub(crate) async fn follow_session<T: Yielded>(
     link: Link,
     session_id: Uuid,
     cursor: Cursor,
     from_live_edge: bool,
-) -> Result<BoxRuntimeEventStream, HubError> {
+) -> Result<FollowStream<T>, HubError> {
     let mut follower = SessionFollower {
         link,
         session_id,
@@ -395,13 +444,14 @@ pub(crate) async fn follow_session(
         live: None,
         unread: Unread::default(),
         delivered: delivered_counter(),
+        yields: PhantomData,
     };
     let span = subscription_span(&RuntimeRoom::Session(session_id));
     follower.attach().instrument(span.clone()).await?;
     Ok(into_stream(follower, span))
 }
 
-struct SessionFollower {
+struct SessionFollower<T> {
     link: Link,
     session_id: Uuid,
     /// The last seq delivered of each run.
@@ -419,17 +469,16 @@ struct SessionFollower {
     /// Live envelopes received and not yet gone through.
     unread: Unread,
     delivered: ::metrics::Counter,
+    yields: PhantomData<fn() -> T>,
 }
 
-impl SessionFollower {
-    fn deliver(
-        &mut self,
-        envelope: RuntimeEventEnvelope,
-    ) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
-        self.cursor.advance(&envelope);
+impl<T: Yielded> SessionFollower<T> {
+    fn deliver(&mut self, yielded: T) -> Result<Option<T>, RuntimeStreamError> {
+        let envelope = yielded.envelope();
+        self.cursor.advance(envelope);
         self.delivered.increment(1);
         tracing::trace!(run_id = %envelope.run_id, seq = envelope.seq, "delivered");
-        Ok(Some(envelope))
+        Ok(Some(yielded))
     }
 
     async fn attach(&mut self) -> Result<(), HubError> {
@@ -528,13 +577,13 @@ impl SessionFollower {
     }
 }
 
-impl Follower for SessionFollower {
-    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
+impl<T: Yielded> Follower<T> for SessionFollower<T> {
+    async fn next(&mut self) -> Result<Option<T>, RuntimeStreamError> {
         let page = self.link.shared.catch_up_page;
         loop {
             if let Some(envelope) = self.backlog.pop_front() {
                 if envelope.seq == self.cursor.seq(envelope.run_id) + 1 {
-                    return self.deliver(envelope);
+                    return self.deliver(T::from_owned(envelope));
                 }
                 continue;
             }
@@ -544,7 +593,7 @@ impl Follower for SessionFollower {
                     continue;
                 }
                 if envelope.seq == seen + 1 {
-                    return self.deliver(Arc::unwrap_or_clone(envelope));
+                    return self.deliver(T::from_arc(envelope));
                 }
                 // A gap before this envelope: fill it from the store first.
                 let missing = usize::try_from(envelope.seq - 1 - seen).unwrap_or(usize::MAX);
@@ -609,10 +658,10 @@ impl Follower for SessionFollower {
 /// A live-only stream of a room: what is fanned out from the call on,
 /// including envelopes published through the adapter. A subscriber that
 /// falls out of the ring gets `Lagged { skipped }` and goes on.
-pub(crate) async fn follow_live(
+pub(crate) async fn follow_live<T: Yielded>(
     link: Link,
     room: RuntimeRoom,
-) -> Result<BoxRuntimeEventStream, HubError> {
+) -> Result<FollowStream<T>, HubError> {
     let mut follower = LiveFollower {
         link,
         room,
@@ -620,13 +669,14 @@ pub(crate) async fn follow_live(
         next_index: 0,
         unread: Unread::default(),
         delivered: delivered_counter(),
+        yields: PhantomData,
     };
     let span = subscription_span(&follower.room);
     follower.attach().instrument(span.clone()).await?;
     Ok(into_stream(follower, span))
 }
 
-struct LiveFollower {
+struct LiveFollower<T> {
     link: Link,
     room: RuntimeRoom,
     live: Option<LiveReceiver>,
@@ -636,9 +686,10 @@ struct LiveFollower {
     /// Envelopes received and not yet yielded.
     unread: Unread,
     delivered: ::metrics::Counter,
+    yields: PhantomData<fn() -> T>,
 }
 
-impl LiveFollower {
+impl<T> LiveFollower<T> {
     async fn attach(&mut self) -> Result<(), HubError> {
         let feed = self.link.attach_live(&self.room).await?;
         self.live = Some(feed.receiver);
@@ -648,11 +699,11 @@ impl LiveFollower {
     }
 }
 
-impl Follower for LiveFollower {
-    async fn next(&mut self) -> Result<Option<RuntimeEventEnvelope>, RuntimeStreamError> {
+impl<T: Yielded> Follower<T> for LiveFollower<T> {
+    async fn next(&mut self) -> Result<Option<T>, RuntimeStreamError> {
         loop {
             if let Some(envelope) = self.unread.peek() {
-                let envelope = RuntimeEventEnvelope::clone(envelope);
+                let envelope = T::from_shared(envelope);
                 self.unread.advance();
                 self.next_index += 1;
                 self.delivered.increment(1);

@@ -133,6 +133,7 @@ mod run_room;
 mod session_log;
 mod tail;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -142,6 +143,17 @@ use tokio::sync::{Mutex, Semaphore, oneshot};
 use uuid::Uuid;
 
 pub use self::cursor::{Cursor, CursorParseError, Resume};
+
+/// A subscription of [`EventHub::subscribe_shared`]: as
+/// [`BoxRuntimeEventStream`], yielding the envelopes the room and every
+/// subscriber share instead of copies.
+pub type SharedEventStream = Pin<
+    Box<
+        dyn futures_util::Stream<Item = Result<Arc<RuntimeEventEnvelope>, RuntimeStreamError>>
+            + Send
+            + 'static,
+    >,
+>;
 use self::follow::Link;
 use self::router::{Router, RouterArgs, RouterMsg};
 use self::run_room::{PublishAnswer, PublishRequest};
@@ -628,6 +640,49 @@ impl EventHub {
         room: RuntimeRoom,
         resume: Resume,
     ) -> Result<BoxRuntimeEventStream, HubError> {
+        self.follow(room, resume).await
+    }
+
+    /// As [`EventHub::subscribe`], yielding each envelope as the
+    /// `Arc<RuntimeEventEnvelope>` that the room, its ring and every other
+    /// subscriber share, instead of a copy of it. For a subscriber that only
+    /// reads envelopes (an HTTP writer encoding them, say), this saves a
+    /// copy of every event per subscriber, which for a large JSON payload
+    /// costs more than storing it.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use behest_stream::{AgentEvent, Config, EventHub, Resume, RunId, RuntimeRoom, TextDelta};
+    /// use futures_util::StreamExt;
+    ///
+    /// let hub = EventHub::open(Config::temporary()).await?;
+    /// let run_id = RunId::new();
+    /// let mut stream = hub.subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart).await?;
+    /// let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: "hi".into() });
+    /// let published = hub.submit(event).await?.shared().await?;
+    /// let received = stream.next().await.unwrap()?;
+    /// assert!(std::sync::Arc::ptr_eq(&published, &received), "one envelope, shared");
+    /// # hub.shutdown().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`EventHub::subscribe`].
+    pub async fn subscribe_shared(
+        &self,
+        room: RuntimeRoom,
+        resume: Resume,
+    ) -> Result<SharedEventStream, HubError> {
+        self.follow(room, resume).await
+    }
+
+    async fn follow<T: follow::Yielded>(
+        &self,
+        room: RuntimeRoom,
+        resume: Resume,
+    ) -> Result<follow::FollowStream<T>, HubError> {
         let link = self.inner.link.clone();
         self.check_history(&room, &resume).await?;
         match (room, resume) {
