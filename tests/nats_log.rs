@@ -262,3 +262,25 @@ async fn unsuitable_streams_are_refused() {
         common::nats::delete_stream(&config).await;
     }
 }
+
+/// CI runs these tests against two servers, naming each one's version in
+/// `BEHEST_STREAM_NATS_VERSION`: the server the tests reach must be the one
+/// named, or the second run would quietly test the first server again.
+#[tokio::test]
+async fn the_server_is_the_version_ci_names() {
+    let Some(expected) = std::env::var("BEHEST_STREAM_NATS_VERSION")
+        .ok()
+        .filter(|version| !version.is_empty())
+    else {
+        return;
+    };
+    let Some(client) = common::nats::or_skip(async_nats::connect(common::nats::url()).await) else {
+        return;
+    };
+    assert_eq!(
+        client.server_info().version,
+        expected,
+        "server at {}",
+        common::nats::url()
+    );
+}
