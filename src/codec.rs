@@ -338,10 +338,12 @@ mod tests {
         for _ in 0..100_000 {
             value = serde_json::Value::Array(vec![value]);
         }
-        assert!(nests_deeper_than(&value, MAX_JSON_DEPTH));
-        assert!(!nests_deeper_than(&serde_json::json!([[1]]), 2));
-        // Dropping it recursively would overflow the test's stack.
+        let refused = nests_deeper_than(&value, MAX_JSON_DEPTH);
+        // Dropping it recursively would overflow the test's stack (before
+        // any assertion, so that a failure reports rather than aborts).
         std::mem::forget(value);
+        assert!(refused);
+        assert!(!nests_deeper_than(&serde_json::json!([[1]]), 2));
     }
 
     #[test]

@@ -429,10 +429,25 @@ async fn pipelined_publishes_keep_their_order_while_rooms_stop_and_start() {
                     );
                     next += 1;
                 }
-                // Now and then long enough for the room to be stopped as
-                // idle, so that the next round starts at the router.
+                // Every third round, after the room has stopped as idle,
+                // so that the round starts at the router; the others find
+                // it running, or stopping.
                 if (round + r) % 3 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let start = tokio::time::Instant::now();
+                    while hub
+                        .stats()
+                        .await
+                        .unwrap()
+                        .rooms
+                        .iter()
+                        .any(|room| room.room == RuntimeRoom::Run(run))
+                    {
+                        assert!(
+                            start.elapsed() < DEADLINE,
+                            "run {r}: its room never stopped"
+                        );
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                 }
             }
             let stored: Vec<u64> = hub
@@ -452,11 +467,5 @@ async fn pipelined_publishes_keep_their_order_while_rooms_stop_and_start() {
     while let Some(done) = publishers.join_next().await {
         done.unwrap();
     }
-    let stats = hub.stats().await.unwrap();
-    assert!(
-        stats.rooms_evicted >= RUNS as u64,
-        "the rooms were meant to stop while their runs went on: {} evictions",
-        stats.rooms_evicted
-    );
     hub.shutdown().await.unwrap();
 }

@@ -121,3 +121,36 @@ async fn shared_subscriptions_yield_what_owned_ones_do() {
     }
     hub.shutdown().await.unwrap();
 }
+
+/// A shared subscription behind the room's ring catches up from the store
+/// in pages, and ends after the terminal event, as an owned one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_catches_up_from_the_store_and_ends_after_the_terminal_event() {
+    let hub = EventHub::open(Config::temporary().ring_capacity(2).catch_up_page(3))
+        .await
+        .unwrap();
+    let run = RunId::new();
+    hub.publish(started(run, None)).await.unwrap();
+    for i in 0..20 {
+        hub.publish(delta(run, &i.to_string())).await.unwrap();
+    }
+    hub.publish(completed(run)).await.unwrap();
+    let before = hub.stats().await.unwrap().catch_ups_from_store;
+    let mut stream = hub
+        .subscribe_shared(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while let Some(item) = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("the stream ends within the deadline")
+    {
+        seqs.push(item.unwrap().seq);
+    }
+    assert_eq!(seqs, (1..=22).collect::<Vec<_>>());
+    assert!(
+        hub.stats().await.unwrap().catch_ups_from_store > before,
+        "the ring held 2 envelopes: the rest came from the store"
+    );
+    hub.shutdown().await.unwrap();
+}

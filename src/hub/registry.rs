@@ -4,11 +4,12 @@
 //! - [`FanoutRooms`]: session and provider rooms, which run rooms fan out
 //!   to directly.
 //!
-//! Only the router adds and removes rooms.
+//! Only the router adds rooms; a publisher whose send to a run room fails
+//! (it stopped) removes that room, and the router withdraws a room it asks
+//! to stop.
 //!
-//! Only the router writes it: it adds a room when it starts one and removes
-//! it when it forgets it, so it holds exactly the rooms in the router's map
-//! (at most `Config::max_rooms`). A run room that finds no room here drops
+//! [`FanoutRooms`] holds the session and provider rooms in the router's map
+//! (at most `Config::max_rooms`). A run room that finds no room there drops
 //! the batch, as the router did: nobody listens there, and a subscriber to
 //! come reads the store.
 
@@ -197,16 +198,15 @@ impl RunRooms {
         }
     }
 
-    /// The router stopped every room.
+    /// The router stops every room, and then itself: publishes still at
+    /// the router are dropped with it (their publishers hear the room
+    /// stopped), so nothing is left to count.
     pub(crate) fn clear(&self) {
         for shard in &*self.shards {
             shard
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .retain(|_, entry| {
-                    entry.room = None;
-                    entry.routed > 0
-                });
+                .clear();
         }
     }
 }

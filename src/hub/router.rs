@@ -214,6 +214,8 @@ impl Actor for Router {
                 // room first, so what they sent it directly is ahead of the
                 // question, and what they send next waits at the router,
                 // which sends the room nothing more until it has the answer.
+                // A room whose answer comes too late finds the reply port
+                // closed and does not stop: the router put it back in use.
                 let stopped = match &room_ref {
                     RoomRef::Run(r, _) => {
                         if let RuntimeRoom::Run(run_id) = &room {

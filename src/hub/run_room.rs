@@ -362,8 +362,9 @@ impl Actor for RunRoom {
                 }
                 RunMsg::StopIfIdle(reply) => {
                     let idle = state.is_idle();
-                    let _ = reply.send(idle);
-                    if idle {
+                    // Stops only if the router heard the answer: one that gave up
+                    // waiting has put the room back in use (see `RouterMsg::Idle`).
+                    if reply.send(idle).is_ok() && idle {
                         myself.stop(Some("idle".into()));
                     }
                 }
