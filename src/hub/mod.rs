@@ -590,18 +590,15 @@ impl EventHub {
         let (tx, rx) = oneshot::channel();
         let run_id = event.run_id();
         let link = &self.inner.link;
-        link.shared
-            .run_rooms
-            .publish(
-                &link.router,
-                PublishRequest {
-                    event,
-                    durability,
-                    permit,
-                    reply: tx,
-                },
-            )
-            .map_err(|_| HubError::Closed)?;
+        link.shared.run_rooms.publish(
+            &link.router,
+            PublishRequest {
+                event,
+                durability,
+                permit,
+                reply: tx,
+            },
+        )?;
         Ok(PendingPublish { reply: rx, run_id })
     }
 

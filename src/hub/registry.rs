@@ -21,6 +21,7 @@ use ractor::{ActorId, ActorRef};
 use super::fanout_room::FanoutMsg;
 use super::router::RouterMsg;
 use super::run_room::{PublishRequest, RunMsg};
+use crate::error::HubError;
 use crate::ids::RunId;
 use crate::stream::RuntimeRoom;
 
@@ -124,12 +125,13 @@ impl RunRooms {
     ///
     /// # Errors
     ///
-    /// The request back if the router has stopped (the hub shut down).
+    /// [`HubError::Closed`] if the router has stopped (the hub shut down);
+    /// the request is dropped unanswered.
     pub(crate) fn publish(
         &self,
         router: &ActorRef<RouterMsg>,
         request: PublishRequest,
-    ) -> Result<(), PublishRequest> {
+    ) -> Result<(), HubError> {
         let run_id = request.event.run_id();
         let mut shard = self.shard(run_id);
         let entry = shard.entry(run_id).or_default();
@@ -155,13 +157,12 @@ impl RunRooms {
                 entry.routed += 1;
                 Ok(())
             }
-            Err(ractor::MessagingErr::SendErr(RouterMsg::Publish(request))) => {
+            Err(_) => {
                 if entry.room.is_none() && entry.routed == 0 {
                     shard.remove(&run_id);
                 }
-                Err(request)
+                Err(HubError::Closed)
             }
-            Err(_) => Ok(()),
         }
     }
 
