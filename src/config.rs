@@ -60,7 +60,7 @@ pub struct Config {
     pub(crate) restart_window: Duration,
     pub(crate) retention: Option<Retention>,
     #[cfg(feature = "nats")]
-    pub(crate) nats: Option<crate::nats::NatsConfig>,
+    pub(crate) nats: Option<NatsConfig>,
 }
 
 /// A retention policy: runs whose terminal event is older than `ttl` are
@@ -126,7 +126,7 @@ impl Config {
     /// must have no limits of its own).
     #[cfg(feature = "nats")]
     #[must_use]
-    pub fn nats(nats: crate::nats::NatsConfig) -> Self {
+    pub fn nats(nats: NatsConfig) -> Self {
         Self {
             max_event_bytes: nats.max_event_bytes,
             nats: Some(nats),
@@ -324,5 +324,48 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         Self::new("./data")
+    }
+}
+
+/// Where and how the run log lives in NATS (feature `nats`): what
+/// [`Config::nats`] opens a store on, and [`crate::nats::NatsLog::open`] opens.
+#[cfg(feature = "nats")]
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// The server, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The JetStream stream holding every run.
+    pub stream: String,
+    /// Subjects are `{prefix}.run.{run_id}`.
+    pub prefix: String,
+    /// How long the server remembers message ids: a retry later than this
+    /// after a lost acknowledgement is refused as a conflict, not stored
+    /// twice (the expected-sequence check still holds).
+    pub duplicate_window: Duration,
+    /// Stream replicas (1 for a single server; 3 for a cluster that keeps
+    /// acknowledged events when a server is lost).
+    pub replicas: usize,
+    /// The largest encoded envelope accepted (also capped by the server's
+    /// `max_payload`).
+    pub max_event_bytes: usize,
+    /// How long to wait for the server's answer to one request.
+    pub request_timeout: Duration,
+}
+
+#[cfg(feature = "nats")]
+impl NatsConfig {
+    /// The defaults for a server at `url`: stream `BEHEST`, prefix
+    /// `behest`, a two-minute duplicate window, one replica.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            stream: "BEHEST".into(),
+            prefix: "behest".into(),
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            request_timeout: Duration::from_secs(5),
+        }
     }
 }

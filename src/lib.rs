@@ -33,7 +33,7 @@ mod hub;
 mod ids;
 pub mod metrics;
 #[cfg(feature = "nats")]
-pub mod nats;
+pub use store::nats::log as nats;
 mod store;
 mod stream;
 mod traits;

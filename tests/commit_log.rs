@@ -8,7 +8,7 @@ use behest_stream::codec::{self, FORMAT_VERSION};
 use behest_stream::{Config, OpenError, RunId, Store};
 use common::envelope;
 
-/// A commit record as the store writes it (see `src/store/commit_log.rs`):
+/// A commit record as the store writes it (see `src/store/sled/commit_log.rs`):
 /// the version byte, then per run its id, first seq, count, and each
 /// envelope's length and bytes.
 fn record(run: RunId, seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {

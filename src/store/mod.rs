@@ -1,4 +1,8 @@
-//! The sled-backed event store: a handle ([`Store`]) over the store actor.
+//! The event store: a handle ([`Store`]) over one of two backends, sled in
+//! this process (`sled/`, a supervised store actor) or a NATS JetStream
+//! stream shared by hosts (`nats/`, feature `nats`). What follows describes
+//! sled; the NATS log keeps the same ordering with its own durability (see
+//! `nats/log.rs`).
 //!
 //! ## Ordering
 //!
@@ -33,26 +37,19 @@
 //! and releases the directory's lock before it returns, so the same directory
 //! can be reopened at once.
 
-mod actor;
-mod commit_log;
-mod engine;
-mod layout;
 #[cfg(feature = "nats")]
-mod nats_store;
-mod supervisor;
+pub(crate) mod nats;
+mod sled;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
-use ractor::{Actor, ActorRef, RpcReplyPort};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
 
-use self::actor::StoreMsg;
-use self::engine::{AppendRequest, SegmentLimits};
-use self::supervisor::{ActorSlot, StoreSupervisor, SupervisorArgs};
+use self::sled::SledBackend;
 use crate::codec;
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
@@ -157,46 +154,6 @@ pub struct StoreStats {
     /// holds one of `Config::max_concurrent_reads` permits while it runs):
     /// what subscribers and rooms cost the store.
     pub reads: u64,
-}
-
-/// The store's counters, shared between the actor and its commits on the
-/// blocking pool, which update them before acknowledging.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    commits: AtomicU64,
-    flushes: AtomicU64,
-    events: AtomicU64,
-    appends: AtomicU64,
-    largest_batch: AtomicUsize,
-}
-
-impl Counters {
-    pub(crate) fn record_commit(&self, appends: usize, events: usize) {
-        ::metrics::counter!(crate::metrics::PERSISTED).increment(events as u64);
-        ::metrics::histogram!(crate::metrics::COMMIT_EVENTS).record(events as f64);
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.appends.fetch_add(appends as u64, Ordering::Relaxed);
-        self.events.fetch_add(events as u64, Ordering::Relaxed);
-        self.largest_batch.fetch_max(appends, Ordering::Relaxed);
-    }
-
-    pub(crate) fn record_flush(&self) {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self, pending_appends: usize, commit_in_flight: bool) -> StoreStats {
-        StoreStats {
-            commits: self.commits.load(Ordering::Relaxed),
-            flushes: self.flushes.load(Ordering::Relaxed),
-            events_committed: self.events.load(Ordering::Relaxed),
-            appends_committed: self.appends.load(Ordering::Relaxed),
-            largest_batch: self.largest_batch.load(Ordering::Relaxed),
-            pending_appends,
-            commit_in_flight,
-            // Counted by the handle, which fills it in.
-            reads: 0,
-        }
-    }
 }
 
 /// An envelope encoded once, on the caller's task, with what the store needs
@@ -382,11 +339,8 @@ pub struct Store {
 
 #[derive(Debug)]
 struct Inner {
-    /// The current store actor (replaced when its supervisor restarts it).
-    slot: ActorSlot,
-    join: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    backend: Backend,
     epoch: Uuid,
-    path: Option<PathBuf>,
     durability: Durability,
     max_event_bytes: usize,
     append_budget: Arc<Semaphore>,
@@ -397,29 +351,17 @@ struct Inner {
     reads_started: AtomicU64,
     /// The retention sweeper, if a policy is set; stopped on close and drop.
     sweeper: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
-    /// The NATS backend, for a store opened with `Config::nats`; then the
-    /// sled fields above are unused (no actor, no directory).
-    #[cfg(feature = "nats")]
-    nats: Option<Arc<nats_store::NatsStore>>,
 }
 
-impl Inner {
-    fn actor(&self) -> Option<ActorRef<StoreMsg>> {
-        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Sends to the current store actor (the test hooks' messages). A dead
-    /// actor still in the slot is being restarted by its supervisor:
-    /// `Interrupted`, retry.
-    #[cfg(feature = "fault-injection")]
-    fn send(&self, message: StoreMsg) -> Result<(), StoreError> {
-        self.actor()
-            .ok_or(StoreError::Closed)?
-            .send_message(message)
-            .map_err(|_| StoreError::Interrupted {
-                message: "the store actor is restarting".into(),
-            })
-    }
+/// Where a store keeps its runs: one `match` per operation that differs.
+/// The budgets, read permits and encoding around it are the same for both.
+#[derive(Debug)]
+enum Backend {
+    /// sled, in this process ([`Config::new`], [`Config::temporary`]).
+    Sled(SledBackend),
+    /// A NATS JetStream stream shared by hosts (`Config::nats`).
+    #[cfg(feature = "nats")]
+    Nats(Arc<nats::NatsStore>),
 }
 
 impl Inner {
@@ -433,35 +375,13 @@ impl Inner {
             sweeper.abort();
         }
     }
-
-    /// As `send`, but waits (up to 2 s) for a restarting store actor to be
-    /// replaced, so that async callers do not see the restart at all.
-    async fn send_when_ready(&self, mut message: StoreMsg) -> Result<(), StoreError> {
-        for _ in 0..2000 {
-            let actor = self.actor().ok_or(StoreError::Closed)?;
-            match actor.send_message(message) {
-                Ok(()) => return Ok(()),
-                Err(ractor::MessagingErr::SendErr(back)) => {
-                    message = back;
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                Err(_) => break,
-            }
-        }
-        Err(StoreError::Interrupted {
-            message: "the store actor did not come back within 2 s".into(),
-        })
-    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The last handle is gone: stop the actor (its supervisor follows),
-        // which releases sled.
+        // The last handle is gone; the backend, dropped next, stops the
+        // store actor (which releases sled).
         self.stop_sweeper();
-        if let Some(actor) = self.actor() {
-            actor.stop(None);
-        }
     }
 }
 
@@ -486,57 +406,18 @@ impl Store {
     pub async fn open(config: Config) -> Result<Self, OpenError> {
         #[cfg(feature = "nats")]
         if let Some(nats) = &config.nats {
-            return Self::open_nats(nats, &config).await;
+            let backend = nats::NatsStore::open(nats).await?;
+            tracing::debug!(epoch = %backend.epoch(), url = %nats.url, "store open on NATS");
+            let epoch = backend.epoch();
+            let max_event_bytes = config
+                .effective_max_event_bytes()
+                .min(backend.max_event_bytes());
+            let backend = Backend::Nats(Arc::new(backend));
+            return Ok(Self::with_backend(backend, epoch, max_event_bytes, &config));
         }
-        let path_for_errors = config.path.clone().unwrap_or_else(|| "<temporary>".into());
-        let opened = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || engine::open(&config))
-                .await
-                .map_err(|e| OpenError::Storage {
-                    path: path_for_errors.clone(),
-                    message: format!("open task failed: {e}"),
-                })??
-        };
-        let epoch = opened.epoch;
-        let slot = ActorSlot::default();
-        let args = SupervisorArgs {
-            db: opened.db,
-            next_ordinal: opened.next_ordinal,
-            limits: SegmentLimits {
-                max_events: config.segment_max_events,
-                max_bytes: config.segment_max_bytes,
-            },
-            counters: Arc::default(),
-            slot: Arc::clone(&slot),
-        };
-        let (_, join) = Actor::spawn(None, StoreSupervisor, args)
-            .await
-            .map_err(|e| OpenError::Storage {
-                path: path_for_errors.clone(),
-                message: format!("store actor failed to start: {e}"),
-            })?;
-        let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
-        let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
-        tracing::debug!(epoch = %epoch, path = ?config.path, "store open");
-        let store = Self {
-            inner: Arc::new(Inner {
-                slot,
-                join: Mutex::new(Some(join)),
-                epoch,
-                path: config.path.clone(),
-                durability: config.durability,
-                max_event_bytes: config.effective_max_event_bytes(),
-                append_budget: Arc::new(Semaphore::new(append_budget_total as usize)),
-                append_budget_total,
-                reads: Arc::new(Semaphore::new(reads_total as usize)),
-                reads_total,
-                reads_started: AtomicU64::new(0),
-                sweeper: std::sync::Mutex::new(None),
-                #[cfg(feature = "nats")]
-                nats: None,
-            }),
-        };
+        let (backend, epoch) = SledBackend::open(&config).await?;
+        let backend = Backend::Sled(backend);
+        let store = Self::with_backend(backend, epoch, config.effective_max_event_bytes(), &config);
         if let Some(retention) = config.retention {
             let sweeper = tokio::spawn(sweep(Arc::downgrade(&store.inner), retention));
             *store
@@ -548,50 +429,41 @@ impl Store {
         Ok(store)
     }
 
-    #[cfg(feature = "nats")]
-    async fn open_nats(nats: &crate::nats::NatsConfig, config: &Config) -> Result<Self, OpenError> {
-        let backend = nats_store::NatsStore::open(nats).await?;
+    fn with_backend(
+        backend: Backend,
+        epoch: Uuid,
+        max_event_bytes: usize,
+        config: &Config,
+    ) -> Self {
         let append_budget_total = u32::try_from(config.max_in_flight_bytes).unwrap_or(u32::MAX);
         let reads_total = u32::try_from(config.max_concurrent_reads).unwrap_or(u32::MAX);
-        tracing::debug!(epoch = %backend.epoch(), url = %nats.url, "store open on NATS");
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                slot: ActorSlot::default(),
-                join: Mutex::new(None),
-                epoch: backend.epoch(),
-                path: None,
+                backend,
+                epoch,
                 durability: config.durability,
-                max_event_bytes: config
-                    .effective_max_event_bytes()
-                    .min(backend.max_event_bytes()),
+                max_event_bytes,
                 append_budget: Arc::new(Semaphore::new(append_budget_total as usize)),
                 append_budget_total,
                 reads: Arc::new(Semaphore::new(reads_total as usize)),
                 reads_total,
                 reads_started: AtomicU64::new(0),
                 sweeper: std::sync::Mutex::new(None),
-                nats: Some(Arc::new(backend)),
             }),
-        })
+        }
     }
 
-    /// The NATS backend, if this store is on NATS.
-    #[cfg(feature = "nats")]
-    fn nats(&self) -> Option<&Arc<nats_store::NatsStore>> {
-        self.inner.nats.as_ref()
-    }
-
-    /// `Unsupported` on the NATS backend.
-    fn sled_only(&self, operation: &'static str) -> Result<(), StoreError> {
-        #[cfg(feature = "nats")]
-        if self.nats().is_some() {
-            return Err(StoreError::Unsupported {
+    /// The sled backend, or `Unsupported` naming `operation` on NATS.
+    fn sled_only(&self, operation: &'static str) -> Result<&SledBackend, StoreError> {
+        let _ = operation;
+        match &self.inner.backend {
+            Backend::Sled(sled) => Ok(sled),
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => Err(StoreError::Unsupported {
                 backend: "NATS",
                 operation,
-            });
+            }),
         }
-        let _ = operation;
-        Ok(())
     }
 
     /// The store's epoch: a UUID minted when the store was created. A cursor
@@ -604,7 +476,11 @@ impl Store {
     /// The store's directory, or `None` for a temporary store.
     #[must_use]
     pub fn path(&self) -> Option<&Path> {
-        self.inner.path.as_deref()
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.path(),
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => None,
+        }
     }
 
     /// The largest encoded envelope this store accepts.
@@ -670,23 +546,15 @@ impl Store {
             return Ok(());
         }
         let permit = self.reserve(encoded_len(&items)).await?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            let result = nats.append(items).await;
-            drop(permit);
-            return result;
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.append(items, durability, permit).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let result = nats.append(items).await;
+                drop(permit);
+                result
+            }
         }
-        let (waiter, ack) = AppendAck::channel(durability);
-        let request = AppendRequest::new(items, durability, permit, waiter);
-        self.inner
-            .send_when_ready(StoreMsg::Append(request))
-            .await?;
-        if let Some(written) = ack.written
-            && written.await.is_ok()
-        {
-            return Ok(());
-        }
-        ack.durable.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Waits for `bytes` of the in-flight budget (clamped to the whole
@@ -731,42 +599,31 @@ impl Store {
         permit: OwnedSemaphorePermit,
         waiter: Box<dyn AppendWaiter>,
     ) {
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            // A run room has one append in flight, so its appends still
-            // reach the log in order; the run's writer lock orders the rest.
-            let held = nats.hold(&items);
-            let nats = Arc::clone(nats);
-            tokio::spawn(async move {
-                let result = nats.append_held(items, held).await;
-                drop(permit);
-                waiter.done(result);
-            });
-            return;
-        }
-        let mut request = AppendRequest::new(items, durability, permit, waiter);
-        let Some(actor) = self.inner.actor() else {
-            request.answer(Err(StoreError::Closed));
-            return;
-        };
-        // A message the actor cannot take is handed back, or dropped (and
-        // a dropped request answers `Interrupted` by itself).
-        if let Err(ractor::MessagingErr::SendErr(StoreMsg::Append(mut request))) =
-            actor.send_message(StoreMsg::Append(request))
-        {
-            request.answer(Err(StoreError::Interrupted {
-                message: "the store actor is restarting".into(),
-            }));
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.enqueue(items, durability, permit, waiter),
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                // A run room has one append in flight, so its appends still
+                // reach the log in order; the run's writer lock orders the
+                // rest.
+                let held = nats.hold(&items);
+                let nats = Arc::clone(nats);
+                tokio::spawn(async move {
+                    let result = nats.append_held(items, held).await;
+                    drop(permit);
+                    waiter.done(result);
+                });
+            }
         }
     }
 
     /// Whether other processes may write this store's runs (NATS).
     pub(crate) fn is_shared_log(&self) -> bool {
-        #[cfg(feature = "nats")]
-        if self.nats().is_some() {
-            return true;
+        match &self.inner.backend {
+            Backend::Sled(_) => false,
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => true,
         }
-        false
     }
 
     /// On a shared log (NATS): the run's envelopes from `from` on, then
@@ -778,12 +635,14 @@ impl Store {
         run_id: RunId,
         from: FollowFrom,
     ) -> Result<Option<Following<RuntimeEventEnvelope>>, StoreError> {
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            return nats.follow(run_id, from).await;
+        match &self.inner.backend {
+            Backend::Sled(_) => {
+                let _ = (run_id, from);
+                Ok(None)
+            }
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.follow(run_id, from).await,
         }
-        let _ = (run_id, from);
-        Ok(None)
     }
 
     /// On a shared log (NATS): the runs indexed in `session_id` from
@@ -795,12 +654,14 @@ impl Store {
         session_id: Uuid,
         start: Option<u64>,
     ) -> Result<Option<(Vec<RunId>, Following<IndexedRun>)>, StoreError> {
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            return nats.follow_session(session_id, start).await.map(Some);
+        match &self.inner.backend {
+            Backend::Sled(_) => {
+                let _ = (session_id, start);
+                Ok(None)
+            }
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.follow_session(session_id, start).await.map(Some),
         }
-        let _ = (session_id, start);
-        Ok(None)
     }
 
     /// Up to `limit` envelopes of `run_id` with `seq > after_seq`, in seq
@@ -824,20 +685,15 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<RuntimeEventEnvelope>, StoreError> {
         let permit = self.read_permit().await?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            let page = nats.list_after(run_id, after_seq, limit).await;
-            drop(permit);
-            return page;
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.list_after(run_id, after_seq, limit, permit).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let page = nats.list_after(run_id, after_seq, limit).await;
+                drop(permit);
+                page
+            }
         }
-        self.call(|reply| StoreMsg::ListAfter {
-            run_id,
-            after_seq,
-            limit,
-            permit,
-            reply,
-        })
-        .await?
     }
 
     /// What the store knows of `run_id`: its last seq, session, provider and
@@ -872,19 +728,15 @@ impl Store {
         barrier: bool,
     ) -> Result<Option<RunInfo>, StoreError> {
         let permit = self.read_permit().await?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            let info = nats.run_info(run_id, barrier).await;
-            drop(permit);
-            return info;
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.run_info(run_id, barrier, permit).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let info = nats.run_info(run_id, barrier).await;
+                drop(permit);
+                info
+            }
         }
-        self.call(|reply| StoreMsg::RunInfo {
-            run_id,
-            barrier,
-            permit,
-            reply,
-        })
-        .await?
     }
 
     /// The runs of `session_id`, in the order they started; runs retention
@@ -899,18 +751,15 @@ impl Store {
     /// Cancel safe.
     pub async fn session_runs(&self, session_id: Uuid) -> Result<Vec<RunId>, StoreError> {
         let permit = self.read_permit().await?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            let runs = nats.session_runs(session_id).await;
-            drop(permit);
-            return runs;
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.session_runs(session_id, permit).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let runs = nats.session_runs(session_id).await;
+                drop(permit);
+                runs
+            }
         }
-        self.call(|reply| StoreMsg::SessionRuns {
-            session_id,
-            permit,
-            reply,
-        })
-        .await?
     }
 
     /// Every run of `session_id` with its last seq, whether it ended, and
@@ -923,18 +772,15 @@ impl Store {
         session_id: Uuid,
     ) -> Result<Vec<SessionRun>, StoreError> {
         let permit = self.read_permit().await?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            let runs = nats.session_state(session_id).await;
-            drop(permit);
-            return runs;
+        match &self.inner.backend {
+            Backend::Sled(sled) => sled.session_state(session_id, permit).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let runs = nats.session_state(session_id).await;
+                drop(permit);
+                runs
+            }
         }
-        self.call(|reply| StoreMsg::SessionState {
-            session_id,
-            permit,
-            reply,
-        })
-        .await?
     }
 
     /// Up to `limit` of the store's runs after `after` (from the first for
@@ -956,15 +802,9 @@ impl Store {
         after: Option<RunId>,
         limit: usize,
     ) -> Result<Vec<RunInfo>, StoreError> {
-        self.sled_only("listing runs")?;
+        let sled = self.sled_only("listing runs")?;
         let permit = self.read_permit().await?;
-        self.call(|reply| StoreMsg::RunsAfter {
-            after,
-            limit,
-            permit,
-            reply,
-        })
-        .await?
+        sled.runs_after(after, limit, permit).await
     }
 
     /// Reads every envelope of `run_id`, decoding each, and checks that
@@ -980,14 +820,9 @@ impl Store {
     ///
     /// Cancel safe.
     pub async fn verify_run(&self, run_id: RunId) -> Result<RunCheck, StoreError> {
-        self.sled_only("verifying runs")?;
+        let sled = self.sled_only("verifying runs")?;
         let permit = self.read_permit().await?;
-        self.call(|reply| StoreMsg::VerifyRun {
-            run_id,
-            permit,
-            reply,
-        })
-        .await?
+        sled.verify_run(run_id, permit).await
     }
 
     /// Removes up to `max_runs` runs whose terminal event was emitted before
@@ -1013,16 +848,9 @@ impl Store {
         cutoff: DateTime<Utc>,
         max_runs: usize,
     ) -> Result<Removal, StoreError> {
-        self.sled_only("removing runs")?;
+        let sled = self.sled_only("removing runs")?;
         let permit = self.read_permit().await?;
-        let step = self
-            .call(|reply| StoreMsg::RemoveEnded {
-                cutoff,
-                max_runs,
-                permit,
-                reply,
-            })
-            .await??;
+        let step = sled.remove_ended_before(cutoff, max_runs, permit).await?;
         if !step.removed.is_empty() {
             ::metrics::counter!(crate::metrics::RUNS_REMOVED).increment(step.removed.len() as u64);
             tracing::debug!(runs = step.removed.len(), %cutoff, "retention removed runs");
@@ -1040,15 +868,12 @@ impl Store {
     /// [`StoreError::Closed`].
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         let reads = self.inner.reads_started.load(Ordering::Relaxed);
-        #[cfg(feature = "nats")]
-        if self.nats().is_some() {
+        let stats = match &self.inner.backend {
+            Backend::Sled(sled) => sled.stats().await?,
             // No group commit to count: every append is its own.
-            return Ok(StoreStats {
-                reads,
-                ..StoreStats::default()
-            });
-        }
-        let stats = self.call(StoreMsg::Stats).await?;
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => StoreStats::default(),
+        };
         Ok(StoreStats { reads, ..stats })
     }
 
@@ -1066,34 +891,18 @@ impl Store {
     /// reads but still open.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.inner.stop_sweeper();
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.nats() {
-            nats.close().await;
-            return Ok(());
-        }
-        let Some(join) = self.inner.join.lock().await.take() else {
-            return Ok(());
-        };
-        // Holding every read permit means no read still holds the database.
-        if let Ok(all) = Arc::clone(&self.inner.reads)
-            .acquire_many_owned(self.inner.reads_total)
-            .await
-        {
-            all.forget();
-        }
-        self.inner.reads.close();
-        let result = match self.call(StoreMsg::Close).await {
-            Ok(result) => result,
-            Err(StoreError::Closed) => Ok(()),
-            Err(other) => Err(other),
+        let result = match &self.inner.backend {
+            Backend::Sled(sled) => {
+                sled.close(&self.inner.reads, self.inner.reads_total, self.inner.epoch)
+                    .await
+            }
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                nats.close().await;
+                Ok(())
+            }
         };
         self.inner.append_budget.close();
-        // The actor's task ends after it released the database.
-        let _ = join.await;
-        if let Some(path) = self.path() {
-            engine::wait_unlocked(path.to_path_buf()).await;
-        }
-        tracing::debug!(epoch = %self.inner.epoch, "store closed");
         result
     }
 
@@ -1105,7 +914,7 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn hold_commits(&self, held: bool) -> Result<(), StoreError> {
-        self.inner.send(StoreMsg::HoldCommits(held))
+        self.sled_only("test hooks")?.hold_commits(held)
     }
 
     /// Test hook: the store actor panics at this message; its supervisor
@@ -1116,7 +925,7 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn inject_actor_panic(&self) -> Result<(), StoreError> {
-        self.inner.send(StoreMsg::Panic)
+        self.sled_only("test hooks")?.inject_actor_panic()
     }
 
     /// Test hook: the `nth` commit from now (1 = the next) is written but
@@ -1128,7 +937,7 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn inject_flush_failure(&self, nth: u64) -> Result<(), StoreError> {
-        self.inner.send(StoreMsg::FailFlush(nth))
+        self.sled_only("test hooks")?.inject_flush_failure(nth)
     }
 
     /// Test hook: the `nth` commit from now (1 = the next) fails before it
@@ -1140,7 +949,7 @@ impl Store {
     /// [`StoreError::Closed`].
     #[cfg(feature = "fault-injection")]
     pub fn inject_commit_failure(&self, nth: u64) -> Result<(), StoreError> {
-        self.inner.send(StoreMsg::FailCommit(nth))
+        self.sled_only("test hooks")?.inject_commit_failure(nth)
     }
 
     async fn read_permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
@@ -1149,17 +958,6 @@ impl Store {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::Closed)
-    }
-
-    async fn call<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<T>) -> StoreMsg,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.send_when_ready(message(tx.into())).await?;
-        rx.await.map_err(|_| StoreError::Interrupted {
-            message: "the store actor stopped before answering".into(),
-        })
     }
 }
 

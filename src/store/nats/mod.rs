@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+pub mod log;
+
+use self::log::{Encoded, NatsLog, RunWriter};
 use super::{FollowFrom, Following, IndexedRun, RunInfo, SessionRun, StoredEnvelope};
+use crate::config::NatsConfig;
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
-use crate::nats::{Encoded, NatsConfig, NatsLog, RunWriter};
 use crate::stream::RuntimeEventEnvelope;
 
 /// Runs whose writers one host keeps (two generations of half each); a

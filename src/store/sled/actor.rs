@@ -11,11 +11,12 @@ use uuid::Uuid;
 
 use std::sync::{Arc, RwLock};
 
+use super::Counters;
 use super::commit_log::CommitLog;
 use super::engine::{self, AppendRequest, RemovalStep, RunCache, SegmentLimits};
-use super::{Counters, RunCheck, RunInfo, SessionRun, StoreStats};
 use crate::error::StoreError;
 use crate::ids::RunId;
+use crate::store::{RunCheck, RunInfo, SessionRun, StoreStats};
 use crate::stream::RuntimeEventEnvelope;
 
 /// Every message the store actor takes.

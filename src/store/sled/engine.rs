@@ -10,13 +10,14 @@ use chrono::Utc;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
+use super::Counters;
 use super::commit_log::{self, CommitLog, Generation, Logged};
 use super::layout::{self, RunRecord, StoreMeta};
-use super::{AppendWaiter, Counters, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::codec::{self, CodecError, FORMAT_VERSION, STORE_FORMAT_VERSION};
 use crate::config::{Config, Durability};
 use crate::error::{OpenError, StoreError};
 use crate::ids::RunId;
+use crate::store::{AppendWaiter, RunCheck, RunInfo, SessionRun, StoredEnvelope};
 use crate::stream::RuntimeEventEnvelope;
 
 /// One caller's append: all its envelopes are stored in one batch, or none.

@@ -53,6 +53,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::codec::{self, CodecError};
+pub use crate::config::NatsConfig;
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::store::{FollowFrom, Following, IndexedRun};
@@ -63,46 +64,6 @@ const SEQ_HEADER: &str = "Behest-Seq";
 
 /// Room left under the server's `max_payload` for the headers.
 const HEADER_ROOM: usize = 1024;
-
-/// Where and how the run log lives in NATS.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    /// The server, e.g. `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// The JetStream stream holding every run.
-    pub stream: String,
-    /// Subjects are `{prefix}.run.{run_id}`.
-    pub prefix: String,
-    /// How long the server remembers message ids: a retry later than this
-    /// after a lost acknowledgement is refused as a conflict, not stored
-    /// twice (the expected-sequence check still holds).
-    pub duplicate_window: Duration,
-    /// Stream replicas (1 for a single server; 3 for a cluster that keeps
-    /// acknowledged events when a server is lost).
-    pub replicas: usize,
-    /// The largest encoded envelope accepted (also capped by the server's
-    /// `max_payload`).
-    pub max_event_bytes: usize,
-    /// How long to wait for the server's answer to one request.
-    pub request_timeout: Duration,
-}
-
-impl NatsConfig {
-    /// The defaults for a server at `url`: stream `BEHEST`, prefix
-    /// `behest`, a two-minute duplicate window, one replica.
-    #[must_use]
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            stream: "BEHEST".into(),
-            prefix: "behest".into(),
-            duplicate_window: Duration::from_secs(120),
-            replicas: 1,
-            max_event_bytes: crate::config::DEFAULT_MAX_EVENT_BYTES,
-            request_timeout: Duration::from_secs(5),
-        }
-    }
-}
 
 /// Why the run log could not be opened.
 #[derive(Debug, Error)]
