@@ -386,31 +386,43 @@ async fn a_session_subscriber_on_one_host_follows_runs_written_on_another() {
     close(&config, [host_a, host_b]).await;
 }
 
-/// The client recreates an ordered consumer the server deleted, and one
-/// that had delivered nothing yet starts over from its subject's first
-/// message. A session room following the index of a session whose run
-/// ended before it started then gets that run's index entry again: it must
-/// not follow the run and fan it out again. Deleting the consumers under a
-/// session room on host B shows it: B's room fans out exactly the run A
-/// writes after, and its subscriber gets that run once.
+/// Following costs the server no consumer: a session room on host B
+/// follows the session's index, and a run room on B follows a run A
+/// writes, with core subscriptions to what the stream republishes and
+/// direct gets. B's session room fans out exactly the runs A writes after
+/// it attached (a run that ended before is not replayed into it), its
+/// subscriber gets each once, and B's run subscriber gets A's next event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recreated_consumer_replays_nothing_into_a_session_room() {
+async fn following_across_hosts_costs_no_consumer_and_replays_nothing() {
     use futures_util::StreamExt;
 
     let Some((config, host_a, host_b)) = two_hosts().await else {
         return;
     };
     let session = Uuid::now_v7();
-    let (before, after) = (RunId::new(), RunId::new());
+    let (before, after, open) = (RunId::new(), RunId::new(), RunId::new());
     host_a
         .publish(started(before, Some(session)))
         .await
         .unwrap();
     host_a.publish(delta(before, "x")).await.unwrap();
     host_a.publish(completed(before)).await.unwrap();
+    host_a.publish(started(open, None)).await.unwrap();
 
     let room = RuntimeRoom::Session(session);
     let mut on_b = host_b.subscribe(room.clone(), Resume::Live).await.unwrap();
+    let mut open_on_b = host_b
+        .subscribe(RuntimeRoom::Run(open), Resume::FromStart)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_within(&mut open_on_b, DEADLINE)
+            .await
+            .unwrap()
+            .unwrap()
+            .seq,
+        1
+    );
     let client = async_nats::connect(config.url.as_str()).await.unwrap();
     let stream = async_nats::jetstream::new(client)
         .get_stream(&config.stream)
@@ -421,10 +433,18 @@ async fn a_recreated_consumer_replays_nothing_into_a_session_room() {
         .map(|name| name.unwrap())
         .collect()
         .await;
-    assert!(!names.is_empty(), "B's session room follows the index");
-    for name in names {
-        stream.delete_consumer(&name).await.unwrap();
-    }
+    assert!(
+        names.is_empty(),
+        "B follows a session and a run with no consumer on the server, found {names:?}"
+    );
+    let second = host_a.publish(delta(open, "live")).await.unwrap();
+    assert_eq!(
+        next_within(&mut open_on_b, DEADLINE)
+            .await
+            .unwrap()
+            .unwrap(),
+        second
+    );
 
     let mut written = vec![host_a.publish(started(after, Some(session))).await.unwrap()];
     for i in 0..3 {

@@ -52,6 +52,7 @@ use futures_util::stream::BoxStream;
 use thiserror::Error;
 use uuid::Uuid;
 
+use super::live::{self, LogMessage};
 use crate::codec::{self, CodecError};
 pub use crate::config::NatsConfig;
 use crate::error::StoreError;
@@ -156,6 +157,12 @@ impl NatsLog {
             stream: config.stream.clone(),
             message,
         };
+        // Followers read live messages from here (see `live.rs`).
+        let republish = stream::Republish {
+            source: format!("{}.>", config.prefix),
+            destination: live::live_subject(&config.prefix, &format!("{}.>", config.prefix)),
+            headers_only: false,
+        };
         let mut stream = js
             .get_or_create_stream(stream::Config {
                 name: config.stream.clone(),
@@ -164,15 +171,30 @@ impl NatsLog {
                 duplicate_window: config.duplicate_window,
                 num_replicas: config.replicas,
                 allow_direct: true,
+                republish: Some(republish.clone()),
                 ..Default::default()
             })
             .await
             .map_err(|e| stream_error(e.to_string()))?;
         // An existing stream is returned as it is, whatever was asked.
-        let info = stream
+        let mut info = stream
             .info()
             .await
-            .map_err(|e| stream_error(e.to_string()))?;
+            .map_err(|e| stream_error(e.to_string()))?
+            .clone();
+        if info.config.republish.as_ref() != Some(&republish) {
+            // A stream an earlier build made, followed through consumers.
+            let mut updated = info.config.clone();
+            updated.republish = Some(republish);
+            info = js
+                .update_stream(updated)
+                .await
+                .map_err(|e| stream_error(format!("adding the live republish: {e}")))?;
+            stream = js
+                .get_stream(&config.stream)
+                .await
+                .map_err(|e| stream_error(e.to_string()))?;
+        }
         if info.config.max_age != Duration::ZERO
             || info.config.max_messages_per_subject > 0
             || info.config.max_messages > 0
@@ -334,7 +356,7 @@ impl NatsLog {
                 let envelope = codec::decode_envelope(&message.payload).map_err(|source| {
                     StoreError::Corrupt {
                         run_id,
-                        seq: message.headers.as_ref().and_then(seq_from).unwrap_or(0),
+                        seq: seq_from(&message.headers).unwrap_or(0),
                         source,
                     }
                 })?;
@@ -358,61 +380,15 @@ impl NatsLog {
     }
 
     /// The messages of `subject` from stream sequence `start` on (0: from
-    /// its first), then every one appended later, through an ordered
-    /// consumer, ending after an error it does not recover from. The
-    /// consumer recreates itself after a missed heartbeat from the message
-    /// after the last it delivered, or, before it delivered any, from the
-    /// subject's first message: that ends the stream too, so a reconnect
-    /// replays nothing.
+    /// its first), then every one stored later, without a consumer on the
+    /// server: see [`super::live`].
     async fn ordered(
         &self,
         subject: String,
         start: u64,
-    ) -> Result<BoxStream<'static, Result<jetstream::Message, StoreError>>, StoreError> {
-        use async_nats::jetstream::consumer::{self, DeliverPolicy};
-        use futures_util::StreamExt;
-
-        let deliver_policy = match start {
-            0 => DeliverPolicy::All,
-            start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
-        };
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject,
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| read_failed(&e))?;
-        let messages = consumer.messages().await.map_err(|e| read_failed(&e))?;
-        // The stream ends right after an error: one the consumer hands over
-        // is one it does not recover from by itself (a pull refused because
-        // the server lost the consumer in a restart, after which it would
-        // wait for missed heartbeats), and a message before `start` means
-        // it recreated itself from the subject's first message, which would
-        // stream the whole subject to drop it. The room then follows again
-        // from what it has.
-        Ok(
-            futures_util::stream::unfold(Some(messages), move |messages| async move {
-                let mut messages = messages?;
-                let message = match messages.next().await? {
-                    Ok(message) => match stream_sequence(&message) {
-                        Ok(sequence) if sequence < start => Err(StoreError::ReadFailed {
-                            message: format!(
-                                "NATS: the consumer started over at {sequence}, before {start}"
-                            ),
-                        }),
-                        Ok(_) => Ok(message),
-                        Err(error) => Err(error),
-                    },
-                    Err(error) => Err(read_failed(&error)),
-                };
-                let go_on = message.is_ok();
-                Some((message, go_on.then_some(messages)))
-            })
-            .boxed(),
-        )
+    ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {
+        let live = live::live_subject(&self.prefix, &subject);
+        live::follow(&self.js.client(), self.stream.clone(), subject, live, start).await
     }
 
     fn session_subject(&self, session: Uuid) -> String {
@@ -506,7 +482,7 @@ impl NatsLog {
         let runs = messages
             .map(move |message| {
                 let message = message?;
-                let position = stream_sequence(&message)?;
+                let position = message.sequence;
                 Ok(IndexedRun {
                     run_id: indexed_run(session, &message.payload)?,
                     position,
@@ -636,14 +612,6 @@ impl NatsLog {
         }
         Ok(found)
     }
-}
-
-/// A consumed message's position in the stream.
-fn stream_sequence(message: &jetstream::Message) -> Result<u64, StoreError> {
-    message
-        .info()
-        .map(|info| info.stream_sequence)
-        .map_err(|e| read_failed(&e))
 }
 
 /// The run a session index entry names.
