@@ -469,3 +469,62 @@ async fn following_across_hosts_costs_no_consumer_and_replays_nothing() {
     assert_eq!(session_room.fanned_out, written.len() as u64);
     close(&config, [host_a, host_b]).await;
 }
+
+/// A stream an earlier build made has no live republish. A server that
+/// allows the change (2.10 and later) gets it added at open; nats-server
+/// 2.9 refuses it, and the hosts then follow through consumers. Either
+/// way the hosts open, and host B follows the run host A writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_without_the_live_republish_opens_and_is_followed() {
+    use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+    use behest_stream::nats::NatsLog;
+
+    let config = nats_config();
+    let Some(client) = common::nats::or_skip(async_nats::connect(config.url.as_str()).await) else {
+        return;
+    };
+    let version = client.server_info().version.clone();
+    let js = async_nats::jetstream::new(client);
+    // As builds before the live republish created it.
+    js.create_stream(StreamConfig {
+        name: config.stream.clone(),
+        subjects: vec![
+            format!("{}.run.*", config.prefix),
+            format!("{}.session.*", config.prefix),
+            format!("{}.meta", config.prefix),
+        ],
+        storage: StorageType::File,
+        duplicate_window: config.duplicate_window,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let log = NatsLog::open(&config).await.unwrap();
+    let older = version.starts_with("2.9.") || version.starts_with("2.8.");
+    assert_eq!(
+        log.follows_without_consumers(),
+        !older,
+        "nats-server {version}: 2.9 refuses to add a republish, later servers take it"
+    );
+    let (host_a, host_b) = (
+        open_hub(&config).await.unwrap(),
+        open_hub(&config).await.unwrap(),
+    );
+    let run = RunId::new();
+    host_a.publish(started(run, None)).await.unwrap();
+    let mut on_b = host_b
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_within(&mut on_b, DEADLINE).await.unwrap().unwrap().seq,
+        1
+    );
+    let second = host_a.publish(delta(run, "live")).await.unwrap();
+    assert_eq!(
+        next_within(&mut on_b, DEADLINE).await.unwrap().unwrap(),
+        second
+    );
+    close(&config, [host_a, host_b]).await;
+}

@@ -911,7 +911,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Closed`].
+    /// [`StoreError::Closed`]; [`StoreError::Unsupported`] on NATS.
     #[cfg(feature = "fault-injection")]
     pub fn hold_commits(&self, held: bool) -> Result<(), StoreError> {
         self.sled_only("test hooks")?.hold_commits(held)
@@ -922,7 +922,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Closed`].
+    /// [`StoreError::Closed`]; [`StoreError::Unsupported`] on NATS.
     #[cfg(feature = "fault-injection")]
     pub fn inject_actor_panic(&self) -> Result<(), StoreError> {
         self.sled_only("test hooks")?.inject_actor_panic()
@@ -934,7 +934,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Closed`].
+    /// [`StoreError::Closed`]; [`StoreError::Unsupported`] on NATS.
     #[cfg(feature = "fault-injection")]
     pub fn inject_flush_failure(&self, nth: u64) -> Result<(), StoreError> {
         self.sled_only("test hooks")?.inject_flush_failure(nth)
@@ -946,7 +946,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Closed`].
+    /// [`StoreError::Closed`]; [`StoreError::Unsupported`] on NATS.
     #[cfg(feature = "fault-injection")]
     pub fn inject_commit_failure(&self, nth: u64) -> Result<(), StoreError> {
         self.sled_only("test hooks")?.inject_commit_failure(nth)

@@ -14,7 +14,8 @@
 //!    `Nats-Last-Sequence` is past the last delivered shows a gap (core NATS
 //!    drops messages for a slow subscriber or across a reconnect), which is
 //!    read from the stream before going on;
-//! 4. when nothing arrives for [`POLL`], read from the stream once, in case
+//! 4. when nothing arrives for [`POLL`], look at the subject's last message
+//!    and read from the stream if it is past what was delivered, in case
 //!    the subject's last message was the one dropped.
 //!
 //! Only what the stream stored is republished, so a refused append (a fenced
@@ -137,7 +138,7 @@ impl Follower {
                     });
                 }
                 Err(_quiet) => {
-                    self.catching_up = true;
+                    self.catching_up = self.behind().await?;
                     continue;
                 }
             };
@@ -157,7 +158,14 @@ impl Follower {
                 Live::Skip => {}
                 Live::Gap => self.catching_up = true,
                 Live::Deliver => {
-                    self.next = sequence + 1;
+                    self.next = sequence
+                        .checked_add(1)
+                        .ok_or_else(|| StoreError::ReadFailed {
+                            message: format!(
+                                "NATS: a live message of {} claims stream sequence {sequence}",
+                                self.subject
+                            ),
+                        })?;
                     return Ok(LogMessage {
                         sequence,
                         headers,
@@ -165,6 +173,26 @@ impl Follower {
                     });
                 }
             }
+        }
+    }
+}
+
+impl Follower {
+    /// Whether the subject has a message the follower has not delivered:
+    /// one look at its last message (which the server finds at once, where
+    /// a direct get from `next` may scan the stream on nats-server 2.9).
+    async fn behind(&self) -> Result<bool, StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self
+            .stream
+            .get_last_raw_message_by_subject(self.subject.as_str())
+            .await
+        {
+            Ok(last) => Ok(last.sequence >= self.next),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(false),
+            Err(e) => Err(StoreError::ReadFailed {
+                message: format!("NATS: reading {}'s last message: {e}", self.subject),
+            }),
         }
     }
 }

@@ -118,6 +118,43 @@ pub struct NatsLog {
     prefix: String,
     max_event_bytes: usize,
     epoch: Uuid,
+    /// Whether the stream republishes what it stores for followers (see
+    /// `live.rs`); if not, they follow through consumers (`consumer.rs`).
+    live: bool,
+}
+
+/// Whether followers of the stream whose configuration is `current` can
+/// follow without consumers: it republishes as `wanted` already, or the
+/// server takes the republish now. An existing stream with no republish
+/// gets it on servers that allow the change (2.10 and later; 2.9 refuses
+/// it), and one with another republish (the operator's) is left as it is;
+/// both of those follow through consumers instead.
+async fn live_republish(
+    js: &jetstream::Context,
+    current: &stream::Config,
+    wanted: stream::Republish,
+) -> bool {
+    match &current.republish {
+        Some(republish) if *republish == wanted => return true,
+        Some(other) => {
+            tracing::warn!(stream = %current.name, ?other, "the stream republishes elsewhere already; following it with a consumer per followed run");
+            return false;
+        }
+        None => {}
+    }
+    let mut updated = current.clone();
+    updated.republish = Some(wanted.clone());
+    match js.update_stream(updated).await {
+        Ok(info) if info.config.republish.as_ref() == Some(&wanted) => true,
+        Ok(_) => {
+            tracing::warn!(stream = %current.name, "the server did not keep the live republish; following with a consumer per followed run");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(stream = %current.name, %error, "the server would not add the live republish to this existing stream (nats-server 2.9 refuses the change); following it with a consumer per followed run");
+            false
+        }
+    }
 }
 
 impl NatsLog {
@@ -177,24 +214,11 @@ impl NatsLog {
             .await
             .map_err(|e| stream_error(e.to_string()))?;
         // An existing stream is returned as it is, whatever was asked.
-        let mut info = stream
+        let info = stream
             .info()
             .await
             .map_err(|e| stream_error(e.to_string()))?
             .clone();
-        if info.config.republish.as_ref() != Some(&republish) {
-            // A stream an earlier build made, followed through consumers.
-            let mut updated = info.config.clone();
-            updated.republish = Some(republish);
-            info = js
-                .update_stream(updated)
-                .await
-                .map_err(|e| stream_error(format!("adding the live republish: {e}")))?;
-            stream = js
-                .get_stream(&config.stream)
-                .await
-                .map_err(|e| stream_error(e.to_string()))?;
-        }
         if info.config.max_age != Duration::ZERO
             || info.config.max_messages_per_subject > 0
             || info.config.max_messages > 0
@@ -215,12 +239,18 @@ impl NatsLog {
                 wanted,
             });
         }
+        let live = live_republish(&js, &info.config, republish).await;
+        let stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
         let max_event_bytes = config
             .max_event_bytes
             .min(max_payload.saturating_sub(HEADER_ROOM));
         let mut log = Self {
             js,
             stream,
+            live,
             prefix: config.prefix.clone(),
             max_event_bytes,
             epoch: Uuid::nil(),
@@ -314,17 +344,15 @@ impl NatsLog {
     }
 
     /// The run's envelopes from `from` on, then every one appended later,
-    /// in order, as JetStream delivers them to an ordered consumer (which
-    /// recreates itself after a gap or a missed heartbeat, so nothing is
-    /// skipped or repeated; the stream ends after a failure it does not
-    /// recover from, see [`NatsLog::ordered`]). How a host learns of a run
+    /// in order and once (see [`NatsLog::ordered`]; the stream ends after
+    /// a failure it does not recover from). How a host learns of a run
     /// another host writes. `None` when asked to follow from the end of a
     /// run that has ended: nothing will come.
     ///
     /// # Errors
     ///
-    /// [`StoreError::ReadFailed`] if the consumer cannot be created; the
-    /// stream's items carry later failures.
+    /// [`StoreError::ReadFailed`] if following cannot start; the stream's
+    /// items carry later failures.
     pub(crate) async fn follow(
         &self,
         run_id: RunId,
@@ -332,7 +360,7 @@ impl NatsLog {
     ) -> Result<Option<Following<RuntimeEventEnvelope>>, StoreError> {
         use futures_util::StreamExt;
 
-        // Where the consumer starts, as a stream sequence (0: the subject's
+        // Where following starts, as a stream sequence (0: the subject's
         // first message).
         let start = match from {
             FollowFrom::Position(position) => position,
@@ -380,15 +408,28 @@ impl NatsLog {
     }
 
     /// The messages of `subject` from stream sequence `start` on (0: from
-    /// its first), then every one stored later, without a consumer on the
-    /// server: see [`super::live`].
+    /// its first), then every one stored later, in order and once, ending
+    /// after an error so that the caller follows again from what it has:
+    /// without a consumer on the server where the stream republishes (see
+    /// [`super::live`]), else through an ordered consumer.
     async fn ordered(
         &self,
         subject: String,
         start: u64,
     ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {
+        if !self.live {
+            return super::consumer::follow(&self.stream, subject, start).await;
+        }
         let live = live::live_subject(&self.prefix, &subject);
         live::follow(&self.js.client(), self.stream.clone(), subject, live, start).await
+    }
+
+    /// Whether followers of this stream need no consumer on the server (it
+    /// republishes what it stores); false for a stream nats-server 2.9 made
+    /// before this build, which it will not change.
+    #[must_use]
+    pub fn follows_without_consumers(&self) -> bool {
+        self.live
     }
 
     fn session_subject(&self, session: Uuid) -> String {
@@ -451,7 +492,7 @@ impl NatsLog {
     }
 
     /// The runs indexed in `session` from position `start` on, as the log
-    /// delivers their index entries to an ordered consumer, each with the
+    /// delivers their index entries (see [`NatsLog::ordered`]), each with the
     /// entry's position in the log: every envelope of the run appended since
     /// the entry was written lies after it (a run may come more than once,
     /// when a writer indexed it again after the duplicate window). How a
@@ -464,8 +505,8 @@ impl NatsLog {
     ///
     /// # Errors
     ///
-    /// [`StoreError::ReadFailed`] if the listing fails or the consumer
-    /// cannot be created; the stream's items carry later failures.
+    /// [`StoreError::ReadFailed`] if the listing fails or following cannot
+    /// start; the stream's items carry later failures.
     pub(crate) async fn follow_session(
         &self,
         session: Uuid,
@@ -870,7 +911,7 @@ fn decode(
     Ok(envelope)
 }
 
-fn read_failed(error: &impl std::fmt::Display) -> StoreError {
+pub(super) fn read_failed(error: &impl std::fmt::Display) -> StoreError {
     StoreError::ReadFailed {
         message: format!("NATS: {error}"),
     }

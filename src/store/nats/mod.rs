@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+mod consumer;
 mod live;
 pub mod log;
 
