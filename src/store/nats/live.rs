@@ -36,6 +36,11 @@ use crate::error::StoreError;
 /// after it, stays undelivered.
 pub(crate) const POLL: Duration = Duration::from_secs(5);
 
+/// Live messages a follower's subscription holds at most before core NATS
+/// drops the next (a gap the follower then reads from the stream): the
+/// bound on what a follower that is not taking its messages keeps.
+pub(crate) const BUFFER: usize = 1024;
+
 /// A message of the log as a follower delivers it.
 pub(crate) struct LogMessage {
     /// Its stream sequence.

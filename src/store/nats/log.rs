@@ -118,9 +118,36 @@ pub struct NatsLog {
     prefix: String,
     max_event_bytes: usize,
     epoch: Uuid,
-    /// Whether the stream republishes what it stores for followers (see
-    /// `live.rs`); if not, they follow through consumers (`consumer.rs`).
-    live: bool,
+    /// The connection followers subscribe on, where the stream republishes
+    /// what it stores for them (see `live.rs`); `None` where it does not,
+    /// and they follow through consumers (`consumer.rs`).
+    followers: Option<async_nats::Client>,
+}
+
+/// A connection to the server `config` names; `buffer`: the messages each
+/// of its subscriptions holds at most (the client's default if `None`).
+async fn connect(
+    config: &NatsConfig,
+    buffer: Option<usize>,
+) -> Result<async_nats::Client, NatsOpenError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .request_timeout(Some(config.request_timeout))
+        // The client retries forever; capping its backoff makes a host
+        // notice a restarted server within a second, not within the
+        // client's default of up to four.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64).saturating_mul(50).min(1000))
+        });
+    if let Some(buffer) = buffer {
+        options = options.subscription_capacity(buffer);
+    }
+    options
+        .connect(&config.url)
+        .await
+        .map_err(|e| NatsOpenError::Connect {
+            url: config.url.clone(),
+            message: e.to_string(),
+        })
 }
 
 /// Whether followers of the stream whose configuration is `current` can
@@ -164,20 +191,7 @@ impl NatsLog {
     ///
     /// [`NatsOpenError`] naming the URL or the stream.
     pub async fn open(config: &NatsConfig) -> Result<Self, NatsOpenError> {
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(config.request_timeout))
-            // The client retries forever; capping its backoff makes a host
-            // notice a restarted server within a second, not within the
-            // client's default of up to four.
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((attempts as u64).saturating_mul(50).min(1000))
-            })
-            .connect(&config.url)
-            .await
-            .map_err(|e| NatsOpenError::Connect {
-                url: config.url.clone(),
-                message: e.to_string(),
-            })?;
+        let client = connect(config, None).await?;
         let max_payload = client.server_info().max_payload;
         // An acknowledgement not back within the request timeout is an
         // append in doubt, answered as such, not awaited indefinitely.
@@ -240,6 +254,15 @@ impl NatsLog {
             });
         }
         let live = live_republish(&js, &info.config, republish).await;
+        // Live messages wait in a subscription's buffer until its follower
+        // takes them; a connection of their own bounds that buffer without
+        // bounding the replies to this connection's requests. A follower
+        // that falls behind it loses live messages and reads them from the
+        // stream (a gap).
+        let followers = match live {
+            true => Some(connect(config, Some(live::BUFFER)).await?),
+            false => None,
+        };
         let stream = js
             .get_stream(&config.stream)
             .await
@@ -250,7 +273,7 @@ impl NatsLog {
         let mut log = Self {
             js,
             stream,
-            live,
+            followers,
             prefix: config.prefix.clone(),
             max_event_bytes,
             epoch: Uuid::nil(),
@@ -417,11 +440,11 @@ impl NatsLog {
         subject: String,
         start: u64,
     ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {
-        if !self.live {
+        let Some(followers) = &self.followers else {
             return super::consumer::follow(&self.stream, subject, start).await;
-        }
+        };
         let live = live::live_subject(&self.prefix, &subject);
-        live::follow(&self.js.client(), self.stream.clone(), subject, live, start).await
+        live::follow(followers, self.stream.clone(), subject, live, start).await
     }
 
     /// Whether followers of this stream need no consumer on the server (it
@@ -429,7 +452,7 @@ impl NatsLog {
     /// before this build, which it will not change.
     #[must_use]
     pub fn follows_without_consumers(&self) -> bool {
-        self.live
+        self.followers.is_some()
     }
 
     fn session_subject(&self, session: Uuid) -> String {
