@@ -143,6 +143,16 @@ use tokio::sync::{Mutex, Semaphore, oneshot};
 use uuid::Uuid;
 
 pub use self::cursor::{Cursor, CursorParseError, Resume};
+use self::follow::Link;
+use self::router::{Router, RouterArgs, RouterMsg};
+use self::run_room::{PublishAnswer, PublishRequest};
+use crate::config::{Config, Durability};
+use crate::error::{HubError, OpenError};
+use crate::event::AgentEvent;
+use crate::ids::RunId;
+use crate::metrics;
+use crate::store::{Store, StoreStats};
+use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
 /// A subscription of [`EventHub::subscribe_shared`]: as
 /// [`BoxRuntimeEventStream`], yielding the envelopes the room and every
@@ -154,16 +164,6 @@ pub type SharedEventStream = Pin<
             + 'static,
     >,
 >;
-use self::follow::Link;
-use self::router::{Router, RouterArgs, RouterMsg};
-use self::run_room::{PublishAnswer, PublishRequest};
-use crate::config::{Config, Durability};
-use crate::error::{HubError, OpenError};
-use crate::event::AgentEvent;
-use crate::ids::RunId;
-use crate::metrics;
-use crate::store::{Store, StoreStats};
-use crate::stream::{BoxRuntimeEventStream, RuntimeEventEnvelope, RuntimeRoom, RuntimeStreamError};
 
 /// One item of a room's live feed: what the room fanned out at once (a run
 /// room fans out every event an append acknowledged in one go), so that

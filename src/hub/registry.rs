@@ -102,6 +102,14 @@ struct RunEntry {
     routed: usize,
 }
 
+impl RunEntry {
+    /// Neither a room to send to nor publishes at the router: nothing to
+    /// keep the entry for.
+    fn is_unused(&self) -> bool {
+        self.room.is_none() && self.routed == 0
+    }
+}
+
 impl Default for RunRooms {
     fn default() -> Self {
         Self {
@@ -135,30 +143,27 @@ impl RunRooms {
         let run_id = request.event.run_id();
         let mut shard = self.shard(run_id);
         let entry = shard.entry(run_id).or_default();
-        let mut message = RunMsg::Publish(request);
+        let mut request = request;
         if entry.routed == 0
             && let Some(room) = &entry.room
         {
-            match room.send_message(message) {
+            match room.send_message(RunMsg::Publish(request)) {
                 Ok(()) => return Ok(()),
-                Err(ractor::MessagingErr::SendErr(back)) => {
+                Err(ractor::MessagingErr::SendErr(RunMsg::Publish(back))) => {
                     // Stopped: the router learns of it and starts another.
                     entry.room = None;
-                    message = back;
+                    request = back;
                 }
                 Err(_) => return Ok(()),
             }
         }
-        let RunMsg::Publish(request) = message else {
-            unreachable!("only a publish was sent")
-        };
         match router.send_message(RouterMsg::Publish(request)) {
             Ok(()) => {
                 entry.routed += 1;
                 Ok(())
             }
             Err(_) => {
-                if entry.room.is_none() && entry.routed == 0 {
+                if entry.is_unused() {
                     shard.remove(&run_id);
                 }
                 Err(HubError::Closed)
@@ -172,7 +177,7 @@ impl RunRooms {
         let mut shard = self.shard(run_id);
         if let Some(entry) = shard.get_mut(&run_id) {
             entry.routed = entry.routed.saturating_sub(1);
-            if entry.routed == 0 && entry.room.is_none() {
+            if entry.is_unused() {
                 shard.remove(&run_id);
             }
         }
@@ -193,7 +198,7 @@ impl RunRooms {
             && entry.room.as_ref().is_some_and(|room| room.get_id() == id)
         {
             entry.room = None;
-            if entry.routed == 0 {
+            if entry.is_unused() {
                 shard.remove(&run_id);
             }
         }
