@@ -259,14 +259,11 @@ impl NatsLog {
         // bounding the replies to this connection's requests. A follower
         // that falls behind it loses live messages and reads them from the
         // stream (a gap).
-        let followers = match live {
-            true => Some(connect(config, Some(live::BUFFER)).await?),
-            false => None,
+        let followers = if live {
+            Some(connect(config, Some(live::BUFFER)).await?)
+        } else {
+            None
         };
-        let stream = js
-            .get_stream(&config.stream)
-            .await
-            .map_err(|e| stream_error(e.to_string()))?;
         let max_event_bytes = config
             .max_event_bytes
             .min(max_payload.saturating_sub(HEADER_ROOM));
