@@ -350,6 +350,12 @@ pub struct NatsConfig {
     pub max_event_bytes: usize,
     /// How long to wait for the server's answer to one request.
     pub request_timeout: Duration,
+    /// Whether a run's envelopes gathered into one append go to the server
+    /// as one atomic batch (ADR-50) where it takes them: nats-server 2.12
+    /// and later, on a stream that allows them (the log allows them when it
+    /// opens the stream). `false`, or an older server: one message, and one
+    /// round trip, per envelope.
+    pub atomic_batches: bool,
 }
 
 #[cfg(feature = "nats")]
@@ -366,6 +372,7 @@ impl NatsConfig {
             replicas: 1,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             request_timeout: Duration::from_secs(5),
+            atomic_batches: true,
         }
     }
 }

@@ -40,16 +40,21 @@
 //! survives a power loss is the server's setting, not this crate's: see
 //! README ("NATS JetStream settings").
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID,
+};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind, StorageType};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, ErrorCode, stream};
 use futures_util::stream::BoxStream;
 use thiserror::Error;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::live::{self, LogMessage};
@@ -122,6 +127,9 @@ pub struct NatsLog {
     /// what it stores for them (see `live.rs`); `None` where it does not,
     /// and they follow through consumers (`consumer.rs`).
     followers: Option<async_nats::Client>,
+    /// Where the stream takes atomic batches: the batches this host may
+    /// have open on it at once.
+    batches: Option<Arc<Semaphore>>,
 }
 
 /// A connection to the server `config` names; `buffer`: the messages each
@@ -150,37 +158,65 @@ async fn connect(
         })
 }
 
-/// Whether followers of the stream whose configuration is `current` can
-/// follow without consumers: it republishes as `wanted` already, or the
-/// server takes the republish now. An existing stream with no republish
-/// gets it on servers that allow the change (2.10 and later; 2.9 refuses
-/// it), and one with another republish (the operator's) is left as it is;
-/// both of those follow through consumers instead.
-async fn live_republish(
+/// What the stream does for this log once [`upgrade`] asked for it.
+struct Upgraded {
+    /// It republishes what it stores where followers subscribe.
+    live: bool,
+    /// It takes atomic batches.
+    batches: bool,
+}
+
+/// Asks of the stream whose configuration is `current` what the log would
+/// use: the live republish `wanted` (followers then follow without
+/// consumers), and, with `atomic`, atomic batch publish. One update asks
+/// for both. An existing stream with no republish gets it on servers that
+/// allow the change (2.10 and later; 2.9 refuses it), and one with another
+/// republish (the operator's) keeps it; both of those follow through
+/// consumers instead.
+async fn upgrade(
     js: &jetstream::Context,
     current: &stream::Config,
     wanted: stream::Republish,
-) -> bool {
+    atomic: bool,
+) -> Upgraded {
+    let mut updated = current.clone();
     match &current.republish {
-        Some(republish) if *republish == wanted => return true,
+        Some(republish) if *republish == wanted => {}
         Some(other) => {
             tracing::warn!(stream = %current.name, ?other, "the stream republishes elsewhere already; following it with a consumer per followed run");
-            return false;
         }
-        None => {}
+        None => updated.republish = Some(wanted.clone()),
     }
-    let mut updated = current.clone();
-    updated.republish = Some(wanted.clone());
-    match js.update_stream(updated).await {
-        Ok(info) if info.config.republish.as_ref() == Some(&wanted) => true,
-        Ok(_) => {
-            tracing::warn!(stream = %current.name, "the server did not keep the live republish; following with a consumer per followed run");
-            false
+    updated.allow_atomic_publish |= atomic;
+    let config = if updated == *current {
+        current.clone()
+    } else {
+        match js.update_stream(updated).await {
+            Ok(info) => info.config,
+            Err(error) => {
+                tracing::warn!(stream = %current.name, %error, "the server would not add the live republish or atomic batches to this existing stream (nats-server 2.9 refuses the change); following it with a consumer per followed run, appending one message at a time");
+                current.clone()
+            }
         }
-        Err(error) => {
-            tracing::warn!(stream = %current.name, %error, "the server would not add the live republish to this existing stream (nats-server 2.9 refuses the change); following it with a consumer per followed run");
-            false
-        }
+    };
+    let live = config.republish.as_ref() == Some(&wanted);
+    if !live && current.republish.is_none() {
+        tracing::warn!(stream = %current.name, "the server did not keep the live republish; following with a consumer per followed run");
+    }
+    Upgraded {
+        live,
+        batches: atomic && config.allow_atomic_publish,
+    }
+}
+
+/// Whether a server of `version` (as its INFO gives it, e.g. `2.15.1`)
+/// takes atomic batch publish (ADR-50): 2.12 and later.
+fn takes_atomic_batches(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (number(), number()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 12),
+        _ => false,
     }
 }
 
@@ -193,6 +229,7 @@ impl NatsLog {
     pub async fn open(config: &NatsConfig) -> Result<Self, NatsOpenError> {
         let client = connect(config, None).await?;
         let max_payload = client.server_info().max_payload;
+        let atomic = config.atomic_batches && takes_atomic_batches(&client.server_info().version);
         // An acknowledgement not back within the request timeout is an
         // append in doubt, answered as such, not awaited indefinitely.
         let js = jetstream::ContextBuilder::new()
@@ -223,6 +260,7 @@ impl NatsLog {
                 num_replicas: config.replicas,
                 allow_direct: true,
                 republish: Some(republish.clone()),
+                allow_atomic_publish: atomic,
                 ..Default::default()
             })
             .await
@@ -253,7 +291,7 @@ impl NatsLog {
                 wanted,
             });
         }
-        let live = live_republish(&js, &info.config, republish).await;
+        let Upgraded { live, batches } = upgrade(&js, &info.config, republish, atomic).await;
         // Live messages wait in a subscription's buffer until its follower
         // takes them; a connection of their own bounds that buffer without
         // bounding the replies to this connection's requests. A follower
@@ -271,6 +309,7 @@ impl NatsLog {
             js,
             stream,
             followers,
+            batches: batches.then(|| Arc::new(Semaphore::new(BATCHES_IN_FLIGHT))),
             prefix: config.prefix.clone(),
             max_event_bytes,
             epoch: Uuid::nil(),
@@ -442,6 +481,14 @@ impl NatsLog {
         };
         let live = live::live_subject(&self.prefix, &subject);
         live::follow(followers, self.stream.clone(), subject, live, start).await
+    }
+
+    /// Whether a writer appends several envelopes as one atomic batch:
+    /// the server is nats-server 2.12 or later, the stream allows batches,
+    /// and [`NatsConfig::atomic_batches`] is on.
+    #[must_use]
+    pub fn appends_in_batches(&self) -> bool {
+        self.batches.is_some()
     }
 
     /// Whether followers of this stream need no consumer on the server (it
@@ -744,33 +791,132 @@ impl RunWriter {
         .await
     }
 
+    /// Stores `envelopes`, the run's next ones in seq order, as atomic
+    /// batches of up to 1,000 where the stream takes them
+    /// ([`NatsLog::appends_in_batches`]), one at a time otherwise. A batch
+    /// costs one round trip, is fenced by its first message as
+    /// [`RunWriter::append`] is, and is stored whole or not at all;
+    /// appending it again after an error in doubt stores it once.
+    ///
+    /// # Errors
+    ///
+    /// As [`RunWriter::append`]. After [`StoreError::FlushFailed`], some
+    /// of the envelopes may be stored (a whole batch of them, or single
+    /// envelopes): append the same envelopes again to learn it.
+    pub async fn append_batch(
+        &mut self,
+        envelopes: &[RuntimeEventEnvelope],
+    ) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            crate::store::check_run(envelope)?;
+            encoded.push(codec::encode_envelope(envelope).map_err(|source| {
+                StoreError::Encode {
+                    run_id: envelope.run_id,
+                    source,
+                }
+            })?);
+        }
+        let items: Vec<Encoded<'_>> = envelopes
+            .iter()
+            .zip(&encoded)
+            .map(|(envelope, bytes)| Encoded {
+                run_id: envelope.run_id,
+                seq: envelope.seq,
+                event_id: envelope.event_id.to_string(),
+                terminal: envelope.is_terminal(),
+                bytes,
+            })
+            .collect();
+        self.append_all(&items, &mut 0).await
+    }
+
     /// As [`RunWriter::append`], for an envelope already encoded.
     pub(crate) async fn append_encoded(
         &mut self,
         envelope: &Encoded<'_>,
     ) -> Result<(), StoreError> {
+        self.append_all(std::slice::from_ref(envelope), &mut 0)
+            .await
+    }
+
+    /// Stores `envelopes`, the run's next ones in seq order: as atomic
+    /// batches where the stream takes them, one at a time otherwise.
+    /// `stored` counts those known stored, so that a caller can tell an
+    /// error after some were stored (in doubt) from one before any.
+    pub(crate) async fn append_all(
+        &mut self,
+        envelopes: &[Encoded<'_>],
+        stored: &mut usize,
+    ) -> Result<(), StoreError> {
+        let mut index = 0;
+        // Envelopes of a batch the server refused whole go one at a time.
+        let mut singles_until = 0;
+        while index < envelopes.len() {
+            let rest = &envelopes[index..];
+            let take = if index < singles_until || self.log.batches.is_none() {
+                1
+            } else {
+                batch_len(rest)
+            };
+            let chunk = &rest[..take];
+            let expected_stream_seq = match self.prepare(chunk).await? {
+                Next::Stored(n) => {
+                    index += n;
+                    *stored += n;
+                    continue;
+                }
+                Next::Append(expected) => expected,
+            };
+            if take == 1 {
+                self.publish_one(&chunk[0], expected_stream_seq).await?;
+            } else if !self.publish_batch(chunk, expected_stream_seq).await? {
+                singles_until = index + take;
+                continue;
+            }
+            index += take;
+            *stored += take;
+        }
+        Ok(())
+    }
+
+    /// Checks that `chunk` holds the run's next envelopes, learning the
+    /// outcome of an append in doubt first: what of `chunk` is stored
+    /// already, or the stream sequence its first message must expect.
+    async fn prepare(&mut self, chunk: &[Encoded<'_>]) -> Result<Next, StoreError> {
         let run_id = self.run_id;
-        if envelope.run_id != run_id {
-            return Err(StoreError::SeqConflict {
-                run_id: envelope.run_id,
-                expected: 1,
-                got: envelope.seq,
-            });
+        let Some(first) = chunk.first() else {
+            return Ok(Next::Stored(0));
+        };
+        for (i, envelope) in chunk.iter().enumerate() {
+            let seq = first.seq + i as u64;
+            if envelope.run_id != run_id || (i > 0 && envelope.seq != seq) {
+                return Err(StoreError::SeqConflict {
+                    run_id: envelope.run_id,
+                    expected: if i == 0 { 1 } else { seq },
+                    got: envelope.seq,
+                });
+            }
+            if envelope.terminal && i + 1 < chunk.len() {
+                return Err(StoreError::RunClosed { run_id });
+            }
         }
         if self.in_doubt {
             // Stays in doubt until the log has answered.
             self.tail = self.log.tail(run_id).await?;
-            if self
-                .tail
-                .as_ref()
-                .is_some_and(|t| t.last_seq >= envelope.seq)
-            {
-                // That seq is stored: by the attempt in doubt, or by another
-                // writer.
-                let stored = self.stored_id(envelope.seq).await?;
+            let last_stored = self.last_seq();
+            if last_stored >= first.seq {
+                // Stored: by the attempt in doubt (a batch lands whole or
+                // not at all), or by another writer.
+                let overlap = usize::try_from(last_stored - first.seq + 1)
+                    .map_or(chunk.len(), |n| n.min(chunk.len()));
+                let ours = self.stored_id(first.seq).await?.as_deref() == Some(&first.event_id)
+                    && (overlap == 1
+                        || self.stored_id(chunk[overlap - 1].seq).await?.as_deref()
+                            == Some(&chunk[overlap - 1].event_id));
                 self.in_doubt = false;
-                if stored.as_deref() == Some(&envelope.event_id) {
-                    return Ok(());
+                if ours {
+                    return Ok(Next::Stored(overlap));
                 }
                 return Err(StoreError::RunFenced {
                     run_id,
@@ -779,7 +925,7 @@ impl RunWriter {
             }
             self.in_doubt = false;
         }
-        if envelope.seq != self.last_seq() + 1 {
+        if first.seq != self.last_seq() + 1 {
             // The run may have moved on without this writer (another host
             // appended, and this host's room learned of it): look again
             // before calling it a conflict.
@@ -789,21 +935,33 @@ impl RunWriter {
             return Err(StoreError::RunClosed { run_id });
         }
         let expected = self.last_seq() + 1;
-        if envelope.seq != expected {
+        if first.seq != expected {
             return Err(StoreError::SeqConflict {
                 run_id,
                 expected,
-                got: envelope.seq,
+                got: first.seq,
             });
         }
-        if envelope.bytes.len() > self.log.max_event_bytes {
+        if let Some(large) = chunk
+            .iter()
+            .find(|e| e.bytes.len() > self.log.max_event_bytes)
+        {
             return Err(StoreError::TooLarge {
                 run_id,
-                size: envelope.bytes.len(),
+                size: large.bytes.len(),
                 limit: self.log.max_event_bytes,
             });
         }
-        let expected_stream_seq = self.tail.as_ref().map_or(0, |t| t.stream_seq);
+        Ok(Next::Append(self.tail.as_ref().map_or(0, |t| t.stream_seq)))
+    }
+
+    /// Publishes one envelope, fenced by `expected_stream_seq`.
+    async fn publish_one(
+        &mut self,
+        envelope: &Encoded<'_>,
+        expected_stream_seq: u64,
+    ) -> Result<(), StoreError> {
+        let run_id = self.run_id;
         let message = PublishMessage::build()
             .payload(envelope.bytes.to_vec().into())
             .message_id(envelope.event_id.as_str())
@@ -822,13 +980,7 @@ impl RunWriter {
                 // there first.
                 match self.message_after(expected_stream_seq).await? {
                     Some((sequence, id)) if id == envelope.event_id => sequence,
-                    _ => {
-                        self.tail = self.log.tail(run_id).await?;
-                        return Err(StoreError::RunFenced {
-                            run_id,
-                            last_seq: self.last_seq(),
-                        });
-                    }
+                    _ => return Err(self.fenced().await),
                 }
             }
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -854,6 +1006,122 @@ impl RunWriter {
             stream_seq,
         });
         Ok(())
+    }
+
+    /// Publishes `chunk` (two envelopes or more) as one atomic batch
+    /// (ADR-50), its first message fenced by `expected_stream_seq`: the
+    /// messages before the last without a reply, the last committing the
+    /// batch and answering for all of it. `Ok(false)`: the server refused
+    /// the batch whole (too many batches open on the stream, or batches
+    /// since disallowed), and nothing of it is stored.
+    async fn publish_batch(
+        &mut self,
+        chunk: &[Encoded<'_>],
+        expected_stream_seq: u64,
+    ) -> Result<bool, StoreError> {
+        let run_id = self.run_id;
+        let (Some(permits), Some((last, body))) = (self.log.batches.clone(), chunk.split_last())
+        else {
+            return Ok(false);
+        };
+        // The server holds at most 50 open batches per stream; each host
+        // keeps to its share.
+        let _open = permits
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let batch = Uuid::now_v7().simple().to_string();
+        let subject = self.log.subject(run_id);
+        let client = self.log.js.client();
+        for (i, envelope) in body.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, envelope.event_id.as_str());
+            headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+            headers.insert(NATS_BATCH_ID, batch.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            if i == 0 {
+                headers.insert(
+                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    expected_stream_seq.to_string().as_str(),
+                );
+            }
+            let payload = bytes::Bytes::copy_from_slice(envelope.bytes);
+            if let Err(e) = client
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+            {
+                // The commit was not sent: the server abandons the batch.
+                return Err(StoreError::FlushFailed {
+                    message: format!("NATS: run {run_id}'s batch was not sent: {e}"),
+                });
+            }
+        }
+        let message = PublishMessage::build()
+            .payload(last.bytes.to_vec().into())
+            .message_id(last.event_id.as_str())
+            .header(SEQ_HEADER, last.seq.to_string().as_str())
+            .header(NATS_BATCH_ID, batch.as_str())
+            .header(NATS_BATCH_SEQUENCE, chunk.len().to_string().as_str())
+            .header(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
+        let acked = match self.log.js.send_publish(subject, message).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let stream_seq = match acked {
+            Ok(ack) => ack.sequence,
+            Err(e)
+                if e.kind() == PublishErrorKind::WrongLastSequence
+                    || publish_error_code(&e)
+                        == Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) =>
+            {
+                // Another writer got there first, or an earlier attempt of
+                // this very batch landed (whole).
+                let first = &chunk[0];
+                if let Some((_, id)) = self.message_after(expected_stream_seq).await?
+                    && id == first.event_id
+                {
+                    self.tail = self.log.tail(run_id).await?;
+                    if self.last_seq() >= last.seq {
+                        return Ok(true);
+                    }
+                }
+                return Err(self.fenced().await);
+            }
+            Err(e) if refused_batch(&e) => {
+                tracing::debug!(%run_id, error = %e, "the server refused an atomic batch; appending its envelopes one at a time");
+                return Ok(false);
+            }
+            Err(e) => {
+                self.in_doubt = true;
+                return Err(StoreError::FlushFailed {
+                    message: format!(
+                        "NATS did not acknowledge run {run_id}'s batch of seqs {} to {}: {e}",
+                        chunk[0].seq, last.seq
+                    ),
+                });
+            }
+        };
+        self.tail = Some(RunTail {
+            last_seq: last.seq,
+            ended: last.terminal,
+            stream_seq,
+        });
+        Ok(true)
+    }
+
+    /// The error for a run another writer appended to: the tail read again
+    /// (for the room's recovery), then `RunFenced`.
+    async fn fenced(&mut self) -> StoreError {
+        match self.log.tail(self.run_id).await {
+            Ok(tail) => {
+                self.tail = tail;
+                StoreError::RunFenced {
+                    run_id: self.run_id,
+                    last_seq: self.last_seq(),
+                }
+            }
+            Err(error) => error,
+        }
     }
 
     /// The run's first message after stream sequence `after`: its stream
@@ -887,6 +1155,65 @@ impl RunWriter {
             .await?
             .map(|(_, id)| id))
     }
+}
+
+/// What [`RunWriter::prepare`] found.
+enum Next {
+    /// This many of the envelopes are stored already (an append in doubt
+    /// had landed).
+    Stored(usize),
+    /// Append them, expecting the run's last message at this stream
+    /// sequence.
+    Append(u64),
+}
+
+/// Messages in one atomic batch at most: the server's limit.
+const BATCH_MESSAGES: usize = 1000;
+
+/// Payload bytes in one atomic batch at most, so that one append holds the
+/// server's memory (and a refused batch's retry) to a bound.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Atomic batches one host keeps open on the stream at once: the server
+/// allows 50 per stream, so two hosts fit; beyond, a refused batch is
+/// appended one message at a time.
+const BATCHES_IN_FLIGHT: usize = 24;
+
+/// How many of `envelopes` (at least one) go in the next batch.
+fn batch_len(envelopes: &[Encoded<'_>]) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for envelope in envelopes.iter().take(BATCH_MESSAGES) {
+        bytes += envelope.bytes.len();
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
+}
+
+/// The JetStream error code behind a publish error, if the server sent one.
+fn publish_error_code(error: &async_nats::jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(error)?
+        .downcast_ref::<jetstream::Error>()
+        .map(jetstream::Error::error_code)
+}
+
+/// Whether the server refused an atomic batch whole, for a reason that a
+/// batch has and single messages do not: nothing of it was stored.
+fn refused_batch(error: &async_nats::jetstream::context::PublishError) -> bool {
+    publish_error_code(error).is_some_and(|code| {
+        [
+            ErrorCode::ATOMIC_PUBLISH_DISABLED,
+            ErrorCode::ATOMIC_PUBLISH_MISSING_SEQ,
+            ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH,
+            ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER,
+            ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH,
+            ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT,
+        ]
+        .contains(&code)
+    })
 }
 
 fn header_seq(run_id: RunId, message: &StreamMessage) -> Result<u64, StoreError> {

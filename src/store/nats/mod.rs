@@ -129,9 +129,10 @@ impl NatsStore {
             .slot(run_id)
     }
 
-    /// Appends `items` (each run's in seq order), one envelope at a time
-    /// per run. Not atomic across envelopes, as JetStream before 2.12 has
-    /// no atomic batch: when a later envelope fails after earlier ones were
+    /// Appends `items` (each run's in seq order): each run's as atomic
+    /// batches where the stream takes them (nats-server 2.12 and later),
+    /// one envelope at a time otherwise. Not atomic across batches or
+    /// single envelopes: when a later one fails after earlier ones were
     /// stored, the append is answered in doubt (`FlushFailed`), and a room
     /// recovers from what the log holds.
     pub(crate) async fn append(&self, items: Vec<StoredEnvelope>) -> Result<(), StoreError> {
@@ -189,38 +190,38 @@ impl NatsStore {
                         .map_err(|e| failed(e, stored))?,
                 );
             }
-            for item in &items[index..end] {
-                // The session index is written before the run's first
-                // envelope that names the session, so an index entry may
-                // point at a run with no events yet, never the reverse.
-                // (Idempotent: the server drops a repeat within its
-                // duplicate window, readers after it.)
-                if let Some(session) = item.session_id
-                    && !slot.indexed
-                {
-                    self.log
-                        .index_session(session, run_id)
-                        .await
-                        .map_err(|e| failed(e, stored))?;
-                    slot.indexed = true;
-                }
-                let Some(writer) = slot.writer.as_mut() else {
-                    unreachable!("the writer was just created")
-                };
-                let outcome = writer
-                    .append_encoded(&Encoded {
-                        run_id,
-                        seq: item.seq,
-                        event_id: item.event_id.to_string(),
-                        terminal: item.terminal,
-                        bytes: &item.bytes,
-                    })
-                    .await;
-                match outcome {
-                    Ok(()) => stored += 1,
-                    Err(error) => return Err(failed(error, stored)),
-                }
+            // The session index is written before the run's first
+            // envelope that names the session, so an index entry may point
+            // at a run with no events yet, never the reverse. (Idempotent:
+            // the server drops a repeat within its duplicate window,
+            // readers after it.)
+            let group = &items[index..end];
+            if let Some(session) = group.iter().find_map(|item| item.session_id)
+                && !slot.indexed
+            {
+                self.log
+                    .index_session(session, run_id)
+                    .await
+                    .map_err(|e| failed(e, stored))?;
+                slot.indexed = true;
             }
+            let encoded: Vec<Encoded<'_>> = group
+                .iter()
+                .map(|item| Encoded {
+                    run_id: item.run_id,
+                    seq: item.seq,
+                    event_id: item.event_id.to_string(),
+                    terminal: item.terminal,
+                    bytes: &item.bytes,
+                })
+                .collect();
+            let Some(writer) = slot.writer.as_mut() else {
+                unreachable!("the writer was just created")
+            };
+            let mut appended = 0;
+            let outcome = writer.append_all(&encoded, &mut appended).await;
+            stored += appended;
+            outcome.map_err(|error| failed(error, stored))?;
             index = end;
         }
         ::metrics::counter!(crate::metrics::PERSISTED).increment(stored as u64);
