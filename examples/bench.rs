@@ -52,6 +52,10 @@ mod agent_script;
 #[path = "support/agents_command.rs"]
 mod agents_command;
 
+#[cfg(feature = "nats")]
+#[path = "support/hosts.rs"]
+mod hosts;
+
 use workload::{
     Broadcast, EventMaker, FlushTimes, HeapProbe, HubRun, Probes, RawSled, Size, Workload,
 };
@@ -231,6 +235,26 @@ struct Args {
     /// `--features nats`).
     #[arg(long)]
     nats: Option<String>,
+    /// With --nats: append one envelope per message, as on a server before
+    /// 2.12, instead of a run's gathered envelopes as one atomic batch
+    /// (`NatsConfig::atomic_batches` off), for the comparison.
+    #[arg(long)]
+    nats_one_at_a_time: bool,
+    /// With --nats: 2 starts a second process, host B, that follows every
+    /// run over NATS from the start while this one (host A) writes them,
+    /// and reports what host B received and the latency from host A's
+    /// room stamping an envelope to host B delivering it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    hosts: u8,
+    /// Host B's side of --hosts 2 (started by host A, run ids on stdin).
+    #[arg(long, hide = true)]
+    follow_host: bool,
+    /// Host B's stream (started by host A).
+    #[arg(long, hide = true)]
+    nats_stream: Option<String>,
+    /// Host B's subject prefix (started by host A).
+    #[arg(long, hide = true)]
+    nats_prefix: Option<String>,
     /// agents: concurrent runs (with --find-capacity, the first step's);
     /// 100, or 250 for a capacity search, if not given.
     #[arg(long, help_heading = "Agents profile")]
@@ -378,6 +402,9 @@ struct Report {
     half_load: Option<HubRun>,
     /// The same workload on a hub over NATS (`--nats`).
     nats: Option<HubRun>,
+    /// What a second process received of the NATS run (`--hosts 2`).
+    #[cfg(feature = "nats")]
+    nats_host_b: Option<hosts::FollowerReport>,
     memory: Memory,
     eviction: Option<EvictionReport>,
     baselines: Baselines,
@@ -398,6 +425,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    #[cfg(feature = "nats")]
+    if args.follow_host {
+        return follow_host(&args, &runtime);
+    }
     if args.profile == Profile::Agents {
         return match agents_options(&args) {
             Ok(options) => agents_command::run(&options, &runtime, HEAP, cores),
@@ -563,10 +594,16 @@ fn measure(
         Ok::<_, workload::Error>((hub, half_load, peak_rss, rss))
     })?;
 
-    let nats = match &args.nats {
-        Some(url) => Some(runtime.block_on(nats_run(url, &work, hub_in_flight, &probes))?),
-        None => None,
+    let (nats, nats_host_b) = match &args.nats {
+        Some(url) => {
+            let (run, host_b) =
+                runtime.block_on(nats_run(url, args, &work, hub_in_flight, &probes))?;
+            (Some(run), host_b)
+        }
+        None => (None, None),
     };
+    #[cfg(not(feature = "nats"))]
+    let _: Option<()> = nats_host_b;
 
     // The baselines, with the same events and fan-out.
     eprintln!("bench: baselines");
@@ -627,6 +664,12 @@ fn measure(
         .chain(half_load.as_ref())
         .chain(nats.as_ref());
     let (mut lost, mut duplicated, mut other_faults) = (0, 0, 0);
+    #[cfg(feature = "nats")]
+    if let Some(host_b) = &nats_host_b {
+        lost += host_b.lost;
+        duplicated += host_b.duplicated;
+        other_faults += host_b.out_of_order + host_b.errors;
+    }
     for run in runs {
         lost += run.lost;
         duplicated += run.duplicated;
@@ -646,6 +689,8 @@ fn measure(
         hub,
         half_load,
         nats,
+        #[cfg(feature = "nats")]
+        nats_host_b,
         memory,
         eviction,
         baselines: Baselines {
@@ -657,43 +702,106 @@ fn measure(
     })
 }
 
-/// The workload on a hub over NATS JetStream, in a fresh stream.
+/// What host B of a two-host NATS run received (`--hosts 2`).
+#[cfg(feature = "nats")]
+type HostB = Option<hosts::FollowerReport>;
+#[cfg(not(feature = "nats"))]
+type HostB = Option<()>;
+
+/// The workload on a hub over NATS JetStream, in a fresh stream; with
+/// `--hosts 2`, followed by host B too.
 #[cfg(feature = "nats")]
 async fn nats_run(
     url: &str,
+    args: &Args,
     work: &Workload,
     hub_in_flight: usize,
     probes: &Probes,
-) -> Result<HubRun, workload::Error> {
+) -> Result<(HubRun, HostB), workload::Error> {
     let mut nats = behest_stream::nats::NatsConfig::new(url);
     let unique = uuid::Uuid::now_v7().simple().to_string();
     nats.stream = format!("BEHEST_BENCH_{unique}");
     nats.prefix = format!("bench{unique}");
+    nats.atomic_batches = !args.nats_one_at_a_time;
     let config = work
         .config(Config::nats(nats.clone()))
         .max_in_flight_publishes(hub_in_flight);
     let hub = EventHub::open(config).await?;
-    eprintln!("bench: full speed over NATS at {url}");
     let mut work = work.clone();
     work.evict_within = None;
+    let host_b = if args.hosts == 2 {
+        let runs: std::sync::Arc<[behest_stream::RunId]> = (0..work.rooms)
+            .map(|_| behest_stream::RunId::new())
+            .collect();
+        work.run_ids = Some(std::sync::Arc::clone(&runs));
+        eprintln!("bench: starting host B");
+        Some(
+            hosts::Follower::start(
+                url,
+                &nats.stream,
+                &nats.prefix,
+                &runs,
+                work.events,
+                work.timeout,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    eprintln!("bench: full speed over NATS at {url}");
     let run = workload::run_hub(&hub, &work, probes).await;
+    let host_b = match host_b {
+        Some(follower) => Some(follower.finish(work.timeout).await?),
+        None => None,
+    };
     hub.shutdown().await?;
     let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
     async_nats::jetstream::new(client)
         .delete_stream(&nats.stream)
         .await
         .map_err(|e| e.to_string())?;
-    run
+    Ok((run?, host_b))
 }
 
 #[cfg(not(feature = "nats"))]
 async fn nats_run(
     _url: &str,
+    _args: &Args,
     _work: &Workload,
     _hub_in_flight: usize,
     _probes: &Probes,
-) -> Result<HubRun, workload::Error> {
+) -> Result<(HubRun, HostB), workload::Error> {
     Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
+}
+
+/// Host B of `--hosts 2`: follows the runs host A names on stdin and
+/// prints its report.
+#[cfg(feature = "nats")]
+fn follow_host(args: &Args, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let (Some(url), Some(stream), Some(prefix)) =
+        (&args.nats, &args.nats_stream, &args.nats_prefix)
+    else {
+        eprintln!("bench --follow-host needs --nats, --nats-stream and --nats-prefix");
+        return ExitCode::from(2);
+    };
+    let timeout = Duration::from_secs(args.timeout);
+    match runtime.block_on(hosts::follow(url, stream, prefix, args.events, timeout)) {
+        Ok(report) => match serde_json::to_string(&report) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("bench host B: cannot write JSON: {error}");
+                ExitCode::from(2)
+            }
+        },
+        Err(error) => {
+            eprintln!("bench host B failed: {error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `bytes` as a signed number, for differences.
@@ -827,6 +935,20 @@ fn print_table(report: &Report) {
             per_s(nats.events_per_s_per_room),
             per_s(nats.deliveries_per_s),
             latency_line(nats)
+        );
+    }
+    #[cfg(feature = "nats")]
+    if let Some(b) = &report.nats_host_b {
+        println!(
+            "host B     {:>12} events/s received ({} runs followed over NATS)   stamped on host A -> delivered on host B: p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   lost {}   duplicated {}   out of order {}",
+            per_s(b.events_per_s),
+            b.runs,
+            b.p50_ms,
+            b.p99_ms,
+            b.max_ms,
+            b.lost,
+            b.duplicated,
+            b.out_of_order
         );
     }
     let m = &report.memory;

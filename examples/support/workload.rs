@@ -232,6 +232,9 @@ pub struct Workload {
     /// Subscribe with `EventHub::subscribe_shared` (envelopes shared, not
     /// copied per subscriber) instead of `EventHub::subscribe`.
     pub shared_envelopes: bool,
+    /// The runs' ids (`rooms` of them), when another process must know
+    /// them before the run; fresh ones otherwise.
+    pub run_ids: Option<Arc<[RunId]>>,
 }
 
 impl Workload {
@@ -249,6 +252,7 @@ impl Workload {
             timeout: Duration::from_secs(300),
             evict_within: None,
             shared_envelopes: false,
+            run_ids: None,
         }
     }
 
@@ -495,7 +499,13 @@ pub async fn run_hub(
     }
     let deadline = tokio::time::Instant::now() + workload.timeout;
     let maker = Arc::new(EventMaker::new(workload.size));
-    let runs: Vec<RunId> = (0..rooms).map(|_| RunId::new()).collect();
+    let runs: Vec<RunId> = match &workload.run_ids {
+        Some(ids) if ids.len() == rooms => ids.to_vec(),
+        Some(ids) => {
+            return Err(format!("{} run ids for {rooms} rooms", ids.len()).into());
+        }
+        None => (0..rooms).map(|_| RunId::new()).collect(),
+    };
     let event_slots = usize::try_from(events)?;
 
     // The run's own bookkeeping, allocated before the first heap reading so
