@@ -56,6 +56,7 @@ pub struct Config {
     pub(crate) max_in_flight_publishes: usize,
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
+    pub(crate) max_followed_runs_per_session: usize,
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) retention: Option<Retention>,
@@ -110,6 +111,7 @@ impl Config {
             max_in_flight_publishes: 4096,
             catch_up_page: 256,
             max_rooms: 100_000,
+            max_followed_runs_per_session: 1024,
             max_restarts: 5,
             restart_window: Duration::from_secs(10),
             retention: None,
@@ -248,6 +250,19 @@ impl Config {
     #[must_use]
     pub fn max_rooms(mut self, rooms: usize) -> Self {
         self.max_rooms = rooms.max(1);
+        self
+    }
+
+    /// On a shared log (NATS): the most live runs of one session that a
+    /// session room on this host follows at once (default 1,024). Each
+    /// costs a live subscription and a task. A run that joins the session
+    /// past the bound is logged (a warning naming this setting) and
+    /// counted in `HubStats::session_runs_unfollowed`; its envelopes reach
+    /// this host's session subscribers only when they next catch up from
+    /// the log (on resuming, or after lagging), not live.
+    #[must_use]
+    pub fn max_followed_runs_per_session(mut self, runs: usize) -> Self {
+        self.max_followed_runs_per_session = runs.max(1);
         self
     }
 

@@ -528,3 +528,67 @@ async fn a_stream_made_without_the_live_republish_opens_and_is_followed() {
     );
     close(&config, [host_a, host_b]).await;
 }
+
+/// A session room follows at most `Config::max_followed_runs_per_session`
+/// live runs: with a bound of 1 on host B, the second run host A writes in
+/// the session is not followed live and is counted; B's session subscriber
+/// still gets the first run whole, in order, and a subscriber that catches
+/// up from the log gets both runs whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_room_follows_at_most_the_configured_runs_and_counts_the_rest() {
+    let config = nats_config();
+    let Some(host_a) = open_hub(&config).await else {
+        return;
+    };
+    let host_b = EventHub::open(Config::nats(config.clone()).max_followed_runs_per_session(1))
+        .await
+        .unwrap();
+    let session = Uuid::now_v7();
+    let room = RuntimeRoom::Session(session);
+    let mut live = host_b
+        .subscribe(room.clone(), Resume::FromStart)
+        .await
+        .unwrap();
+    let (first, second) = (RunId::new(), RunId::new());
+    host_a.publish(started(first, Some(session))).await.unwrap();
+    // The first run is followed before the second joins.
+    let opening = next_within(&mut live, DEADLINE).await.unwrap().unwrap();
+    assert_eq!((opening.run_id, opening.seq), (first, 1));
+    host_a
+        .publish(started(second, Some(session)))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        host_a.publish(delta(first, &i.to_string())).await.unwrap();
+        host_a.publish(delta(second, &i.to_string())).await.unwrap();
+    }
+    host_a.publish(completed(first)).await.unwrap();
+    host_a.publish(completed(second)).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while host_b.stats().await.unwrap().session_runs_unfollowed < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "host B never counted the run past its bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut from_first = vec![opening];
+    while !from_first.last().unwrap().is_terminal() {
+        let envelope = next_within(&mut live, DEADLINE).await.unwrap().unwrap();
+        if envelope.run_id == first {
+            from_first.push(envelope);
+        }
+    }
+    assert_eq!(from_first, host_a.replay(first, 0, 100).await.unwrap());
+
+    let mut caught_up = host_a
+        .subscribe(room.clone(), Resume::FromStart)
+        .await
+        .unwrap();
+    let mut cursor = Cursor::new(host_a.epoch());
+    let by_run = read_runs_to_end(&mut caught_up, &[first, second], 0, &mut cursor).await;
+    assert_eq!(by_run[0], host_a.replay(first, 0, 100).await.unwrap());
+    assert_eq!(by_run[1], host_a.replay(second, 0, 100).await.unwrap());
+    close(&config, [host_a, host_b]).await;
+}

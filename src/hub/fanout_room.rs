@@ -104,7 +104,11 @@ impl Actor for FanoutRoom {
         args: FanoutRoomArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let log = match &args.room {
-            RuntimeRoom::Session(session_id) => Some(SessionLog::new(*session_id, args.store)),
+            RuntimeRoom::Session(session_id) => Some(SessionLog::new(
+                *session_id,
+                args.store,
+                Arc::clone(&args.shared),
+            )),
             _ => None,
         };
         Ok(FanoutState {

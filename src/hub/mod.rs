@@ -195,6 +195,7 @@ pub(crate) struct Shared {
     pub(crate) idle_timeout: Duration,
     pub(crate) catch_up_page: usize,
     pub(crate) max_rooms: usize,
+    pub(crate) max_followed_runs_per_session: usize,
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) counters: Counters,
@@ -221,6 +222,7 @@ impl Shared {
             idle_timeout: config.idle_timeout,
             catch_up_page: config.catch_up_page,
             max_rooms: config.max_rooms,
+            max_followed_runs_per_session: config.max_followed_runs_per_session,
             max_restarts: config.max_restarts,
             restart_window: config.restart_window,
             counters: Counters::default(),
@@ -273,6 +275,7 @@ pub(crate) struct Counters {
     rooms_started: AtomicU64,
     rooms_evicted: AtomicU64,
     rooms_failed: AtomicU64,
+    session_runs_unfollowed: AtomicU64,
 }
 
 impl Counters {
@@ -295,6 +298,9 @@ impl Counters {
     pub(crate) fn record_failure(&self) {
         self.rooms_failed.fetch_add(1, Ordering::Relaxed);
         ::metrics::counter!(metrics::ROOM_FAILURES).increment(1);
+    }
+    pub(crate) fn record_unfollowed_run(&self) {
+        self.session_runs_unfollowed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -338,6 +344,9 @@ pub struct HubStats {
     pub rooms_evicted: u64,
     /// Rooms that failed.
     pub rooms_failed: u64,
+    /// Runs a session room did not follow live, past
+    /// `Config::max_followed_runs_per_session` (shared log only).
+    pub session_runs_unfollowed: u64,
     /// The store's counters.
     pub store: StoreStats,
 }
@@ -801,6 +810,7 @@ impl EventHub {
             rooms_started: counters.rooms_started.load(Ordering::Relaxed),
             rooms_evicted: counters.rooms_evicted.load(Ordering::Relaxed),
             rooms_failed: counters.rooms_failed.load(Ordering::Relaxed),
+            session_runs_unfollowed: counters.session_runs_unfollowed.load(Ordering::Relaxed),
             store,
         })
     }

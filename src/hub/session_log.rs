@@ -22,6 +22,7 @@ use std::sync::Arc;
 use ractor::ActorRef;
 use uuid::Uuid;
 
+use super::Shared;
 use super::fanout_room::FanoutMsg;
 use super::tail::{self, Tail};
 use crate::error::StoreError;
@@ -29,17 +30,14 @@ use crate::ids::RunId;
 use crate::store::{FollowFrom, IndexedRun, Store};
 use crate::stream::RuntimeEventEnvelope;
 
-/// The most runs of one session a room follows at once, and the most runs
-/// it remembers what it fanned out of. A run that joins past the first
-/// bound is not followed (logged): on other hosts, its envelopes reach the
-/// session's subscribers only when they next catch up from the log (on
-/// resuming, or after lagging). A run whose writer died before its end
-/// holds its place until the room stops.
-pub(crate) const MAX_FOLLOWED_RUNS: usize = 1024;
-
 pub(crate) struct SessionLog {
     session_id: Uuid,
     store: Store,
+    /// The hub's settings and counters: the most runs of the session this
+    /// room follows at once (`Config::max_followed_runs_per_session`), also
+    /// the most runs it remembers what it fanned out of. A run whose
+    /// writer died before its end holds its place until the room stops.
+    shared: Arc<Shared>,
     /// The tail of the session's index; `None` when not following.
     index: Option<Tail>,
     /// Where the index is read from next: after the last entry handled.
@@ -62,14 +60,16 @@ struct FollowedRun {
 }
 
 impl SessionLog {
-    pub(crate) fn new(session_id: Uuid, store: Store) -> Self {
+    pub(crate) fn new(session_id: Uuid, store: Store, shared: Arc<Shared>) -> Self {
+        let limit = shared.max_followed_runs_per_session;
         Self {
             session_id,
             store,
+            shared,
             index: None,
             index_next: None,
             runs: HashMap::new(),
-            fanned: Fanned::new(MAX_FOLLOWED_RUNS),
+            fanned: Fanned::new(limit),
             retry_pending: false,
         }
     }
@@ -204,7 +204,7 @@ impl SessionLog {
         self.index = None;
         self.index_next = None;
         self.runs.clear();
-        self.fanned = Fanned::new(MAX_FOLLOWED_RUNS);
+        self.fanned = Fanned::new(self.shared.max_followed_runs_per_session);
     }
 
     /// Follows runs that joined the session, each from its index entry.
@@ -250,7 +250,7 @@ impl SessionLog {
     }
 
     /// Starts a tail of `run_id` unless one runs, the run has ended, or the
-    /// room follows [`MAX_FOLLOWED_RUNS`] already: after what was fanned out
+    /// room follows `Config::max_followed_runs_per_session` already: after what was fanned out
     /// of it if anything was, else from `from`.
     async fn follow_run(
         &mut self,
@@ -261,13 +261,15 @@ impl SessionLog {
         if self.runs.get(&run_id).is_some_and(|run| run.tail.is_some()) {
             return Ok(());
         }
-        if self.runs.len() >= MAX_FOLLOWED_RUNS && !self.runs.contains_key(&run_id) {
+        let limit = self.shared.max_followed_runs_per_session;
+        if self.runs.len() >= limit && !self.runs.contains_key(&run_id) {
             tracing::warn!(
                 session_id = %self.session_id,
                 %run_id,
-                limit = MAX_FOLLOWED_RUNS,
-                "too many live runs in one session to follow them all in the shared log"
+                limit,
+                "too many live runs in one session to follow them all in the shared log (Config::max_followed_runs_per_session); this run reaches the session's subscribers on this host when they next catch up from the log"
             );
+            self.shared.counters.record_unfollowed_run();
             return Ok(());
         }
         let from = match self.fanned.get(run_id) {
