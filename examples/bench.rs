@@ -735,24 +735,32 @@ async fn nats_run(
             .collect();
         work.run_ids = Some(std::sync::Arc::clone(&runs));
         eprintln!("bench: starting host B");
-        Some(
-            hosts::Follower::start(
-                url,
-                &nats.stream,
-                &nats.prefix,
-                &runs,
-                work.events,
-                work.timeout,
-            )
-            .await?,
+        let follower = hosts::Follower::start(
+            url,
+            &nats.stream,
+            &nats.prefix,
+            &runs,
+            work.events,
+            work.timeout,
         )
+        .await?;
+        let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+        let account = async_nats::jetstream::new(client)
+            .query_account()
+            .await
+            .map_err(|e| e.to_string())?;
+        Some((follower, account.consumers))
     } else {
         None
     };
     eprintln!("bench: full speed over NATS at {url}");
     let run = workload::run_hub(&hub, &work, probes).await;
     let host_b = match host_b {
-        Some(follower) => Some(follower.finish(work.timeout).await?),
+        Some((follower, consumers)) => {
+            let mut report = follower.finish(work.timeout).await?;
+            report.account_consumers = Some(consumers);
+            Some(report)
+        }
         None => None,
     };
     hub.shutdown().await?;
@@ -786,7 +794,14 @@ fn follow_host(args: &Args, runtime: &tokio::runtime::Runtime) -> ExitCode {
         return ExitCode::from(2);
     };
     let timeout = Duration::from_secs(args.timeout);
-    match runtime.block_on(hosts::follow(url, stream, prefix, args.events, timeout)) {
+    match runtime.block_on(hosts::follow(
+        url,
+        stream,
+        prefix,
+        args.events,
+        timeout,
+        HEAP,
+    )) {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(json) => {
                 println!("{json}");
@@ -940,7 +955,7 @@ fn print_table(report: &Report) {
     #[cfg(feature = "nats")]
     if let Some(b) = &report.nats_host_b {
         println!(
-            "host B     {:>12} events/s received ({} runs followed over NATS)   stamped on host A -> delivered on host B: p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   lost {}   duplicated {}   out of order {}",
+            "host B     {:>12} events/s received ({} runs followed over NATS)   stamped on host A -> delivered on host B: p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   lost {}   duplicated {}   out of order {}   heap per followed run {}   consumers on the server {}",
             per_s(b.events_per_s),
             b.runs,
             b.p50_ms,
@@ -948,7 +963,10 @@ fn print_table(report: &Report) {
             b.max_ms,
             b.lost,
             b.duplicated,
-            b.out_of_order
+            b.out_of_order,
+            bytes(b.heap_per_run),
+            b.account_consumers
+                .map_or_else(|| "?".to_owned(), |n| n.to_string())
         );
     }
     let m = &report.memory;

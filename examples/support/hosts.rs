@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::workload::Error;
+use crate::workload::{Error, HeapProbe};
 
 /// Largest latency recorded: one minute, in microseconds.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -48,6 +48,13 @@ pub struct FollowerReport {
     pub p99_ms: f64,
     /// … worst.
     pub max_ms: f64,
+    /// Consumers in the server's account (JetStream account info) once
+    /// host B had subscribed to every run (filled in by host A).
+    #[serde(default)]
+    pub account_consumers: Option<usize>,
+    /// Host B's heap per followed run: the heap after subscribing to every
+    /// run, less the heap before, over the runs.
+    pub heap_per_run: f64,
 }
 
 /// Host B, running: started, subscribed, not yet done.
@@ -113,6 +120,7 @@ pub async fn follow(
     prefix: &str,
     events: u64,
     timeout: Duration,
+    heap: HeapProbe,
 ) -> Result<FollowerReport, Error> {
     let mut ids = String::new();
     tokio::io::stdin().read_to_string(&mut ids).await?;
@@ -128,6 +136,7 @@ pub async fn follow(
         EventHub::open(Config::nats(nats).max_rooms(runs.len().saturating_mul(4).max(100_000)))
             .await?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let heap_before = (heap.live)();
     let streams = futures_util::stream::iter(runs.iter().copied())
         .map(|run| {
             let hub = hub.clone();
@@ -141,6 +150,7 @@ pub async fn follow(
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
+    let heap_per_run = ((heap.live)() as f64 - heap_before as f64) / runs.len().max(1) as f64;
     println!("ready");
     let mut tasks = tokio::task::JoinSet::new();
     for mut stream in streams {
@@ -181,6 +191,8 @@ pub async fn follow(
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         max_ms: all.latency.max() as f64 / 1000.0,
+        account_consumers: None,
+        heap_per_run,
     })
 }
 
