@@ -23,7 +23,7 @@ use crate::error::StoreError;
 ///
 /// [`StoreError::ReadFailed`] if the consumer cannot be created.
 pub(crate) async fn follow(
-    stream: &stream::Stream,
+    stream: &stream::Stream<()>,
     subject: String,
     start: u64,
 ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {

@@ -66,7 +66,7 @@ pub(crate) fn live_subject(prefix: &str, subject: &str) -> String {
 /// [`StoreError::ReadFailed`] if the subscription cannot be made.
 pub(crate) async fn follow(
     client: &async_nats::Client,
-    stream: stream::Stream,
+    stream: stream::Stream<()>,
     subject: String,
     live: String,
     start: u64,
@@ -96,7 +96,7 @@ pub(crate) async fn follow(
 }
 
 struct Follower {
-    stream: stream::Stream,
+    stream: stream::Stream<()>,
     subject: String,
     subscription: async_nats::Subscriber,
     /// The stream sequence to deliver from: everything before it, of this

@@ -119,7 +119,10 @@ pub struct RunTail {
 #[derive(Clone, Debug)]
 pub struct NatsLog {
     js: jetstream::Context,
-    stream: stream::Stream,
+    /// The stream by name, without its info: every writer and follower
+    /// holds a clone, and the info (the whole configuration and state) is
+    /// read once, at open.
+    stream: stream::Stream<()>,
     prefix: String,
     max_event_bytes: usize,
     epoch: Uuid,
@@ -305,6 +308,12 @@ impl NatsLog {
         let max_event_bytes = config
             .max_event_bytes
             .min(max_payload.saturating_sub(HEADER_ROOM));
+        // Same stream, by name: what the log keeps, and clones per writer
+        // and follower, is not the info read above.
+        let stream = js
+            .get_stream_no_info(&config.stream)
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
         let mut log = Self {
             js,
             stream,
