@@ -729,47 +729,55 @@ async fn nats_run(
     let hub = EventHub::open(config).await?;
     let mut work = work.clone();
     work.evict_within = None;
-    let host_b = if args.hosts == 2 {
-        let runs: std::sync::Arc<[behest_stream::RunId]> = (0..work.rooms)
-            .map(|_| behest_stream::RunId::new())
-            .collect();
-        work.run_ids = Some(std::sync::Arc::clone(&runs));
-        eprintln!("bench: starting host B");
-        let follower = hosts::Follower::start(
-            url,
-            &nats.stream,
-            &nats.prefix,
-            &runs,
-            work.events,
-            work.timeout,
-        )
-        .await?;
-        let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
-        let account = async_nats::jetstream::new(client)
-            .query_account()
-            .await
-            .map_err(|e| e.to_string())?;
-        Some((follower, account.consumers))
-    } else {
-        None
-    };
-    eprintln!("bench: full speed over NATS at {url}");
-    let run = workload::run_hub(&hub, &work, probes).await;
-    let host_b = match host_b {
-        Some((follower, consumers)) => {
-            let mut report = follower.finish(work.timeout).await?;
-            report.account_consumers = Some(consumers);
-            Some(report)
-        }
-        None => None,
-    };
-    hub.shutdown().await?;
+    // The hub is shut down and the stream deleted however the run ends.
+    let outcome = async {
+        let host_b = if args.hosts == 2 {
+            let runs: std::sync::Arc<[behest_stream::RunId]> = (0..work.rooms)
+                .map(|_| behest_stream::RunId::new())
+                .collect();
+            work.run_ids = Some(std::sync::Arc::clone(&runs));
+            eprintln!("bench: starting host B");
+            let follower = hosts::Follower::start(
+                url,
+                &nats.stream,
+                &nats.prefix,
+                &runs,
+                work.events,
+                work.timeout,
+            )
+            .await?;
+            let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+            let account = async_nats::jetstream::new(client)
+                .query_account()
+                .await
+                .map_err(|e| e.to_string())?;
+            Some((follower, account.consumers))
+        } else {
+            None
+        };
+        eprintln!("bench: full speed over NATS at {url}");
+        // Host B is dropped (and killed) if host A's run fails.
+        let run = workload::run_hub(&hub, &work, probes).await?;
+        let host_b = match host_b {
+            Some((follower, consumers)) => {
+                let mut report = follower.finish(work.timeout).await?;
+                report.account_consumers = Some(consumers);
+                Some(report)
+            }
+            None => None,
+        };
+        Ok::<_, workload::Error>((run, host_b))
+    }
+    .await;
+    let shutdown = hub.shutdown().await;
     let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
     async_nats::jetstream::new(client)
         .delete_stream(&nats.stream)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((run?, host_b))
+    let outcome = outcome?;
+    shutdown?;
+    Ok(outcome)
 }
 
 #[cfg(not(feature = "nats"))]

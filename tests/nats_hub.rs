@@ -562,9 +562,8 @@ async fn a_session_room_follows_at_most_the_configured_runs_and_counts_the_rest(
         host_a.publish(delta(first, &i.to_string())).await.unwrap();
         host_a.publish(delta(second, &i.to_string())).await.unwrap();
     }
-    host_a.publish(completed(first)).await.unwrap();
-    host_a.publish(completed(second)).await.unwrap();
-
+    // The first run is still live (and followed) when B's room learns of
+    // the second: the bound leaves it unfollowed.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while host_b.stats().await.unwrap().session_runs_unfollowed < 1 {
         assert!(
@@ -573,6 +572,8 @@ async fn a_session_room_follows_at_most_the_configured_runs_and_counts_the_rest(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    host_a.publish(completed(first)).await.unwrap();
+    host_a.publish(completed(second)).await.unwrap();
     let mut from_first = vec![opening];
     while !from_first.last().unwrap().is_terminal() {
         let envelope = next_within(&mut live, DEADLINE).await.unwrap().unwrap();

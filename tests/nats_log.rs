@@ -291,7 +291,10 @@ fn named_server_takes_batches() -> Option<bool> {
     let version = std::env::var("BEHEST_STREAM_NATS_VERSION")
         .ok()
         .filter(|version| !version.is_empty())?;
-    let mut parts = version.split('.').map(|part| part.parse::<u64>().unwrap());
+    let mut parts = version
+        .trim_start_matches('v')
+        .split('.')
+        .map(|part| part.parse::<u64>().unwrap());
     Some((parts.next().unwrap(), parts.next().unwrap()) >= (2, 12))
 }
 
@@ -474,5 +477,48 @@ async fn a_batch_the_server_refuses_goes_one_envelope_at_a_time() {
             .iter()
             .all(Option::is_none)
     );
+    common::nats::delete_stream(&config).await;
+}
+
+/// A call whose appends all landed but whose outcome the writer did not
+/// learn (in doubt): appending the same envelopes again succeeds, stores
+/// nothing twice, and the writer goes on. The call spans more than one
+/// batch (1,000 messages at most) or, on servers without batches, more
+/// than one message: what the attempt in doubt stored is learned for all
+/// of the call, not for its first batch only.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_retried_in_doubt_learns_everything_it_stored() {
+    let Some((log, config)) = open_log(None).await else {
+        return;
+    };
+    let run = RunId::new();
+    let envelopes = run_of(1_300, run);
+    let mut writer = log.writer(run).await.unwrap();
+    writer.append_batch(&envelopes[..1_200]).await.unwrap();
+    writer.assume_in_doubt();
+    writer.append_batch(&envelopes[..1_200]).await.unwrap();
+    writer.append_batch(&envelopes[1_200..]).await.unwrap();
+    let stored = log.list_after(run, 0, 2_000).await.unwrap();
+    assert_eq!(seqs(&stored), (1..=1_300).collect::<Vec<_>>());
+    assert_eq!(stored, envelopes);
+
+    // In doubt, but what is stored at those seqs is another writer's:
+    // fenced, and nothing of the retry is stored.
+    let second = RunId::new();
+    let theirs = run_of(3, second);
+    log.writer(second)
+        .await
+        .unwrap()
+        .append_batch(&theirs)
+        .await
+        .unwrap();
+    let mut stale = log.writer(second).await.unwrap();
+    stale.assume_in_doubt();
+    match stale.append_batch(&run_of(3, second)).await {
+        Err(StoreError::RunFenced { last_seq: 3, .. }) => {}
+        other => panic!("expected RunFenced, got {other:?}"),
+    }
+    assert_eq!(log.list_after(second, 0, 10).await.unwrap(), theirs);
     common::nats::delete_stream(&config).await;
 }

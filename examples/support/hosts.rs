@@ -30,7 +30,8 @@ pub struct FollowerReport {
     pub runs: usize,
     /// Envelopes received, in order.
     pub delivered: u64,
-    /// Envelopes expected and not received by the deadline.
+    /// Envelopes expected and not received: skipped over, or not there by
+    /// the deadline.
     pub lost: u64,
     /// Envelopes received twice.
     pub duplicated: u64,
@@ -135,7 +136,6 @@ pub async fn follow(
     let hub =
         EventHub::open(Config::nats(nats).max_rooms(runs.len().saturating_mul(4).max(100_000)))
             .await?;
-    let deadline = tokio::time::Instant::now() + timeout;
     let heap_before = (heap.live)();
     let streams = futures_util::stream::iter(runs.iter().copied())
         .map(|run| {
@@ -152,6 +152,7 @@ pub async fn follow(
         .collect::<Result<Vec<_>, _>>()?;
     let heap_per_run = ((heap.live)() as f64 - heap_before as f64) / runs.len().max(1) as f64;
     println!("ready");
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut tasks = tokio::task::JoinSet::new();
     for mut stream in streams {
         tasks.spawn(async move {
@@ -166,7 +167,7 @@ pub async fn follow(
                     None => break,
                 }
             }
-            tally.lost = events + 1 - tally.next;
+            tally.lost += (events + 1).saturating_sub(tally.next);
             Ok::<_, Error>(tally)
         });
     }
@@ -232,6 +233,7 @@ impl Tally {
         }
         if envelope.seq > self.next {
             self.out_of_order += 1;
+            self.lost += envelope.seq - self.next;
         }
         self.next = envelope.seq + 1;
         self.delivered += 1;

@@ -344,8 +344,9 @@ pub struct HubStats {
     pub rooms_evicted: u64,
     /// Rooms that failed.
     pub rooms_failed: u64,
-    /// Runs a session room did not follow live, past
-    /// `Config::max_followed_runs_per_session` (shared log only).
+    /// Times a session room left a run of its session unfollowed,
+    /// past `Config::max_followed_runs_per_session` (shared log only; a
+    /// run is counted again if the room starts following again).
     pub session_runs_unfollowed: u64,
     /// The store's counters.
     pub store: StoreStats,

@@ -261,6 +261,14 @@ impl SessionLog {
         if self.runs.get(&run_id).is_some_and(|run| run.tail.is_some()) {
             return Ok(());
         }
+        let from = match self.fanned.get(run_id) {
+            Some(seen) if seen.ended => {
+                self.runs.remove(&run_id);
+                return Ok(());
+            }
+            Some(seen) => FollowFrom::AfterSeq(seen.high()),
+            None => from,
+        };
         let limit = self.shared.max_followed_runs_per_session;
         if self.runs.len() >= limit && !self.runs.contains_key(&run_id) {
             tracing::warn!(
@@ -272,14 +280,6 @@ impl SessionLog {
             self.shared.counters.record_unfollowed_run();
             return Ok(());
         }
-        let from = match self.fanned.get(run_id) {
-            Some(seen) if seen.ended => {
-                self.runs.remove(&run_id);
-                return Ok(());
-            }
-            Some(seen) => FollowFrom::AfterSeq(seen.high()),
-            None => from,
-        };
         let Some(following) = self.store.follow_run(run_id, from).await? else {
             self.runs.remove(&run_id);
             return Ok(());

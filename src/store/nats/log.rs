@@ -182,34 +182,46 @@ async fn upgrade(
     wanted: stream::Republish,
     atomic: bool,
 ) -> Upgraded {
-    let mut updated = current.clone();
+    let mut republished = current.clone();
     match &current.republish {
         Some(republish) if *republish == wanted => {}
         Some(other) => {
             tracing::warn!(stream = %current.name, ?other, "the stream republishes elsewhere already; following it with a consumer per followed run");
         }
-        None => updated.republish = Some(wanted.clone()),
+        None => republished.republish = Some(wanted.clone()),
     }
-    updated.allow_atomic_publish |= atomic;
-    let config = if updated == *current {
-        current.clone()
-    } else {
-        match js.update_stream(updated).await {
-            Ok(info) => info.config,
+    let mut both = republished.clone();
+    both.allow_atomic_publish |= atomic;
+    // Both changes in one update; where the server refuses that, the
+    // republish alone (a server that will not allow batches on this
+    // stream); where it refuses that too, nothing (nats-server 2.9 changes
+    // no republish of an existing stream).
+    let mut config = None;
+    for attempt in [both, republished] {
+        if attempt == *current {
+            config = Some(attempt);
+            break;
+        }
+        match js.update_stream(attempt.clone()).await {
+            Ok(info) => {
+                config = Some(info.config);
+                break;
+            }
             Err(error) => {
-                tracing::warn!(stream = %current.name, %error, "the server would not add the live republish or atomic batches to this existing stream (nats-server 2.9 refuses the change); following it with a consumer per followed run, appending one message at a time");
-                current.clone()
+                tracing::warn!(stream = %current.name, %error, asked = ?(attempt.republish.is_some(), attempt.allow_atomic_publish), "the server would not change this existing stream so");
             }
         }
-    };
+    }
+    let config = config.unwrap_or_else(|| current.clone());
     let live = config.republish.as_ref() == Some(&wanted);
     if !live && current.republish.is_none() {
-        tracing::warn!(stream = %current.name, "the server did not keep the live republish; following with a consumer per followed run");
+        tracing::warn!(stream = %current.name, "the stream has no live republish (nats-server 2.9 refuses to add one to an existing stream); following it with a consumer per followed run");
     }
-    Upgraded {
-        live,
-        batches: atomic && config.allow_atomic_publish,
+    let batches = atomic && config.allow_atomic_publish;
+    if atomic && !batches {
+        tracing::warn!(stream = %current.name, "the stream does not allow atomic batches; appending one message at a time");
     }
+    Upgraded { live, batches }
 }
 
 /// Whether a server of `version` (as its INFO gives it, e.g. `2.15.1`)
@@ -840,6 +852,14 @@ impl RunWriter {
         self.append_all(&items, &mut 0).await
     }
 
+    /// Test hook (feature `fault-injection`): takes the writer's last
+    /// append as in doubt, as after a lost acknowledgement, so that the
+    /// next append first learns from the log what is stored.
+    #[cfg(feature = "fault-injection")]
+    pub fn assume_in_doubt(&mut self) {
+        self.in_doubt = true;
+    }
+
     /// As [`RunWriter::append`], for an envelope already encoded.
     pub(crate) async fn append_encoded(
         &mut self,
@@ -869,7 +889,7 @@ impl RunWriter {
                 batch_len(rest)
             };
             let chunk = &rest[..take];
-            let expected_stream_seq = match self.prepare(chunk).await? {
+            let expected_stream_seq = match self.prepare(rest).await? {
                 Next::Stored(n) => {
                     index += n;
                     *stored += n;
@@ -889,15 +909,17 @@ impl RunWriter {
         Ok(())
     }
 
-    /// Checks that `chunk` holds the run's next envelopes, learning the
-    /// outcome of an append in doubt first: what of `chunk` is stored
-    /// already, or the stream sequence its first message must expect.
-    async fn prepare(&mut self, chunk: &[Encoded<'_>]) -> Result<Next, StoreError> {
+    /// Checks that `rest` (all the envelopes of the call not yet stored)
+    /// holds the run's next envelopes, learning the outcome of an append in
+    /// doubt first: how many of `rest` are stored already (an attempt in
+    /// doubt may have stored more than the chunk it was), or the stream
+    /// sequence the next message must expect.
+    async fn prepare(&mut self, rest: &[Encoded<'_>]) -> Result<Next, StoreError> {
         let run_id = self.run_id;
-        let Some(first) = chunk.first() else {
+        let Some(first) = rest.first() else {
             return Ok(Next::Stored(0));
         };
-        for (i, envelope) in chunk.iter().enumerate() {
+        for (i, envelope) in rest.iter().enumerate() {
             let seq = first.seq + i as u64;
             if envelope.run_id != run_id || (i > 0 && envelope.seq != seq) {
                 return Err(StoreError::SeqConflict {
@@ -906,7 +928,7 @@ impl RunWriter {
                     got: envelope.seq,
                 });
             }
-            if envelope.terminal && i + 1 < chunk.len() {
+            if envelope.terminal && i + 1 < rest.len() {
                 return Err(StoreError::RunClosed { run_id });
             }
         }
@@ -918,11 +940,11 @@ impl RunWriter {
                 // Stored: by the attempt in doubt (a batch lands whole or
                 // not at all), or by another writer.
                 let overlap = usize::try_from(last_stored - first.seq + 1)
-                    .map_or(chunk.len(), |n| n.min(chunk.len()));
+                    .map_or(rest.len(), |n| n.min(rest.len()));
                 let ours = self.stored_id(first.seq).await?.as_deref() == Some(&first.event_id)
                     && (overlap == 1
-                        || self.stored_id(chunk[overlap - 1].seq).await?.as_deref()
-                            == Some(&chunk[overlap - 1].event_id));
+                        || self.stored_id(rest[overlap - 1].seq).await?.as_deref()
+                            == Some(&rest[overlap - 1].event_id));
                 self.in_doubt = false;
                 if ours {
                     return Ok(Next::Stored(overlap));
@@ -951,7 +973,7 @@ impl RunWriter {
                 got: first.seq,
             });
         }
-        if let Some(large) = chunk
+        if let Some(large) = rest
             .iter()
             .find(|e| e.bytes.len() > self.log.max_event_bytes)
         {
@@ -986,8 +1008,14 @@ impl RunWriter {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 // Either an earlier attempt of this very envelope landed
                 // (its acknowledgement was lost), or another writer got
-                // there first.
-                match self.message_after(expected_stream_seq).await? {
+                // there first: in doubt until the log says which.
+                self.in_doubt = true;
+                let after = self
+                    .message_after(expected_stream_seq)
+                    .await
+                    .map_err(|e| in_doubt(run_id, envelope.seq, envelope.seq, &e))?;
+                self.in_doubt = false;
+                match after {
                     Some((sequence, id)) if id == envelope.event_id => sequence,
                     _ => return Err(self.fenced().await),
                 }
@@ -1084,16 +1112,25 @@ impl RunWriter {
                         == Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) =>
             {
                 // Another writer got there first, or an earlier attempt of
-                // this very batch landed (whole).
+                // this very batch landed (whole): in doubt until the log
+                // says which.
+                self.in_doubt = true;
                 let first = &chunk[0];
-                if let Some((_, id)) = self.message_after(expected_stream_seq).await?
+                let read_failed = |e: &StoreError| in_doubt(run_id, first.seq, last.seq, e);
+                let after = self
+                    .message_after(expected_stream_seq)
+                    .await
+                    .map_err(|e| read_failed(&e))?;
+                if let Some((_, id)) = after
                     && id == first.event_id
                 {
-                    self.tail = self.log.tail(run_id).await?;
+                    self.tail = self.log.tail(run_id).await.map_err(|e| read_failed(&e))?;
+                    self.in_doubt = false;
                     if self.last_seq() >= last.seq {
                         return Ok(true);
                     }
                 }
+                self.in_doubt = false;
                 return Err(self.fenced().await);
             }
             Err(e) if refused_batch(&e) => {
@@ -1163,6 +1200,16 @@ impl RunWriter {
             .message_after(at.saturating_sub(1))
             .await?
             .map(|(_, id)| id))
+    }
+}
+
+/// The error for an append whose outcome a failed read left unknown: the
+/// writer learns it before its next append.
+fn in_doubt(run_id: RunId, first: u64, last: u64, error: &StoreError) -> StoreError {
+    StoreError::FlushFailed {
+        message: format!(
+            "NATS: whether run {run_id}'s seqs {first} to {last} were stored is not known: {error}"
+        ),
     }
 }
 
