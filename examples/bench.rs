@@ -487,6 +487,7 @@ fn agents_options(args: &Args) -> Result<agents_command::AgentsOptions, workload
         jitter: args.jitter,
         tool_every: seconds(args.tool_every, "--tool-every")?,
         durability: args.durability.into(),
+        run_ids: None,
     };
     load.validate()?;
     let capacity = if args.find_capacity {
@@ -512,6 +513,11 @@ fn agents_options(args: &Args) -> Result<agents_command::AgentsOptions, workload
         hub_in_flight: args.hub_in_flight,
         json: args.json,
         capacity,
+        nats: args.nats.clone().map(|url| agents_command::NatsTarget {
+            url,
+            hosts: args.hosts,
+            atomic_batches: !args.nats_one_at_a_time,
+        }),
     })
 }
 
@@ -789,6 +795,144 @@ async fn nats_run(
     _probes: &Probes,
 ) -> Result<(HubRun, HostB), workload::Error> {
     Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
+}
+
+/// The agents profile on a hub over NATS JetStream, in a fresh stream;
+/// with two hosts, every run followed by host B too.
+#[cfg(feature = "nats")]
+async fn agents_over_nats(
+    target: &agents_command::NatsTarget,
+    load: &agents::AgentsLoad,
+    rooms: usize,
+    in_flight: usize,
+    heap: HeapProbe,
+) -> Result<(agents::AgentsRun, HostB), workload::Error> {
+    let mut nats = behest_stream::nats::NatsConfig::new(&target.url);
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    nats.stream = format!("BEHEST_BENCH_{unique}");
+    nats.prefix = format!("bench{unique}");
+    nats.atomic_batches = target.atomic_batches;
+    let config = Config::nats(nats.clone())
+        .durability(load.durability)
+        .max_rooms(rooms)
+        .max_in_flight_publishes(in_flight);
+    let hub = EventHub::open(config).await?;
+    // Long enough for the schedule, the drain and starting host B.
+    let timeout = load.duration + Duration::from_secs(120);
+    let outcome = async {
+        let mut load = load.clone();
+        let follower = if target.hosts == 2 {
+            let runs: std::sync::Arc<[behest_stream::RunId]> = (0..load.runs)
+                .map(|_| behest_stream::RunId::new())
+                .collect();
+            load.run_ids = Some(std::sync::Arc::clone(&runs));
+            eprintln!("bench: starting host B");
+            Some(
+                hosts::Follower::start(
+                    &target.url,
+                    &nats.stream,
+                    &nats.prefix,
+                    &runs,
+                    load.events_per_run(),
+                    timeout,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let run = agents::run_agents(&hub, &load, Some(heap)).await?;
+        let host_b = match follower {
+            Some(follower) => Some(follower.finish(timeout).await?),
+            None => None,
+        };
+        Ok::<_, workload::Error>((run, host_b))
+    }
+    .await;
+    let shutdown = hub.shutdown().await;
+    let client = async_nats::connect(target.url.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    async_nats::jetstream::new(client)
+        .delete_stream(&nats.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outcome = outcome?;
+    shutdown?;
+    Ok(outcome)
+}
+
+#[cfg(not(feature = "nats"))]
+async fn agents_over_nats(
+    _target: &agents_command::NatsTarget,
+    _load: &agents::AgentsLoad,
+    _rooms: usize,
+    _in_flight: usize,
+    _heap: HeapProbe,
+) -> Result<(agents::AgentsRun, HostB), workload::Error> {
+    Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
+}
+
+/// Host B's lost, duplicated and other faults (`--hosts 2`).
+#[cfg(feature = "nats")]
+fn host_b_faults(host_b: &HostB) -> (u64, u64, u64) {
+    host_b.as_ref().map_or((0, 0, 0), |b| {
+        (
+            b.lost,
+            b.duplicated,
+            b.lost + b.duplicated + b.out_of_order + b.errors,
+        )
+    })
+}
+
+#[cfg(not(feature = "nats"))]
+fn host_b_faults(_host_b: &HostB) -> (u64, u64, u64) {
+    (0, 0, 0)
+}
+
+/// Host B's line of a report (`--hosts 2`).
+#[cfg(feature = "nats")]
+fn host_b_line(host_b: &HostB) -> Option<String> {
+    host_b.as_ref().map(|b| {
+        format!(
+            "host B     {} runs followed over NATS in another process: {} events/s received; stamped on host A -> delivered on host B: p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms; lost {}   duplicated {}   out of order {}; heap per followed run {}",
+            b.runs,
+            per_s(b.events_per_s),
+            b.p50_ms,
+            b.p99_ms,
+            b.max_ms,
+            b.lost,
+            b.duplicated,
+            b.out_of_order,
+            bytes(b.heap_per_run)
+        )
+    })
+}
+
+#[cfg(not(feature = "nats"))]
+fn host_b_line(_host_b: &HostB) -> Option<String> {
+    None
+}
+
+/// Why host B's side of a capacity step did not hold, if it did not.
+#[cfg(feature = "nats")]
+fn host_b_not_held(host_b: &HostB, p99_ms: f64) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Some(b) = host_b {
+        let (_, _, faults) = host_b_faults(host_b);
+        if faults != 0 {
+            reasons.push(format!("{faults} faults on host B"));
+        }
+        if b.p99_ms > p99_ms {
+            reasons.push(format!("host B p99 {:.2} ms > {p99_ms} ms", b.p99_ms));
+        }
+    }
+    reasons
+}
+
+#[cfg(not(feature = "nats"))]
+fn host_b_not_held(_host_b: &HostB, _p99_ms: f64) -> Vec<String> {
+    Vec::new()
 }
 
 /// Host B of `--hosts 2`: follows the runs host A names on stdin and

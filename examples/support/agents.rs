@@ -119,6 +119,9 @@ pub struct AgentsLoad {
     pub tool_every: Duration,
     /// Durability of every publish.
     pub durability: Durability,
+    /// The runs' ids (`runs` of them), when another process must know them
+    /// before the load; fresh ones otherwise.
+    pub run_ids: Option<Arc<[RunId]>>,
 }
 
 impl AgentsLoad {
@@ -660,7 +663,11 @@ pub async fn run_agents(
 ) -> Result<AgentsRun, Error> {
     load.validate()?;
     let events = load.events_per_run();
-    let run_ids: Vec<RunId> = (0..load.runs).map(|_| RunId::new()).collect();
+    let run_ids: Vec<RunId> = match &load.run_ids {
+        Some(ids) if ids.len() == load.runs => ids.to_vec(),
+        Some(ids) => return Err(format!("{} run ids for {} runs", ids.len(), load.runs).into()),
+        None => (0..load.runs).map(|_| RunId::new()).collect(),
+    };
     let session_ids: Vec<Uuid> = (0..load.sessions).map(|_| Uuid::now_v7()).collect();
     let clocks: Vec<Clock> = (0..load.runs).map(|run| Clock::new(run, load)).collect();
     let schedule_s = clocks

@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use super::agents::{self, AgentsLoad, AgentsRun, Overloaded};
 use super::workload::{Error, HeapProbe};
-use super::{bytes, cpu_model, per_s, proc_status_bytes};
+use super::{
+    HostB, bytes, cpu_model, host_b_faults, host_b_line, host_b_not_held, per_s, proc_status_bytes,
+};
 
 /// What the command was asked to do.
 #[derive(Debug, Clone)]
@@ -36,6 +38,21 @@ pub struct AgentsOptions {
     pub json: bool,
     /// Search for the capacity instead of running one load.
     pub capacity: Option<CapacityOptions>,
+    /// Run the hub over NATS JetStream (a fresh stream per load) instead
+    /// of sled; with two hosts, the run subscribers that count are on
+    /// host B, another process.
+    pub nats: Option<NatsTarget>,
+}
+
+/// `--nats URL [--hosts 2] [--nats-one-at-a-time]` for the agents profile.
+#[derive(Debug, Clone)]
+pub struct NatsTarget {
+    /// The server.
+    pub url: String,
+    /// 1, or 2: host B follows every run from another process.
+    pub hosts: u8,
+    /// `NatsConfig::atomic_batches`.
+    pub atomic_batches: bool,
 }
 
 /// The bounds of a capacity search.
@@ -101,6 +118,8 @@ struct LoadReport {
     hub: HubSetup,
     machine: Machine,
     agents: AgentsRun,
+    /// What host B received (`--nats URL --hosts 2`).
+    host_b: HostB,
     memory: Rss,
 }
 
@@ -113,6 +132,8 @@ struct Step {
     reason: Option<String>,
     /// The load's report, unless it failed outright.
     agents: Option<AgentsRun>,
+    /// What host B received (`--nats URL --hosts 2`).
+    host_b: HostB,
     memory: Rss,
     /// Wall time of the step, opening and closing the hub included.
     took_s: f64,
@@ -178,21 +199,23 @@ pub fn run(
     };
     let (faults, printed) = match options.capacity {
         None => {
-            let agents = match runtime.block_on(one_load(options, &options.load, heap)) {
-                Ok(agents) => agents,
+            let (agents, host_b) = match runtime.block_on(one_load(options, &options.load, heap)) {
+                Ok(outcome) => outcome,
                 Err(error) => {
                     eprintln!("bench failed: {error}");
                     return ExitCode::from(2);
                 }
             };
+            let (b_lost, b_duplicated, b_faults) = host_b_faults(&host_b);
             let report = LoadReport {
-                lost: agents.lost(),
-                duplicated: agents.duplicated(),
-                faults: agents.faults(),
+                lost: agents.lost() + b_lost,
+                duplicated: agents.duplicated() + b_duplicated,
+                faults: agents.faults() + b_faults,
                 hub,
                 machine: machine(load_average()),
                 memory: Rss::now(),
                 agents,
+                host_b,
             };
             let faults = (report.lost, report.duplicated, report.faults);
             let printed = if options.json {
@@ -219,10 +242,17 @@ pub fn run(
                     .map(f)
                     .sum()
             };
+            let on_b = |pick: fn((u64, u64, u64)) -> u64| -> u64 {
+                search
+                    .steps
+                    .iter()
+                    .map(|s| pick(host_b_faults(&s.host_b)))
+                    .sum()
+            };
             let report = CapacityReport {
-                lost: sum(AgentsRun::lost),
-                duplicated: sum(AgentsRun::duplicated),
-                faults: sum(AgentsRun::faults),
+                lost: sum(AgentsRun::lost) + on_b(|f| f.0),
+                duplicated: sum(AgentsRun::duplicated) + on_b(|f| f.1),
+                faults: sum(AgentsRun::faults) + on_b(|f| f.2),
                 hub,
                 machine: machine(load_average()),
                 p99_bound_ms: capacity.p99_ms,
@@ -233,7 +263,14 @@ pub fn run(
                 first_not_held: search.first_not_held,
                 stopped: search.stopped,
                 summary: format!(
-                    "this host serves {} concurrent runs at {} tokens/s with p99 <= {} ms",
+                    "{} {} concurrent runs at {} tokens/s with p99 <= {} ms",
+                    match &options.nats {
+                        Some(target) if target.hosts == 2 => {
+                            "host A writes and host B (another process, over NATS) follows"
+                        }
+                        Some(_) => "this host, over NATS, serves",
+                        None => "this host serves",
+                    },
                     search.capacity,
                     trim(options.load.token_rate),
                     trim(capacity.p99_ms)
@@ -291,19 +328,9 @@ async fn one_load(
     options: &AgentsOptions,
     load: &AgentsLoad,
     heap: HeapProbe,
-) -> Result<AgentsRun, Error> {
-    let dir = tempfile::tempdir()?;
-    let base = if options.temporary {
-        Config::temporary()
-    } else {
-        Config::new(dir.path().join("hub"))
-    };
+) -> Result<(AgentsRun, HostB), Error> {
     let rooms = (load.runs + load.sessions).saturating_mul(2).max(100_000);
-    let config = base
-        .durability(load.durability)
-        .max_rooms(rooms)
-        .max_in_flight_publishes(hub_in_flight(options, load));
-    let hub = EventHub::open(config).await?;
+    let in_flight = hub_in_flight(options, load);
     eprintln!(
         "bench: agents, {} runs over {} sessions at {} tokens/s for {} s",
         load.runs,
@@ -311,9 +338,23 @@ async fn one_load(
         load.token_rate,
         load.duration.as_secs_f64()
     );
+    if let Some(target) = &options.nats {
+        return super::agents_over_nats(target, load, rooms, in_flight, heap).await;
+    }
+    let dir = tempfile::tempdir()?;
+    let base = if options.temporary {
+        Config::temporary()
+    } else {
+        Config::new(dir.path().join("hub"))
+    };
+    let config = base
+        .durability(load.durability)
+        .max_rooms(rooms)
+        .max_in_flight_publishes(in_flight);
+    let hub = EventHub::open(config).await?;
     let run = agents::run_agents(&hub, load, Some(heap)).await;
     hub.shutdown().await?;
-    run
+    Ok((run?, None))
 }
 
 /// What a capacity search found.
@@ -356,13 +397,13 @@ fn search(
         let step_started = Instant::now();
         let outcome = runtime.block_on(one_load(options, &load, heap));
         let memory = Rss::now();
-        let (held, reason, agents) = match outcome {
-            Ok(agents) => {
-                let reason = not_held(&agents, capacity.p99_ms);
-                (reason.is_none(), reason, Some(agents))
+        let (held, reason, agents, host_b) = match outcome {
+            Ok((agents, host_b)) => {
+                let reason = not_held(&agents, &host_b, capacity.p99_ms);
+                (reason.is_none(), reason, Some(agents), host_b)
             }
             Err(error) if error.downcast_ref::<Overloaded>().is_some() => {
-                (false, Some(error.to_string()), None)
+                (false, Some(error.to_string()), None, None)
             }
             Err(error) => return Err(error),
         };
@@ -379,6 +420,7 @@ fn search(
             held,
             reason,
             agents,
+            host_b,
             memory,
             took_s: last_took.as_secs_f64(),
         });
@@ -416,8 +458,8 @@ fn search(
 }
 
 /// Why a step did not hold, or `None` if it held.
-fn not_held(agents: &AgentsRun, p99_ms: f64) -> Option<String> {
-    let mut reasons = Vec::new();
+fn not_held(agents: &AgentsRun, host_b: &HostB, p99_ms: f64) -> Option<String> {
+    let mut reasons = host_b_not_held(host_b, p99_ms);
     if agents.faults() != 0 {
         reasons.push(format!("{} faults", agents.faults()));
     }
@@ -553,6 +595,9 @@ fn print_load(report: &LoadReport) {
         "           publish -> acknowledged        {}",
         ms(&a.publish_latency)
     );
+    if let Some(line) = host_b_line(&report.host_b) {
+        println!("{line}");
+    }
     match &a.heap {
         Some(heap) => println!(
             "memory     heap before {}   per run: once subscribed {}, halfway {}, at the peak {} (+{} in all)   RSS {}   peak RSS {}",
