@@ -3,16 +3,19 @@
 //! The stream republishes every message it stores to a live subject
 //! ([`live_subject`]), with the stream sequence it was stored at
 //! (`Nats-Sequence`) and the sequence of the subject's message before it
-//! (`Nats-Last-Sequence`). A follower subscribes to that subject with a core
-//! NATS subscription, which costs the server a subscription, not a consumer,
-//! and reads what came before from the stream with direct gets:
+//! (`Nats-Last-Sequence`). A follower takes that subject's messages from
+//! the host's one core subscription to the whole republish (see
+//! `dispatch.rs`), which costs the server a subscription per host, not a
+//! consumer per follower, and reads what came before from the stream with
+//! direct gets:
 //!
-//! 1. subscribe first, so that nothing stored from then on is missed;
+//! 1. register first, so that nothing stored from then on is missed;
 //! 2. read the subject's messages from the start sequence on with direct
 //!    gets, to the subject's end;
 //! 3. then take the live messages: one already read is skipped, and one whose
 //!    `Nats-Last-Sequence` is past the last delivered shows a gap (core NATS
-//!    drops messages for a slow subscriber or across a reconnect), which is
+//!    drops messages for a slow subscriber or across a reconnect, and the
+//!    host's dispatch for a follower that does not take them), which is
 //!    read from the stream before going on;
 //! 4. when nothing arrives for [`POLL`], look at the subject's last message
 //!    and read from the stream if it is past what was delivered, in case
@@ -29,17 +32,13 @@ use async_nats::jetstream::stream::{self, DirectGetErrorKind};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
+use super::dispatch::{Dispatch, Registration};
 use crate::error::StoreError;
 
 /// How long a follower waits for a live message before it reads from the
 /// stream once: the longest a message dropped by core NATS, with nothing
 /// after it, stays undelivered.
 pub(crate) const POLL: Duration = Duration::from_secs(5);
-
-/// Live messages a follower's subscription holds at most before core NATS
-/// drops the next (a gap the follower then reads from the stream): the
-/// bound on what a follower that is not taking its messages keeps.
-pub(crate) const BUFFER: usize = 1024;
 
 /// A message of the log as a follower delivers it.
 pub(crate) struct LogMessage {
@@ -65,22 +64,17 @@ pub(crate) fn live_subject(prefix: &str, subject: &str) -> String {
 ///
 /// [`StoreError::ReadFailed`] if the subscription cannot be made.
 pub(crate) async fn follow(
-    client: &async_nats::Client,
+    dispatch: &Dispatch,
     stream: stream::Stream<()>,
     subject: String,
     live: String,
     start: u64,
 ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {
-    let subscription = client
-        .subscribe(live)
-        .await
-        .map_err(|e| StoreError::ReadFailed {
-            message: format!("NATS: subscribing to {subject}'s live messages: {e}"),
-        })?;
+    let live = dispatch.register(live).await?;
     let follower = Follower {
         stream,
         subject,
-        subscription,
+        live,
         next: start.max(1),
         catching_up: true,
     };
@@ -98,7 +92,8 @@ pub(crate) async fn follow(
 struct Follower {
     stream: stream::Stream<()>,
     subject: String,
-    subscription: async_nats::Subscriber,
+    /// Its live messages.
+    live: Registration,
     /// The stream sequence to deliver from: everything before it, of this
     /// subject, is delivered.
     next: u64,
@@ -135,7 +130,7 @@ impl Follower {
                 }
                 continue;
             }
-            let message = match tokio::time::timeout(POLL, self.subscription.next()).await {
+            let message = match tokio::time::timeout(POLL, self.live.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => {
                     return Err(StoreError::ReadFailed {

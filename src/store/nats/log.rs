@@ -57,6 +57,7 @@ use thiserror::Error;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use super::dispatch::Dispatch;
 use super::live::{self, LogMessage};
 use crate::codec::{self, CodecError};
 pub use crate::config::NatsConfig;
@@ -126,33 +127,26 @@ pub struct NatsLog {
     prefix: String,
     max_event_bytes: usize,
     epoch: Uuid,
-    /// The connection followers subscribe on, where the stream republishes
-    /// what it stores for them (see `live.rs`); `None` where it does not,
-    /// and they follow through consumers (`consumer.rs`).
-    followers: Option<async_nats::Client>,
+    /// The host's one subscription to what the stream republishes, which
+    /// its followers take their live messages from (see `dispatch.rs` and
+    /// `live.rs`); `None` where the stream does not republish, and they
+    /// follow through consumers (`consumer.rs`).
+    followers: Option<Dispatch>,
     /// Where the stream takes atomic batches: the batches this host may
     /// have open on it at once.
     batches: Option<Arc<Semaphore>>,
 }
 
-/// A connection to the server `config` names; `buffer`: the messages each
-/// of its subscriptions holds at most (the client's default if `None`).
-async fn connect(
-    config: &NatsConfig,
-    buffer: Option<usize>,
-) -> Result<async_nats::Client, NatsOpenError> {
-    let mut options = async_nats::ConnectOptions::new()
+/// A connection to the server `config` names.
+async fn connect(config: &NatsConfig) -> Result<async_nats::Client, NatsOpenError> {
+    async_nats::ConnectOptions::new()
         .request_timeout(Some(config.request_timeout))
         // The client retries forever; capping its backoff makes a host
         // notice a restarted server within a second, not within the
         // client's default of up to four.
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64).saturating_mul(50).min(1000))
-        });
-    if let Some(buffer) = buffer {
-        options = options.subscription_capacity(buffer);
-    }
-    options
+        })
         .connect(&config.url)
         .await
         .map_err(|e| NatsOpenError::Connect {
@@ -242,7 +236,7 @@ impl NatsLog {
     ///
     /// [`NatsOpenError`] naming the URL or the stream.
     pub async fn open(config: &NatsConfig) -> Result<Self, NatsOpenError> {
-        let client = connect(config, None).await?;
+        let client = connect(config).await?;
         let max_payload = client.server_info().max_payload;
         let atomic = config.atomic_batches && takes_atomic_batches(&client.server_info().version);
         // An acknowledgement not back within the request timeout is an
@@ -307,13 +301,15 @@ impl NatsLog {
             });
         }
         let Upgraded { live, batches } = upgrade(&js, &info.config, republish, atomic).await;
-        // Live messages wait in a subscription's buffer until its follower
-        // takes them; a connection of their own bounds that buffer without
-        // bounding the replies to this connection's requests. A follower
-        // that falls behind it loses live messages and reads them from the
-        // stream (a gap).
+        // The live subscription is on a connection of its own, so that a
+        // burst of live messages waits in its buffer, not ahead of this
+        // connection's replies. Past that buffer (the client's default,
+        // 65,536 messages) core NATS drops them, and each follower reads
+        // what it lost from the stream (a gap).
         let followers = if live {
-            Some(connect(config, Some(live::BUFFER)).await?)
+            let client = connect(config).await?;
+            let wildcard = live::live_subject(&config.prefix, &format!("{}.>", config.prefix));
+            Some(Dispatch::new(client, wildcard))
         } else {
             None
         };
@@ -497,11 +493,11 @@ impl NatsLog {
         subject: String,
         start: u64,
     ) -> Result<BoxStream<'static, Result<LogMessage, StoreError>>, StoreError> {
-        let Some(followers) = &self.followers else {
+        let Some(dispatch) = &self.followers else {
             return super::consumer::follow(&self.stream, subject, start).await;
         };
         let live = live::live_subject(&self.prefix, &subject);
-        live::follow(followers, self.stream.clone(), subject, live, start).await
+        live::follow(dispatch, self.stream.clone(), subject, live, start).await
     }
 
     /// Whether a writer appends several envelopes as one atomic batch:

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 mod consumer;
+mod dispatch;
 mod live;
 pub mod log;
 
