@@ -542,8 +542,14 @@ impl RunState {
                 continue;
             }
             if !self.in_flight.is_empty() {
-                // Ours, or another host's; which, the append's answer says:
-                // then read the log for what is beyond it (`persisted`).
+                // The log's copy of an append of ours in flight (the same
+                // event at that seq, so stored): its answer fans it out.
+                if self.is_in_flight(&envelope) {
+                    continue;
+                }
+                // Another host's, or ours beyond what is in flight; which,
+                // the append's answer says: then read the log for what is
+                // beyond it (`persisted`).
                 self.remote_behind = true;
                 continue;
             }
@@ -574,6 +580,19 @@ impl RunState {
         }
         self.fan_out(fanned);
         self.stop_tail_if_ended();
+    }
+
+    /// Whether `envelope` is one of this room's in flight: the same event at
+    /// the same seq.
+    fn is_in_flight(&self, envelope: &RuntimeEventEnvelope) -> bool {
+        envelope
+            .seq
+            .checked_sub(self.persisted + 1)
+            .and_then(|index| usize::try_from(index).ok())
+            .and_then(|index| self.in_flight.get(index))
+            .is_some_and(|ours| {
+                ours.envelope.seq == envelope.seq && ours.envelope.event_id == envelope.event_id
+            })
     }
 
     /// After the room's own appends are answered: what other hosts appended
