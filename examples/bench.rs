@@ -708,6 +708,38 @@ fn measure(
     })
 }
 
+/// A fresh stream and prefix on the server at `url`, for one run.
+#[cfg(feature = "nats")]
+fn fresh_nats(url: &str, atomic_batches: bool) -> behest_stream::nats::NatsConfig {
+    let mut nats = behest_stream::nats::NatsConfig::new(url);
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    nats.stream = format!("BEHEST_BENCH_{unique}");
+    nats.prefix = format!("bench{unique}");
+    nats.atomic_batches = atomic_batches;
+    nats
+}
+
+/// Shuts `hub` down and deletes its stream, whatever `outcome` the run on
+/// it had; then that outcome.
+#[cfg(feature = "nats")]
+async fn close_nats<T>(
+    hub: EventHub,
+    nats: &behest_stream::nats::NatsConfig,
+    outcome: Result<T, workload::Error>,
+) -> Result<T, workload::Error> {
+    let shutdown = hub.shutdown().await;
+    let client = async_nats::connect(nats.url.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    async_nats::jetstream::new(client)
+        .delete_stream(&nats.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outcome = outcome?;
+    shutdown?;
+    Ok(outcome)
+}
+
 /// What host B of a two-host NATS run received (`--hosts 2`).
 #[cfg(feature = "nats")]
 type HostB = Option<hosts::FollowerReport>;
@@ -724,11 +756,7 @@ async fn nats_run(
     hub_in_flight: usize,
     probes: &Probes,
 ) -> Result<(HubRun, HostB), workload::Error> {
-    let mut nats = behest_stream::nats::NatsConfig::new(url);
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    nats.stream = format!("BEHEST_BENCH_{unique}");
-    nats.prefix = format!("bench{unique}");
-    nats.atomic_batches = !args.nats_one_at_a_time;
+    let nats = fresh_nats(url, !args.nats_one_at_a_time);
     let config = work
         .config(Config::nats(nats.clone()))
         .max_in_flight_publishes(hub_in_flight);
@@ -780,15 +808,7 @@ async fn nats_run(
         Ok::<_, workload::Error>((run, host_b))
     }
     .await;
-    let shutdown = hub.shutdown().await;
-    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
-    async_nats::jetstream::new(client)
-        .delete_stream(&nats.stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let outcome = outcome?;
-    shutdown?;
-    Ok(outcome)
+    close_nats(hub, &nats, outcome).await
 }
 
 #[cfg(not(feature = "nats"))]
@@ -812,11 +832,7 @@ async fn agents_over_nats(
     in_flight: usize,
     heap: HeapProbe,
 ) -> Result<(agents::AgentsRun, HostB), workload::Error> {
-    let mut nats = behest_stream::nats::NatsConfig::new(&target.url);
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    nats.stream = format!("BEHEST_BENCH_{unique}");
-    nats.prefix = format!("bench{unique}");
-    nats.atomic_batches = target.atomic_batches;
+    let nats = fresh_nats(&target.url, target.atomic_batches);
     let config = Config::nats(nats.clone())
         .durability(load.durability)
         .max_rooms(rooms)
@@ -854,17 +870,7 @@ async fn agents_over_nats(
         Ok::<_, workload::Error>((run, host_b))
     }
     .await;
-    let shutdown = hub.shutdown().await;
-    let client = async_nats::connect(target.url.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    async_nats::jetstream::new(client)
-        .delete_stream(&nats.stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let outcome = outcome?;
-    shutdown?;
-    Ok(outcome)
+    close_nats(hub, &nats, outcome).await
 }
 
 #[cfg(not(feature = "nats"))]

@@ -298,6 +298,21 @@ fn named_server_takes_batches() -> Option<bool> {
     Some((parts.next().unwrap(), parts.next().unwrap()) >= (2, 12))
 }
 
+/// A log in a fresh stream on a server that takes atomic batches; `None`
+/// (reason printed) without a server, or on an older one (CI's 2.9, whose
+/// run of a batch test has nothing to check; the newer one's must not come
+/// this way).
+async fn open_batch_log() -> Option<(NatsLog, NatsConfig)> {
+    let (log, config) = open_log(None).await?;
+    if log.appends_in_batches() {
+        return Some((log, config));
+    }
+    assert_ne!(named_server_takes_batches(), Some(true));
+    eprintln!("skipping: the server takes no atomic batches (nats-server before 2.12)");
+    common::nats::delete_stream(&config).await;
+    None
+}
+
 /// The `Nats-Batch-Id` of each of the run's stored messages, in order.
 async fn stored_batch_ids(config: &NatsConfig, log: &NatsLog, run: RunId) -> Vec<Option<String>> {
     let stream = context(config)
@@ -384,17 +399,9 @@ async fn a_batch_is_stored_in_order_and_a_stale_writers_batch_stores_nothing() {
 /// succeeds, stores it once, and the writer goes on after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_retried_after_a_lost_acknowledgement_is_stored_once() {
-    let Some((log, config)) = open_log(None).await else {
+    let Some((log, config)) = open_batch_log().await else {
         return;
     };
-    if !log.appends_in_batches() {
-        // CI's older server (2.9): its run of these tests has nothing to
-        // check here; the newer one's must not come this way.
-        assert_ne!(named_server_takes_batches(), Some(true));
-        eprintln!("skipping: the server takes no atomic batches (nats-server before 2.12)");
-        common::nats::delete_stream(&config).await;
-        return;
-    }
     let run = RunId::new();
     let envelopes = run_of(9, run);
     let mut writer = log.writer(run).await.unwrap();
@@ -449,17 +456,9 @@ async fn a_batch_retried_after_a_lost_acknowledgement_is_stored_once() {
 /// a time, and all of them are stored, once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_server_refuses_goes_one_envelope_at_a_time() {
-    let Some((log, config)) = open_log(None).await else {
+    let Some((log, config)) = open_batch_log().await else {
         return;
     };
-    if !log.appends_in_batches() {
-        // CI's older server (2.9): its run of these tests has nothing to
-        // check here; the newer one's must not come this way.
-        assert_ne!(named_server_takes_batches(), Some(true));
-        eprintln!("skipping: the server takes no atomic batches (nats-server before 2.12)");
-        common::nats::delete_stream(&config).await;
-        return;
-    }
     let js = context(&config).await;
     let mut stream = js.get_stream(&config.stream).await.unwrap();
     let mut settings = stream.info().await.unwrap().config.clone();
