@@ -46,6 +46,8 @@ pub struct AgentsOptions {
 
 /// `--nats URL [--hosts 2] [--nats-one-at-a-time]` for the agents profile.
 #[derive(Debug, Clone)]
+// Read only by the `nats` build; the other one refuses `--nats`.
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 pub struct NatsTarget {
     /// The server.
     pub url: String,
