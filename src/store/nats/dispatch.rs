@@ -150,8 +150,9 @@ impl Dispatch {
     }
 
     /// Registers a follower of the live subject `subject`. Returns once the
-    /// host's subscription is in place, so that every message republished
-    /// after the server has it reaches the follower.
+    /// host's subscription is in place (the server has answered a request
+    /// made after it on its connection, when this registration started it),
+    /// so that what is republished from then on reaches the follower.
     ///
     /// # Errors
     ///
@@ -192,6 +193,15 @@ impl Dispatch {
             .map_err(|e| StoreError::ReadFailed {
                 message: format!("NATS: subscribing to {}: {e}", self.inner.wildcard),
             })?;
+        // The subscribe only queues the SUB: one request answered on the
+        // same connection after it means the server has it, so that what is
+        // stored from then on reaches the followers. (Whatever its answer:
+        // a follower's gap check and quiet poll still cover a miss.)
+        let _ = self
+            .inner
+            .client
+            .request("$JS.API.INFO", bytes::Bytes::new())
+            .await;
         let mut state = self.inner.lock();
         if state.task.is_some() || state.queues.is_empty() {
             // Another follower started it meanwhile, or this one is gone.
@@ -218,9 +228,17 @@ impl Dispatch {
             // every follower follows again.
             if let Some(inner) = inner.upgrade() {
                 let mut state = inner.lock();
-                state.task = None;
-                for (_, queue) in state.queues.values().flatten() {
-                    queue.close();
+                // Only if it is still this task's: an aborted one that ran
+                // on to here must not end a newer subscription's followers.
+                if state
+                    .task
+                    .as_ref()
+                    .is_some_and(|task| task.id() == tokio::task::id())
+                {
+                    state.task = None;
+                    for (_, queue) in state.queues.values().flatten() {
+                        queue.close();
+                    }
                 }
             }
         });

@@ -191,7 +191,12 @@ async fn upgrade(
     // stream); where it refuses that too, nothing (nats-server 2.9 changes
     // no republish of an existing stream).
     let mut config = None;
-    for attempt in [both, republished] {
+    let attempts = if both == republished {
+        vec![both]
+    } else {
+        vec![both, republished]
+    };
+    for attempt in attempts {
         if attempt == *current {
             config = Some(attempt);
             break;
