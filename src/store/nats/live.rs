@@ -106,10 +106,14 @@ impl Follower {
     async fn next(&mut self) -> Result<LogMessage, StoreError> {
         loop {
             if self.catching_up {
-                match self
-                    .stream
-                    .direct_get_next_for_subject(self.subject.as_str(), Some(self.next))
-                    .await
+                // Boxed, as are the quiet look below: a follower spends its
+                // life waiting for a live message, and its state (held by
+                // every follower) would otherwise be as large as a read's.
+                match Box::pin(
+                    self.stream
+                        .direct_get_next_for_subject(self.subject.as_str(), Some(self.next)),
+                )
+                .await
                 {
                     Ok(message) => {
                         self.next = message.sequence + 1;
@@ -138,7 +142,7 @@ impl Follower {
                     });
                 }
                 Err(_quiet) => {
-                    self.catching_up = self.behind().await?;
+                    self.catching_up = Box::pin(self.behind()).await?;
                     continue;
                 }
             };
