@@ -249,6 +249,8 @@ impl Dispatch {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn message(n: usize) -> async_nats::Message {
@@ -276,5 +278,67 @@ mod tests {
             messages.back().unwrap().payload,
             (BUFFER - 1).to_string().as_str()
         );
+    }
+
+    /// A client of the tests' NATS server (`BEHEST_STREAM_NATS_URL`, or the
+    /// local one); `None`, with the reason printed, without one, unless
+    /// `BEHEST_STREAM_REQUIRE_NATS=1` (CI), when the test fails.
+    async fn client() -> Option<async_nats::Client> {
+        let url = std::env::var("BEHEST_STREAM_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+        match async_nats::connect(url.as_str()).await {
+            Ok(client) => Some(client),
+            Err(error) => {
+                assert!(
+                    std::env::var("BEHEST_STREAM_REQUIRE_NATS").as_deref() != Ok("1"),
+                    "BEHEST_STREAM_REQUIRE_NATS=1 but no NATS server at {url}: {error}"
+                );
+                eprintln!("skipping: no NATS server at {url} ({error})");
+                None
+            }
+        }
+    }
+
+    async fn next(registration: &Registration) -> String {
+        let message = tokio::time::timeout(Duration::from_secs(30), registration.next())
+            .await
+            .expect("a live message within the deadline")
+            .expect("the subscription is open");
+        String::from_utf8(message.payload.to_vec()).unwrap()
+    }
+
+    /// Followers of one subject each get its messages, and nothing of
+    /// another subject's; the last follower leaving unsubscribes the host,
+    /// and the next one to come subscribes it again.
+    #[tokio::test]
+    async fn each_follower_gets_its_subjects_messages_and_the_last_to_leave_unsubscribes() {
+        let Some(client) = client().await else {
+            return;
+        };
+        let prefix = format!("bt{}-live", uuid::Uuid::now_v7().simple());
+        let dispatch = Dispatch::new(client.clone(), format!("{prefix}.>"));
+        let (a, b) = (format!("{prefix}.run.a"), format!("{prefix}.run.b"));
+        let first_a = dispatch.register(a.clone()).await.unwrap();
+        let second_a = dispatch.register(a.clone()).await.unwrap();
+        let only_b = dispatch.register(b.clone()).await.unwrap();
+        client.publish(a.clone(), "a1".into()).await.unwrap();
+        client.publish(b.clone(), "b1".into()).await.unwrap();
+        client.publish(a.clone(), "a2".into()).await.unwrap();
+        for follower in [&first_a, &second_a] {
+            assert_eq!(next(follower).await, "a1");
+            assert_eq!(next(follower).await, "a2");
+        }
+        assert_eq!(next(&only_b).await, "b1");
+        assert!(only_b.queue.messages.lock().unwrap().is_empty());
+
+        drop((first_a, second_a, only_b));
+        {
+            let state = dispatch.inner.lock();
+            assert!(state.task.is_none() && state.queues.is_empty());
+        }
+        let again = dispatch.register(b.clone()).await.unwrap();
+        assert!(dispatch.inner.lock().task.is_some());
+        client.publish(b, "b2".into()).await.unwrap();
+        assert_eq!(next(&again).await, "b2");
     }
 }
