@@ -255,7 +255,8 @@ impl Config {
 
     /// On a shared log (NATS): the most live runs of one session that a
     /// session room on this host follows at once (default 1,024). Each
-    /// costs a live subscription and a task. A run that joins the session
+    /// costs a queue on the host's live subscription and a task. A run
+    /// that joins the session
     /// past the bound is logged (a warning naming this setting) and
     /// counted in `HubStats::session_runs_unfollowed`; its envelopes reach
     /// this host's session subscribers only when they next catch up from
