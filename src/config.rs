@@ -256,11 +256,11 @@ impl Config {
     /// On a shared log (NATS): the most live runs of one session that a
     /// session room on this host follows at once (default 1,024). Each
     /// costs a queue on the host's live subscription and a task. A run
-    /// that joins the session
-    /// past the bound is logged (a warning naming this setting) and
-    /// counted in `HubStats::session_runs_unfollowed`; its envelopes reach
-    /// this host's session subscribers only when they next catch up from
-    /// the log (on resuming, or after lagging), not live.
+    /// that joins the session past the bound is logged (a warning naming
+    /// this setting) and counted in `HubStats::session_runs_unfollowed`;
+    /// its envelopes reach this host's session subscribers only when they
+    /// next catch up from the log (on resuming, or after lagging), not
+    /// live.
     #[must_use]
     pub fn max_followed_runs_per_session(mut self, runs: usize) -> Self {
         self.max_followed_runs_per_session = runs.max(1);
