@@ -799,18 +799,7 @@ impl RunWriter {
     /// [`StoreError::FlushFailed`] means the outcome is in doubt (the server
     /// did not answer in time): append the same envelope again to learn it.
     pub async fn append(&mut self, envelope: &RuntimeEventEnvelope) -> Result<(), StoreError> {
-        crate::store::check_run(envelope)?;
-        let run_id = envelope.run_id;
-        let bytes = codec::encode_envelope(envelope)
-            .map_err(|source| StoreError::Encode { run_id, source })?;
-        self.append_encoded(&Encoded {
-            run_id,
-            seq: envelope.seq,
-            event_id: envelope.event_id.to_string(),
-            terminal: envelope.is_terminal(),
-            bytes: &bytes,
-        })
-        .await
+        self.append_batch(std::slice::from_ref(envelope)).await
     }
 
     /// Stores `envelopes`, the run's next ones in seq order, as atomic
@@ -861,15 +850,6 @@ impl RunWriter {
         self.in_doubt = true;
     }
 
-    /// As [`RunWriter::append`], for an envelope already encoded.
-    pub(crate) async fn append_encoded(
-        &mut self,
-        envelope: &Encoded<'_>,
-    ) -> Result<(), StoreError> {
-        self.append_all(std::slice::from_ref(envelope), &mut 0)
-            .await
-    }
-
     /// Stores `envelopes`, the run's next ones in seq order: as atomic
     /// batches where the stream takes them, one at a time otherwise.
     /// `stored` counts those known stored, so that a caller can tell an
@@ -879,6 +859,7 @@ impl RunWriter {
         envelopes: &[Encoded<'_>],
         stored: &mut usize,
     ) -> Result<(), StoreError> {
+        self.check_chain(envelopes)?;
         let mut index = 0;
         // Envelopes of a batch the server refused whole go one at a time.
         let mut singles_until = 0;
@@ -910,17 +891,14 @@ impl RunWriter {
         Ok(())
     }
 
-    /// Checks that `rest` (all the envelopes of the call not yet stored)
-    /// holds the run's next envelopes, learning the outcome of an append in
-    /// doubt first: how many of `rest` are stored already (an attempt in
-    /// doubt may have stored more than the chunk it was), or the stream
-    /// sequence the next message must expect.
-    async fn prepare(&mut self, rest: &[Encoded<'_>]) -> Result<Next, StoreError> {
+    /// Checks that `envelopes` are of this writer's run, with consecutive
+    /// seqs, and that nothing follows a terminal event among them.
+    fn check_chain(&self, envelopes: &[Encoded<'_>]) -> Result<(), StoreError> {
         let run_id = self.run_id;
-        let Some(first) = rest.first() else {
-            return Ok(Next::Stored(0));
+        let Some(first) = envelopes.first() else {
+            return Ok(());
         };
-        for (i, envelope) in rest.iter().enumerate() {
+        for (i, envelope) in envelopes.iter().enumerate() {
             let seq = first.seq + i as u64;
             if envelope.run_id != run_id || (i > 0 && envelope.seq != seq) {
                 return Err(StoreError::SeqConflict {
@@ -929,10 +907,23 @@ impl RunWriter {
                     got: envelope.seq,
                 });
             }
-            if envelope.terminal && i + 1 < rest.len() {
+            if envelope.terminal && i + 1 < envelopes.len() {
                 return Err(StoreError::RunClosed { run_id });
             }
         }
+        Ok(())
+    }
+
+    /// With `rest` (all the envelopes of the call not yet stored, checked by
+    /// [`RunWriter::check_chain`]): learns the outcome of an append in
+    /// doubt first, then how many of `rest` are stored already (an attempt
+    /// in doubt may have stored more than the chunk it was), or the stream
+    /// sequence the next message must expect.
+    async fn prepare(&mut self, rest: &[Encoded<'_>]) -> Result<Next, StoreError> {
+        let run_id = self.run_id;
+        let Some(first) = rest.first() else {
+            return Ok(Next::Stored(0));
+        };
         if self.in_doubt {
             // Stays in doubt until the log has answered.
             self.tail = self.log.tail(run_id).await?;
@@ -1009,16 +1000,16 @@ impl RunWriter {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 // Either an earlier attempt of this very envelope landed
                 // (its acknowledgement was lost), or another writer got
-                // there first: in doubt until the log says which.
-                self.in_doubt = true;
-                let after = self
-                    .message_after(expected_stream_seq)
-                    .await
-                    .map_err(|e| in_doubt(run_id, envelope.seq, envelope.seq, &e))?;
-                self.in_doubt = false;
-                match after {
-                    Some((sequence, id)) if id == envelope.event_id => sequence,
-                    _ => return Err(self.fenced().await),
+                // there first.
+                match self
+                    .earlier_attempt(expected_stream_seq, envelope, envelope.seq)
+                    .await?
+                {
+                    Some(sequence) => {
+                        self.in_doubt = false;
+                        sequence
+                    }
+                    None => return Err(self.fenced().await),
                 }
             }
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -1113,25 +1104,23 @@ impl RunWriter {
                         == Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) =>
             {
                 // Another writer got there first, or an earlier attempt of
-                // this very batch landed (whole): in doubt until the log
-                // says which.
-                self.in_doubt = true;
+                // this very batch landed (whole).
                 let first = &chunk[0];
-                let read_failed = |e: &StoreError| in_doubt(run_id, first.seq, last.seq, e);
-                let after = self
-                    .message_after(expected_stream_seq)
-                    .await
-                    .map_err(|e| read_failed(&e))?;
-                if let Some((_, id)) = after
-                    && id == first.event_id
+                if self
+                    .earlier_attempt(expected_stream_seq, first, last.seq)
+                    .await?
+                    .is_some()
                 {
-                    self.tail = self.log.tail(run_id).await.map_err(|e| read_failed(&e))?;
+                    self.tail = self
+                        .log
+                        .tail(run_id)
+                        .await
+                        .map_err(|e| in_doubt(run_id, first.seq, last.seq, &e))?;
                     self.in_doubt = false;
                     if self.last_seq() >= last.seq {
                         return Ok(true);
                     }
                 }
-                self.in_doubt = false;
                 return Err(self.fenced().await);
             }
             Err(e) if refused_batch(&e) => {
@@ -1154,6 +1143,33 @@ impl RunWriter {
             stream_seq,
         });
         Ok(true)
+    }
+
+    /// After the server refused an append that starts with `first` (and
+    /// ends at seq `last_seq`) as stale: whether the message after stream
+    /// sequence `expected` is `first`'s, that is, an earlier attempt of it
+    /// landed; its stream sequence if so. The writer is in doubt from here
+    /// until the caller has learned the rest (a failed read leaves it so,
+    /// answered as `FlushFailed`); not if another writer's message is
+    /// there.
+    async fn earlier_attempt(
+        &mut self,
+        expected: u64,
+        first: &Encoded<'_>,
+        last_seq: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.in_doubt = true;
+        let after = self
+            .message_after(expected)
+            .await
+            .map_err(|e| in_doubt(self.run_id, first.seq, last_seq, &e))?;
+        match after {
+            Some((sequence, id)) if id == first.event_id => Ok(Some(sequence)),
+            _ => {
+                self.in_doubt = false;
+                Ok(None)
+            }
+        }
     }
 
     /// The error for a run another writer appended to: the tail read again
