@@ -55,7 +55,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::agent_script::{Clock, MIN_EVENTS_PER_RUN, Script};
-use super::workload::{Error, EventMaker, HeapProbe, Latency, Size};
+use super::workload::{self, Error, EventMaker, HeapProbe, Latency, Size};
 
 /// Share of the offered events the subscribers must have received by the
 /// time the last one was due, for the hub to have kept up.
@@ -663,11 +663,7 @@ pub async fn run_agents(
 ) -> Result<AgentsRun, Error> {
     load.validate()?;
     let events = load.events_per_run();
-    let run_ids: Vec<RunId> = match &load.run_ids {
-        Some(ids) if ids.len() == load.runs => ids.to_vec(),
-        Some(ids) => return Err(format!("{} run ids for {} runs", ids.len(), load.runs).into()),
-        None => (0..load.runs).map(|_| RunId::new()).collect(),
-    };
+    let run_ids = workload::run_ids(load.run_ids.as_deref(), load.runs)?;
     let session_ids: Vec<Uuid> = (0..load.sessions).map(|_| Uuid::now_v7()).collect();
     let clocks: Vec<Clock> = (0..load.runs).map(|run| Clock::new(run, load)).collect();
     let schedule_s = clocks

@@ -299,6 +299,20 @@ impl Workload {
     }
 }
 
+/// The `count` runs of a load: the ids given (another process knows them),
+/// or fresh ones.
+///
+/// # Errors
+///
+/// Ids given for another number of runs.
+pub fn run_ids(given: Option<&[RunId]>, count: usize) -> Result<Vec<RunId>, Error> {
+    match given {
+        Some(ids) if ids.len() == count => Ok(ids.to_vec()),
+        Some(ids) => Err(format!("{} run ids for {count} runs", ids.len()).into()),
+        None => Ok((0..count).map(|_| RunId::new()).collect()),
+    }
+}
+
 /// Reads the process's heap, for the example's counting allocator.
 #[derive(Debug, Clone, Copy)]
 pub struct HeapProbe {
@@ -499,13 +513,7 @@ pub async fn run_hub(
     }
     let deadline = tokio::time::Instant::now() + workload.timeout;
     let maker = Arc::new(EventMaker::new(workload.size));
-    let runs: Vec<RunId> = match &workload.run_ids {
-        Some(ids) if ids.len() == rooms => ids.to_vec(),
-        Some(ids) => {
-            return Err(format!("{} run ids for {rooms} rooms", ids.len()).into());
-        }
-        None => (0..rooms).map(|_| RunId::new()).collect(),
-    };
+    let runs = run_ids(workload.run_ids.as_deref(), rooms)?;
     let event_slots = usize::try_from(events)?;
 
     // The run's own bookkeeping, allocated before the first heap reading so
