@@ -271,18 +271,37 @@ async fn put(state: &Shared, path: &str, headers: &HeaderMap, body: Bytes) -> Re
     if request.body.len() > state.streams.max_append_bytes {
         return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
     }
+    let location = format!("{}/v1/stream/{path}", origin(headers));
     let created = state.streams.create(path, request).await?;
     let mut response = created.status.into_response();
     let h = response.headers_mut();
     put_header(h, "content-type", &created.content_type);
     put_header(h, "stream-next-offset", &offset::format(created.next));
     if created.status == StatusCode::CREATED {
-        put_header(h, "location", &format!("/v1/stream/{path}"));
+        put_header(h, "location", &location);
     }
     if created.closed {
         put_header(h, "stream-closed", "true");
     }
     Ok(response)
+}
+
+/// `scheme://host` of the request, as a proxy in front reports it.
+fn origin(headers: &HeaderMap) -> String {
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()))
+    };
+    let scheme = match value("x-forwarded-proto") {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let host = value("x-forwarded-host")
+        .or_else(|| value("host"))
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}")
 }
 
 fn producer_stamp(headers: &HeaderMap) -> Result<Option<Stamp>, Problem> {

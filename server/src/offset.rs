@@ -1,5 +1,8 @@
-//! Offsets as the protocol's clients see them: fixed-width decimal, so that
-//! comparing two of them as strings orders them as positions.
+//! Offsets as the protocol's clients see them: fixed-width decimal in two
+//! groups of 16 digits (`0000000000000000_0000000000000042`), the form the
+//! protocol's reference servers use, so that comparing two of them as
+//! strings orders them as positions and a client's literal zero offset is
+//! ours too.
 //!
 //! Position `n` of a stream is "after its n-th stored event". A stream's own
 //! run numbers its events from 1 (its `RunStarted`), so position 0 is the
@@ -8,8 +11,8 @@
 
 use std::fmt;
 
-/// Digits in an offset: `u64::MAX` has 20.
-const WIDTH: usize = 20;
+/// Digits in each of an offset's two groups.
+const GROUP: usize = 16;
 
 /// Where a read starts, as the `offset` query parameter says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +32,7 @@ pub(crate) struct BadOffset(pub(crate) String);
 impl fmt::Display for BadOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shown: String = self.0.chars().take(64).collect();
-        write!(f, "malformed offset {shown:?}: expected -1, now, or {WIDTH} digits")
+        write!(f, "malformed offset {shown:?}: expected -1, now, or {GROUP} digits, `_`, {GROUP} digits")
     }
 }
 
@@ -46,15 +49,19 @@ pub(crate) fn parse(raw: &str) -> Result<ReadFrom, BadOffset> {
 
 /// A position in our own format, or `None`.
 pub(crate) fn parse_position(raw: &str) -> Option<u64> {
-    if raw.len() != WIDTH || !raw.bytes().all(|b| b.is_ascii_digit()) {
+    let (high, low) = raw.split_once('_')?;
+    let digits = |g: &str| g.len() == GROUP && g.bytes().all(|b| b.is_ascii_digit());
+    if !digits(high) || !digits(low) {
         return None;
     }
-    raw.parse().ok()
+    let value: u128 = format!("{high}{low}").parse().ok()?;
+    u64::try_from(value).ok()
 }
 
 /// The offset of position `n`.
 pub(crate) fn format(n: u64) -> String {
-    format!("{n:0WIDTH$}")
+    let digits = format!("{n:0width$}", width = 2 * GROUP);
+    format!("{}_{}", &digits[..GROUP], &digits[GROUP..])
 }
 
 #[cfg(test)]
@@ -77,7 +84,18 @@ mod tests {
     fn sentinels_and_hostile_values() {
         assert_eq!(parse("-1"), Ok(ReadFrom::Start));
         assert_eq!(parse("now"), Ok(ReadFrom::Now));
-        for bad in ["", "0,1", "0 1", "1", "-2", "abc", "99999999999999999999"] {
+        assert_eq!(parse("0000000000000000_0000000000000000"), Ok(ReadFrom::After(0)));
+        for bad in [
+            "",
+            "0,1",
+            "0 1",
+            "1",
+            "-2",
+            "abc",
+            "00000000000000000000",
+            "9999999999999999_9999999999999999",
+            "0000000000000000_000000000000000x",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
         let long = "7".repeat(10_000);

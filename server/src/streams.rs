@@ -786,7 +786,7 @@ impl Streams {
         self.touch(path);
         let producer = request.stamp.as_ref().map(|s| (s.epoch, s.seq));
         Ok(Appended {
-            status: if producer.is_some() {
+            status: if producer.is_some() && has_body {
                 StatusCode::OK
             } else {
                 StatusCode::NO_CONTENT
