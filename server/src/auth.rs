@@ -73,7 +73,12 @@ impl BearerTokens {
 
     /// Grants `token` access to paths under `prefix`.
     #[must_use]
-    pub fn grant(mut self, token: impl Into<String>, prefix: impl Into<String>, write: bool) -> Self {
+    pub fn grant(
+        mut self,
+        token: impl Into<String>,
+        prefix: impl Into<String>,
+        write: bool,
+    ) -> Self {
         self.tokens.entry(token.into()).or_default().push(Grant {
             prefix: prefix.into(),
             write,
@@ -116,7 +121,11 @@ impl Authorize for BearerTokens {
         let allowed = grants
             .iter()
             .any(|g| path.starts_with(&g.prefix) && (g.write || access == Access::Read));
-        if allowed { Ok(()) } else { Err(Denied::Forbidden) }
+        if allowed {
+            Ok(())
+        } else {
+            Err(Denied::Forbidden)
+        }
     }
 }
 
@@ -126,13 +135,32 @@ mod tests {
 
     #[test]
     fn tokens_grant_prefixes_and_access() {
-        let tokens = BearerTokens::parse("# comment\nalpha chat/ write\nbeta runs/ read\n").unwrap();
-        assert_eq!(tokens.authorize(None, "chat/1", Access::Read), Err(Denied::Unauthenticated));
-        assert_eq!(tokens.authorize(Some("nope"), "chat/1", Access::Read), Err(Denied::Unauthenticated));
-        assert_eq!(tokens.authorize(Some("alpha"), "chat/1", Access::Write), Ok(()));
-        assert_eq!(tokens.authorize(Some("alpha"), "runs/x", Access::Read), Err(Denied::Forbidden));
-        assert_eq!(tokens.authorize(Some("beta"), "runs/x", Access::Read), Ok(()));
-        assert_eq!(tokens.authorize(Some("beta"), "runs/x", Access::Write), Err(Denied::Forbidden));
+        let tokens =
+            BearerTokens::parse("# comment\nalpha chat/ write\nbeta runs/ read\n").unwrap();
+        assert_eq!(
+            tokens.authorize(None, "chat/1", Access::Read),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            tokens.authorize(Some("nope"), "chat/1", Access::Read),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            tokens.authorize(Some("alpha"), "chat/1", Access::Write),
+            Ok(())
+        );
+        assert_eq!(
+            tokens.authorize(Some("alpha"), "runs/x", Access::Read),
+            Err(Denied::Forbidden)
+        );
+        assert_eq!(
+            tokens.authorize(Some("beta"), "runs/x", Access::Read),
+            Ok(())
+        );
+        assert_eq!(
+            tokens.authorize(Some("beta"), "runs/x", Access::Write),
+            Err(Denied::Forbidden)
+        );
         assert!(BearerTokens::parse("alpha chat/").is_err());
     }
 }

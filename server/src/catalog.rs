@@ -203,7 +203,11 @@ impl Catalog {
     }
 
     /// The live streams whose TTL or expiry time has passed.
-    pub(crate) fn expired(&self, now: Instant, wall: DateTime<Utc>) -> impl Iterator<Item = &Entry> {
+    pub(crate) fn expired(
+        &self,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> impl Iterator<Item = &Entry> {
         self.entries
             .values()
             .filter(move |e| !e.deleted && e.is_expired(now, wall))
@@ -211,6 +215,7 @@ impl Catalog {
 
     /// How many streams the catalog holds (deleted ones forks still read
     /// included).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -239,8 +244,24 @@ mod tests {
     fn a_deleted_source_lives_while_forks_read_it_and_goes_with_the_last() {
         let mut c = Catalog::default();
         let a = create(&mut c, "a", None);
-        let b = create(&mut c, "b", Some(ForkPoint { parent: a, at: 1, sub_offset: 0 }));
-        let d = create(&mut c, "d", Some(ForkPoint { parent: b, at: 2, sub_offset: 0 }));
+        let b = create(
+            &mut c,
+            "b",
+            Some(ForkPoint {
+                parent: a,
+                at: 1,
+                sub_offset: 0,
+            }),
+        );
+        let d = create(
+            &mut c,
+            "d",
+            Some(ForkPoint {
+                parent: b,
+                at: 2,
+                sub_offset: 0,
+            }),
+        );
         c.apply(&Record::Delete { run: a });
         assert_eq!(c.lookup("a"), Lookup::Deleted);
         c.apply(&Record::Delete { run: b });
@@ -256,7 +277,10 @@ mod tests {
 
     #[test]
     fn content_types_compare_without_parameters() {
-        assert_eq!(essence("application/json; charset=utf-8"), "application/json");
+        assert_eq!(
+            essence("application/json; charset=utf-8"),
+            "application/json"
+        );
         assert_eq!(essence("text/plain"), "text/plain");
     }
 }

@@ -106,11 +106,16 @@ async fn handle(
     match state.auth.authorize(token, path, access) {
         Ok(()) => {}
         Err(Denied::Unauthenticated) => {
-            return Err(Problem::new(StatusCode::UNAUTHORIZED, "a bearer token is required")
-                .with("www-authenticate", "Bearer"));
+            return Err(
+                Problem::new(StatusCode::UNAUTHORIZED, "a bearer token is required")
+                    .with("www-authenticate", "Bearer"),
+            );
         }
         Err(Denied::Forbidden) => {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "this token may not do that here"));
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "this token may not do that here",
+            ));
         }
     }
     match *method {
@@ -122,7 +127,10 @@ async fn handle(
         }
         Method::HEAD => head(state, path).await,
         Method::GET => get(state, path, query, headers).await,
-        _ => Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")),
+        _ => Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+        )),
     }
 }
 
@@ -157,21 +165,36 @@ fn preflight() -> Response {
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, HEAD, PUT, POST, DELETE, OPTIONS"),
     );
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(ALLOWED));
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(ALLOWED),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
     response
 }
 
 /// Adds the browser security and CORS headers to every response.
 pub(crate) async fn security_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(
         "cross-origin-resource-policy",
         HeaderValue::from_static("cross-origin"),
     );
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(EXPOSED),
+    );
     response
 }
 
@@ -196,35 +219,51 @@ fn closing(headers: &HeaderMap) -> Result<bool, Problem> {
         None => Ok(false),
         Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
         Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
-        Some(v) => Err(Problem::bad_request(format!("Stream-Closed must be true, not {v:?}"))),
+        Some(v) => Err(Problem::bad_request(format!(
+            "Stream-Closed must be true, not {v:?}"
+        ))),
     }
 }
 
 /// A decimal integer as the protocol writes them: no sign, no leading
 /// zero, no fraction or exponent.
 fn strict_integer(raw: &str) -> Option<u64> {
-    let canonical = raw == "0" || (!raw.starts_with('0') && raw.bytes().all(|b| b.is_ascii_digit()));
+    let canonical =
+        raw == "0" || (!raw.starts_with('0') && raw.bytes().all(|b| b.is_ascii_digit()));
     if raw.is_empty() || !canonical {
         return None;
     }
     raw.parse().ok()
 }
 
-async fn put(state: &Shared, path: &str, headers: &HeaderMap, body: Bytes) -> Result<Response, Problem> {
+async fn put(
+    state: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let content_type = text(headers, "content-type")?;
     let ttl = text(headers, "stream-ttl")?;
     let expires = text(headers, "stream-expires-at")?;
     if ttl.is_some() && expires.is_some() {
-        return Err(Problem::bad_request("Stream-TTL and Stream-Expires-At exclude each other"));
+        return Err(Problem::bad_request(
+            "Stream-TTL and Stream-Expires-At exclude each other",
+        ));
     }
     let ttl_secs = ttl
-        .map(|t| strict_integer(t).ok_or_else(|| Problem::bad_request(format!("Stream-TTL {t:?} is not a whole number of seconds"))))
+        .map(|t| {
+            strict_integer(t).ok_or_else(|| {
+                Problem::bad_request(format!("Stream-TTL {t:?} is not a whole number of seconds"))
+            })
+        })
         .transpose()?;
     let expires_at = expires
         .map(|e| {
             DateTime::parse_from_rfc3339(e)
                 .map(|d| d.with_timezone(&Utc))
-                .map_err(|_| Problem::bad_request(format!("Stream-Expires-At {e:?} is not an RFC 3339 time")))
+                .map_err(|_| {
+                    Problem::bad_request(format!("Stream-Expires-At {e:?} is not an RFC 3339 time"))
+                })
         })
         .transpose()?;
     let fork_from = text(headers, "stream-forked-from")?;
@@ -239,13 +278,23 @@ async fn put(state: &Shared, path: &str, headers: &HeaderMap, body: Bytes) -> Re
         }
         Some(from) => {
             let at = fork_at
-                .map(|o| offset::parse_position(o).ok_or_else(|| Problem::bad_request(format!("malformed Stream-Fork-Offset {o:?}"))))
+                .map(|o| {
+                    offset::parse_position(o).ok_or_else(|| {
+                        Problem::bad_request(format!("malformed Stream-Fork-Offset {o:?}"))
+                    })
+                })
                 .transpose()?;
             let sub = sub_offset
-                .map(|s| strict_integer(s).ok_or_else(|| Problem::bad_request(format!("malformed Stream-Fork-Sub-Offset {s:?}"))))
+                .map(|s| {
+                    strict_integer(s).ok_or_else(|| {
+                        Problem::bad_request(format!("malformed Stream-Fork-Sub-Offset {s:?}"))
+                    })
+                })
                 .transpose()?;
             if sub.is_some_and(|s| s > 0) && at.is_none() {
-                return Err(Problem::bad_request("Stream-Fork-Sub-Offset needs Stream-Fork-Offset"));
+                return Err(Problem::bad_request(
+                    "Stream-Fork-Sub-Offset needs Stream-Fork-Offset",
+                ));
             }
             Some(ForkRequest {
                 from: from.to_owned(),
@@ -269,7 +318,10 @@ async fn put(state: &Shared, path: &str, headers: &HeaderMap, body: Bytes) -> Re
         fork,
     };
     if request.body.len() > state.streams.max_append_bytes {
-        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+        ));
     }
     let location = format!("{}/v1/stream/{path}", origin(headers));
     let created = state.streams.create(path, request).await?;
@@ -323,7 +375,9 @@ fn producer_stamp(headers: &HeaderMap) -> Result<Option<Stamp>, Problem> {
     let number = |raw: &str, name: &str| {
         strict_integer(raw)
             .filter(|&n| n <= MAX_PRODUCER_NUMBER)
-            .ok_or_else(|| Problem::bad_request(format!("{name} {raw:?} is not an integer in 0..=2^53-1")))
+            .ok_or_else(|| {
+                Problem::bad_request(format!("{name} {raw:?} is not an integer in 0..=2^53-1"))
+            })
     };
     Ok(Some(Stamp {
         id: id.to_owned(),
@@ -332,10 +386,18 @@ fn producer_stamp(headers: &HeaderMap) -> Result<Option<Stamp>, Problem> {
     }))
 }
 
-async fn post(state: &Shared, path: &str, headers: &HeaderMap, body: Bytes) -> Result<Response, Problem> {
+async fn post(
+    state: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let stamp = producer_stamp(headers)?;
     if body.len() > state.streams.max_append_bytes {
-        return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+        ));
     }
     let request = AppendRequest {
         content_type: text(headers, "content-type")?.map(str::to_owned),
@@ -373,7 +435,11 @@ async fn head(state: &Shared, path: &str) -> Result<Response, Problem> {
             put_header(h, "stream-ttl", &ttl.to_string());
         }
         if let Some(at) = config.expires_at {
-            put_header(h, "stream-expires-at", &at.to_rfc3339_opts(SecondsFormat::Millis, true));
+            put_header(
+                h,
+                "stream-expires-at",
+                &at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            );
         }
     }
     Ok(response)
@@ -439,7 +505,12 @@ enum Live {
     Sse,
 }
 
-async fn get(state: &AppState, path: &str, query: Option<&str>, headers: &HeaderMap) -> Result<Response, Problem> {
+async fn get(
+    state: &AppState,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, Problem> {
     let query = read_query(query)?;
     let live = match query.live.as_deref() {
         None => Live::No,
@@ -514,7 +585,11 @@ fn chunk_response(view: &View, start: u64, chunk: &Chunk, status: StatusCode) ->
         put_header(h, "stream-up-to-date", "true");
         put_header(h, "cache-control", "no-store");
     } else {
-        put_header(h, "cache-control", "public, max-age=60, stale-while-revalidate=300");
+        put_header(
+            h,
+            "cache-control",
+            "public, max-age=60, stale-while-revalidate=300",
+        );
     }
     if chunk.closed {
         put_header(h, "stream-closed", "true");
@@ -522,7 +597,12 @@ fn chunk_response(view: &View, start: u64, chunk: &Chunk, status: StatusCode) ->
     response
 }
 
-async fn catch_up(state: &Shared, view: &View, start: u64, headers: &HeaderMap) -> Result<Response, Problem> {
+async fn catch_up(
+    state: &Shared,
+    view: &View,
+    start: u64,
+    headers: &HeaderMap,
+) -> Result<Response, Problem> {
     let chunk = state
         .streams
         .read(view, start, state.options.read_chunk_bytes)
@@ -549,7 +629,12 @@ fn next_cursor(client: Option<&str>) -> String {
     }
 }
 
-async fn long_poll(state: &Shared, view: &View, start: u64, cursor: Option<&str>) -> Result<Response, Problem> {
+async fn long_poll(
+    state: &Shared,
+    view: &View,
+    start: u64,
+    cursor: Option<&str>,
+) -> Result<Response, Problem> {
     let deadline = tokio::time::Instant::now() + state.options.long_poll_timeout;
     loop {
         let chunk = state
@@ -558,11 +643,16 @@ async fn long_poll(state: &Shared, view: &View, start: u64, cursor: Option<&str>
             .await?;
         if chunk.has_data() {
             let mut response = chunk_response(view, start, &chunk, StatusCode::OK);
-            put_header(response.headers_mut(), "stream-cursor", &next_cursor(cursor));
+            put_header(
+                response.headers_mut(),
+                "stream-cursor",
+                &next_cursor(cursor),
+            );
             return Ok(response);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if chunk.closed || left.is_zero() || !state.streams.wait(view, chunk.tail_seq, left).await? {
+        if chunk.closed || left.is_zero() || !state.streams.wait(view, chunk.tail_seq, left).await?
+        {
             let mut response = StatusCode::NO_CONTENT.into_response();
             let h = response.headers_mut();
             put_header(h, "stream-next-offset", &offset::format(chunk.next));
@@ -660,7 +750,11 @@ impl SseReader {
         let streams = &self.state.streams;
         loop {
             let chunk = streams
-                .read(&self.view, self.position, self.state.options.read_chunk_bytes)
+                .read(
+                    &self.view,
+                    self.position,
+                    self.state.options.read_chunk_bytes,
+                )
                 .await
                 .ok()?;
             self.position = chunk.next;
@@ -715,6 +809,9 @@ mod tests {
         let q = read_query(Some("foo=bar&offset=now&live=sse")).unwrap();
         assert_eq!(q.offset.as_deref(), Some("now"));
         assert_eq!(q.live.as_deref(), Some("sse"));
-        assert_eq!(read_query(Some("offset=0%201")).unwrap().offset.as_deref(), Some("0 1"));
+        assert_eq!(
+            read_query(Some("offset=0%201")).unwrap().offset.as_deref(),
+            Some("0 1")
+        );
     }
 }

@@ -16,7 +16,12 @@
 //! [Durable Streams]: https://github.com/durable-streams/durable-streams
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub, clippy::unwrap_used)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::unwrap_used
+)]
 
 mod auth;
 mod catalog;

@@ -32,7 +32,10 @@ pub(crate) struct BadOffset(pub(crate) String);
 impl fmt::Display for BadOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shown: String = self.0.chars().take(64).collect();
-        write!(f, "malformed offset {shown:?}: expected -1, now, or {GROUP} digits, `_`, {GROUP} digits")
+        write!(
+            f,
+            "malformed offset {shown:?}: expected -1, now, or {GROUP} digits, `_`, {GROUP} digits"
+        )
     }
 }
 
@@ -84,7 +87,10 @@ mod tests {
     fn sentinels_and_hostile_values() {
         assert_eq!(parse("-1"), Ok(ReadFrom::Start));
         assert_eq!(parse("now"), Ok(ReadFrom::Now));
-        assert_eq!(parse("0000000000000000_0000000000000000"), Ok(ReadFrom::After(0)));
+        assert_eq!(
+            parse("0000000000000000_0000000000000000"),
+            Ok(ReadFrom::After(0))
+        );
         for bad in [
             "",
             "0,1",

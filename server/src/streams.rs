@@ -58,7 +58,6 @@ impl Segment {
 /// messages are framed.
 #[derive(Debug, Clone)]
 pub(crate) struct View {
-    pub(crate) path: String,
     pub(crate) content_type: String,
     pub(crate) framing: Framing,
     /// A run read as its envelopes, not a stream of appends.
@@ -214,11 +213,6 @@ impl Streams {
         })
     }
 
-    /// The hub the streams live on.
-    pub(crate) fn hub(&self) -> &EventHub {
-        &self.hub
-    }
-
     fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
         self.catalog.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -281,7 +275,7 @@ impl Streams {
     /// A read view of the stream at `path`, or of the run `runs/{id}`.
     pub(crate) async fn view(&self, path: &str) -> Result<View, Problem> {
         if let Some(run) = run_view_id(path)? {
-            return self.run_view(path, run).await;
+            return self.run_view(run).await;
         }
         let entry = self.live(path).await?;
         let catalog = self.catalog();
@@ -300,7 +294,6 @@ impl Streams {
         }
         segments.reverse();
         Ok(View {
-            path: path.to_owned(),
             content_type: entry.config.content_type.clone(),
             framing: if entry.config.is_json() {
                 Framing::Json
@@ -313,7 +306,7 @@ impl Streams {
         })
     }
 
-    async fn run_view(&self, path: &str, run: RunId) -> Result<View, Problem> {
+    async fn run_view(&self, run: RunId) -> Result<View, Problem> {
         let info = self
             .hub
             .store()
@@ -326,7 +319,6 @@ impl Streams {
             Some(_) => {}
         }
         Ok(View {
-            path: path.to_owned(),
             content_type: "application/json".into(),
             framing: Framing::Json,
             envelopes: true,
@@ -358,7 +350,12 @@ impl Streams {
     }
 
     /// Reads from position `from`, up to about `budget` bytes of messages.
-    pub(crate) async fn read(&self, view: &View, from: u64, budget: usize) -> Result<Chunk, Problem> {
+    pub(crate) async fn read(
+        &self,
+        view: &View,
+        from: u64,
+        budget: usize,
+    ) -> Result<Chunk, Problem> {
         let own = view.own();
         let (tail_seq, ended) = self.run_tail(own.run).await?;
         let tail = own.position(tail_seq.max(1));
@@ -431,19 +428,12 @@ impl Streams {
         }
     }
 
-    /// A subscription to the own run after `tail_seq`, for SSE.
-    pub(crate) async fn follow(
-        &self,
-        view: &View,
-        tail_seq: u64,
-    ) -> Result<behest_stream::BoxRuntimeEventStream, Problem> {
-        let run = view.run();
-        let resume = Resume::After(Cursor::at(self.hub.epoch(), run, tail_seq));
-        Ok(self.hub.subscribe(RuntimeRoom::Run(run), resume).await?)
-    }
-
     /// `PUT`.
-    pub(crate) async fn create(&self, path: &str, request: CreateRequest) -> Result<Created, Problem> {
+    pub(crate) async fn create(
+        &self,
+        path: &str,
+        request: CreateRequest,
+    ) -> Result<Created, Problem> {
         if run_view_id(path)?.is_some() {
             return Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -478,9 +468,7 @@ impl Streams {
             let (point, source, sub) = self.fork_point(fork_request).await?;
             if !request.explicit_type {
                 config.content_type = source.config.content_type.clone();
-            } else if catalog::essence(&config.content_type)
-                != source.config.essence()
-            {
+            } else if catalog::essence(&config.content_type) != source.config.essence() {
                 return Err(Problem::conflict(
                     "a fork's content type must be its source's",
                 ));
@@ -501,7 +489,10 @@ impl Streams {
         if initial.as_ref().is_some_and(|a| {
             a.bytes.as_ref().map_or(0, String::len) > self.max_append_bytes * 4 / 3 + 4
         }) {
-            return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large",
+            ));
         }
         let run = RunId::new();
         self.hub.publish(started(run)).await?;
@@ -533,7 +524,10 @@ impl Streams {
             fork,
         })
         .await?;
-        self.slot(run).lock().await.replace(Loaded { writers, last_seq });
+        self.slot(run)
+            .lock()
+            .await
+            .replace(Loaded { writers, last_seq });
         let base = fork.map_or(0, |f| f.at);
         Ok(Created {
             status: StatusCode::CREATED,
@@ -549,7 +543,8 @@ impl Streams {
             && entry.config.expires_at == request.config.expires_at;
         let inherits_type = request.fork.is_some() && !request.explicit_type;
         if !inherits_type {
-            same &= catalog::essence(&entry.config.content_type).eq_ignore_ascii_case(catalog::essence(&request.config.content_type));
+            same &= catalog::essence(&entry.config.content_type)
+                .eq_ignore_ascii_case(catalog::essence(&request.config.content_type));
         }
         if let Some(fork) = &request.fork {
             let source = self.catalog().get(strip_mount(&fork.from)).map(|e| e.run);
@@ -601,11 +596,15 @@ impl Streams {
         let mut prefix = None;
         if sub > 0 {
             let Some(append) = next_append(self, &view, at).await? else {
-                return Err(Problem::bad_request("no append after the fork offset to cut"));
+                return Err(Problem::bad_request(
+                    "no append after the fork offset to cut",
+                ));
             };
             let cut = if source.config.is_json() {
                 if sub as usize > append.json.len() {
-                    return Err(Problem::bad_request("sub-offset past the append's messages"));
+                    return Err(Problem::bad_request(
+                        "sub-offset past the append's messages",
+                    ));
                 }
                 Append {
                     json: append.json[..sub as usize].to_vec(),
@@ -680,7 +679,11 @@ impl Streams {
     }
 
     /// `POST`.
-    pub(crate) async fn append(&self, path: &str, request: AppendRequest) -> Result<Appended, Problem> {
+    pub(crate) async fn append(
+        &self,
+        path: &str,
+        request: AppendRequest,
+    ) -> Result<Appended, Problem> {
         if run_view_id(path)?.is_some() {
             return Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -829,10 +832,9 @@ impl Streams {
         let mut swept = 0;
         for (path, run) in expired {
             let _changing = self.changes.lock().await;
-            let still = self
-                .catalog()
-                .get(&path)
-                .is_some_and(|e| e.run == run && !e.deleted && e.is_expired(Instant::now(), Utc::now()));
+            let still = self.catalog().get(&path).is_some_and(|e| {
+                e.run == run && !e.deleted && e.is_expired(Instant::now(), Utc::now())
+            });
             if still {
                 self.change(Record::Delete { run }).await?;
                 if self.catalog().by_run(run).is_none() {

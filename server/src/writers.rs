@@ -29,7 +29,7 @@ pub(crate) enum Verdict {
 pub(crate) struct Writers {
     producers: HashMap<String, (u64, u64)>,
     stream_seq: Option<String>,
-    closed_by: Option<Option<Stamp>>,
+    closed: bool,
 }
 
 impl Writers {
@@ -42,20 +42,12 @@ impl Writers {
         if let Some(seq) = &append.stream_seq {
             self.stream_seq = Some(seq.clone());
         }
-        if append.close {
-            self.closed_by = Some(append.producer.clone());
-        }
+        self.closed |= append.close;
     }
 
     /// Whether an append closed the stream.
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed_by.is_some()
-    }
-
-    /// True when `stamp` is the producer append that closed the stream, sent
-    /// again.
-    pub(crate) fn closed_by(&self, stamp: &Stamp) -> bool {
-        matches!(&self.closed_by, Some(Some(closer)) if closer == stamp)
+        self.closed
     }
 
     /// The protocol's check of a producer's append.
@@ -153,7 +145,10 @@ mod tests {
         );
         assert_eq!(w.check(&stamp("a", 1, 1)), Verdict::NewEpochNotAtZero);
         accepted(&mut w, stamp("a", 1, 0));
-        assert_eq!(w.check(&stamp("a", 0, 2)), Verdict::StaleEpoch { current: 1 });
+        assert_eq!(
+            w.check(&stamp("a", 0, 2)),
+            Verdict::StaleEpoch { current: 1 }
+        );
         // Producers are independent.
         accepted(&mut w, stamp("b", 0, 0));
     }
