@@ -1,10 +1,10 @@
-//! The agent-shaped workload of `examples/bench.rs` (`--profile agents`):
+//! The agent-shaped workload of `bench/src/main.rs` (`--profile agents`):
 //! many concurrent runs, each publishing one event at a time at token pace,
 //! the way an agent host's loops do.
 //!
 //! ```text
-//! cargo run --release --example bench -- --profile agents --runs 1000
-//! cargo run --release --example bench -- --profile agents --find-capacity --p99-ms 25
+//! cargo run --release -p behest-stream-bench -- --profile agents --runs 1000
+//! cargo run --release -p behest-stream-bench -- --profile agents --find-capacity --p99-ms 25
 //! ```
 //!
 //! [`run_agents`] drives an open [`EventHub`] with `runs` runs spread over
@@ -25,7 +25,7 @@
 //! (it never skips an event); how far behind each run ended is reported.
 //! A run holds `round(token_rate × duration)` events (at least 5), so the
 //! offered load is `runs × token_rate` events per second. What a run
-//! publishes, and when, is `examples/support/agent_script.rs`.
+//! publishes, and when, is `bench/src/agent_script.rs`.
 //!
 //! One subscriber per run ([`Resume::FromStart`], made before the clock
 //! starts) checks that it gets seqs 1..=last exactly once, in order, and

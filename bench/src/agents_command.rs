@@ -1,4 +1,4 @@
-//! `bench --profile agents`: one agent-shaped load (`examples/support/agents.rs`)
+//! `bench --profile agents`: one agent-shaped load (`bench/src/agents.rs`)
 //! on a fresh hub, or, with `--find-capacity`, a search for the most
 //! concurrent runs the host serves within a p99 bound; and their reports.
 //!

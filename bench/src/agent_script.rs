@@ -4,7 +4,7 @@
 //! slot, from `RunStarted` to a terminal event, with a tool call every few
 //! seconds). Both are drawn from generators seeded by the run's index, so a
 //! run's schedule is known before it starts (the load computes when the
-//! last event is due from it). Driven by `examples/support/agents.rs`.
+//! last event is due from it). Driven by `bench/src/agents.rs`.
 
 use std::sync::Arc;
 

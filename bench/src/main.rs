@@ -5,17 +5,17 @@
 //! same work done by raw sled and by tokio broadcast, as ratios.
 //!
 //! ```text
-//! cargo run --release --example bench -- [options]
-//! cargo run --release --example bench -- --rooms 1 --subscribers 1 --events 20000
-//! cargo run --release --example bench -- --rooms 1 --subscribers 100 --events 5000 --durability buffered
-//! cargo run --release --example bench -- --rooms 10000 --subscribers 1 --events 10 --durability buffered --evict
-//! cargo run --release --example bench -- --half-load --json
-//! cargo run --release --example bench -- --profile agents --runs 1000 --token-rate 30
-//! cargo run --release --example bench -- --profile agents --find-capacity --p99-ms 25
+//! cargo run --release -p behest-stream-bench -- [options]
+//! cargo run --release -p behest-stream-bench -- --rooms 1 --subscribers 1 --events 20000
+//! cargo run --release -p behest-stream-bench -- --rooms 1 --subscribers 100 --events 5000 --durability buffered
+//! cargo run --release -p behest-stream-bench -- --rooms 10000 --subscribers 1 --events 10 --durability buffered --evict
+//! cargo run --release -p behest-stream-bench -- --half-load --json
+//! cargo run --release -p behest-stream-bench -- --profile agents --runs 1000 --token-rate 30
+//! cargo run --release -p behest-stream-bench -- --profile agents --find-capacity --p99-ms 25
 //! ```
 //!
-//! The workload and the baselines are `examples/support/workload.rs`, shared
-//! with `benches/rooms.rs`. Timed: first submit to last delivery; opening
+//! The workload and the baselines are `bench/src/workload.rs`, shared
+//! with `bench/benches/rooms.rs`. Timed: first submit to last delivery; opening
 //! the hub and starting its rooms (every subscriber subscribes from the
 //! start first) are not. Memory comes from a counting global allocator (this
 //! binary only; it adds two atomic operations per allocation) and from
@@ -23,10 +23,10 @@
 //!
 //! `--profile agents` is another workload: thousands of concurrent runs, each
 //! publishing one event at a time at token pace, with tool calls, one
-//! subscriber per run and one per session (`examples/support/agents.rs`,
-//! what each run publishes in `examples/support/agent_script.rs`);
+//! subscriber per run and one per session (`bench/src/agents.rs`,
+//! what each run publishes in `bench/src/agent_script.rs`);
 //! with `--find-capacity`, the most runs the host serves within a p99 bound
-//! (`examples/support/agents_command.rs`).
+//! (`bench/src/agents_command.rs`).
 //!
 //! Exits with status 1 if any subscriber lost or got a duplicate delivery,
 //! and 2 if the run failed.
@@ -40,20 +40,15 @@ use behest_stream::{Config, Durability, EventHub};
 use clap::Parser;
 use serde::Serialize;
 
-#[path = "support/workload.rs"]
 mod workload;
 
-#[path = "support/agents.rs"]
 mod agents;
 
-#[path = "support/agent_script.rs"]
 mod agent_script;
 
-#[path = "support/agents_command.rs"]
 mod agents_command;
 
 #[cfg(feature = "nats")]
-#[path = "support/hosts.rs"]
 mod hosts;
 
 use workload::{
@@ -819,7 +814,10 @@ async fn nats_run(
     _hub_in_flight: usize,
     _probes: &Probes,
 ) -> Result<(HubRun, HostB), workload::Error> {
-    Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
+    Err(
+        "--nats needs the nats feature: cargo run --release -p behest-stream-bench --features nats"
+            .into(),
+    )
 }
 
 /// The agents profile on a hub over NATS JetStream, in a fresh stream;
@@ -881,7 +879,10 @@ async fn agents_over_nats(
     _in_flight: usize,
     _heap: HeapProbe,
 ) -> Result<(agents::AgentsRun, HostB), workload::Error> {
-    Err("--nats needs the nats feature: cargo run --release --features nats --example bench".into())
+    Err(
+        "--nats needs the nats feature: cargo run --release -p behest-stream-bench --features nats"
+            .into(),
+    )
 }
 
 /// Host B's lost, duplicated and other faults (`--hosts 2`).

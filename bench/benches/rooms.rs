@@ -18,8 +18,8 @@
 //! cargo bench --bench rooms -- --quick         # a quick pass
 //! ```
 //!
-//! The workload is `examples/support/workload.rs`, shared with
-//! `examples/bench.rs`. Each iteration opens a fresh hub (or sled database),
+//! The workload is `bench/src/workload.rs`, shared with
+//! `bench/src/main.rs`. Each iteration opens a fresh hub (or sled database),
 //! subscribes (which starts the rooms), then times only first submit to last
 //! delivery; opening, subscribing and shutting down are not timed. Iterations
 //! assert that nothing was lost or duplicated. About 8 minutes on 2 cores.
@@ -33,9 +33,10 @@ use criterion::{
 };
 use tokio::runtime::Runtime;
 
+#[path = "../../benches/support/mod.rs"]
 mod support;
 
-#[path = "../examples/support/workload.rs"]
+#[path = "../src/workload.rs"]
 mod workload;
 
 use workload::{EventMaker, Probes, Size, Workload};

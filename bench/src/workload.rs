@@ -1,8 +1,8 @@
-//! The workload behind `examples/bench.rs` and `benches/rooms.rs`, and the
+//! The workload behind `bench/src/main.rs` and `bench/benches/rooms.rs`, and the
 //! baselines they are read against, all measured by this one module.
 //!
 //! ```text
-//! cargo run --release --example bench -- --help
+//! cargo run --release -p behest-stream-bench -- --help
 //! cargo bench --bench rooms
 //! ```
 //!
