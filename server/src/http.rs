@@ -10,6 +10,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use crate::auth::{Access, Authorize, Denied};
@@ -712,6 +713,7 @@ fn sse_response(state: &AppState, view: View, start: u64, cursor: Option<String>
         base64,
         first: true,
         done: false,
+        live: None,
     };
     let events = futures_util::stream::unfold(reader, |mut reader| async move {
         let bytes = reader.next().await?;
@@ -728,8 +730,12 @@ fn sse_response(state: &AppState, view: View, start: u64, cursor: Option<String>
     response
 }
 
-/// One SSE response's reading: catch up in chunks, then wait for the run
-/// to grow, until the stream closes or the response has lived its time.
+/// Live envelopes one SSE write carries at most.
+const LIVE_BATCH: usize = 256;
+
+/// One SSE response's reading: catch up from the store in chunks, then
+/// follow the stream's run live (its envelopes, not the store), until the
+/// stream closes or the response has lived its time.
 struct SseReader {
     state: AppState,
     view: View,
@@ -739,6 +745,7 @@ struct SseReader {
     first: bool,
     done: bool,
     deadline: tokio::time::Instant,
+    live: Option<behest_stream::BoxRuntimeEventStream>,
 }
 
 impl SseReader {
@@ -747,40 +754,63 @@ impl SseReader {
         if self.done {
             return None;
         }
-        let streams = &self.state.streams;
-        loop {
-            let chunk = streams
-                .read(
-                    &self.view,
-                    self.position,
-                    self.state.options.read_chunk_bytes,
-                )
-                .await
-                .ok()?;
-            self.position = chunk.next;
-            let mut out = String::new();
-            if chunk.has_data() {
-                out.push_str(&data_event(&self.view, &chunk, self.base64));
+        let chunk = match self.live.as_mut() {
+            None => {
+                let chunk = self
+                    .state
+                    .streams
+                    .read(
+                        &self.view,
+                        self.position,
+                        self.state.options.read_chunk_bytes,
+                    )
+                    .await
+                    .ok()?;
+                if chunk.up_to_date && !chunk.closed {
+                    self.live = Some(
+                        self.state
+                            .streams
+                            .follow(&self.view, chunk.tail_seq)
+                            .await
+                            .ok()?,
+                    );
+                }
+                chunk
             }
-            if chunk.has_data() || self.first || chunk.closed {
-                out.push_str(&control_event(&chunk, &mut self.cursor));
+            Some(live) => {
+                let left = self
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                let wait = left.min(Duration::from_secs(15));
+                let first = match tokio::time::timeout(wait, live.next()).await {
+                    Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE.as_bytes())),
+                    Ok(None | Some(Err(_))) => return None,
+                    Ok(Some(Ok(envelope))) => envelope,
+                };
+                let mut envelopes = vec![first];
+                while envelopes.len() < LIVE_BATCH {
+                    match live.next().now_or_never() {
+                        Some(Some(Ok(envelope))) => envelopes.push(envelope),
+                        _ => break,
+                    }
+                }
+                crate::streams::live_chunk(&self.view, &envelopes)
             }
-            self.first = false;
-            self.done = chunk.closed;
-            if !out.is_empty() {
-                return Some(Bytes::from(out));
-            }
-            let left = self
-                .deadline
-                .saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            let wait = left.min(Duration::from_secs(15));
-            if !streams.wait(&self.view, chunk.tail_seq, wait).await.ok()? {
-                return Some(Bytes::from_static(sse::KEEP_ALIVE.as_bytes()));
-            }
+        };
+        self.position = chunk.next;
+        let mut out = String::new();
+        if chunk.has_data() {
+            out.push_str(&data_event(&self.view, &chunk, self.base64));
         }
+        if chunk.has_data() || self.first || chunk.closed || self.live.is_none() {
+            out.push_str(&control_event(&chunk, &mut self.cursor));
+        }
+        self.first = false;
+        self.done = chunk.closed;
+        Some(Bytes::from(out))
     }
 }
 

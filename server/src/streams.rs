@@ -405,6 +405,18 @@ impl Streams {
         Ok(chunk)
     }
 
+    /// The own run's events after `tail_seq`, live: what an SSE response
+    /// sends once it has caught up, without reading the store again.
+    pub(crate) async fn follow(
+        &self,
+        view: &View,
+        tail_seq: u64,
+    ) -> Result<behest_stream::BoxRuntimeEventStream, Problem> {
+        let run = view.run();
+        let resume = Resume::After(Cursor::at(self.hub.epoch(), run, tail_seq));
+        Ok(self.hub.subscribe(RuntimeRoom::Run(run), resume).await?)
+    }
+
     /// Waits until the own run grows past `tail_seq` (true) or `timeout`
     /// passes (false).
     pub(crate) async fn wait(
@@ -871,6 +883,20 @@ fn strip_mount(from: &str) -> &str {
         .map_or(from, |(_, rest)| rest.find('/').map_or("", |i| &rest[i..]));
     path.strip_prefix("/v1/stream/")
         .unwrap_or_else(|| path.trim_start_matches('/'))
+}
+
+/// A chunk of live envelopes of the own run, in seq order.
+pub(crate) fn live_chunk(view: &View, envelopes: &[RuntimeEventEnvelope]) -> Chunk {
+    let own = view.own();
+    let mut chunk = Chunk::default();
+    for envelope in envelopes {
+        take(view, envelope, &mut chunk);
+        chunk.next = own.position(envelope.seq);
+        chunk.tail_seq = envelope.seq;
+        chunk.closed |= envelope.is_terminal();
+    }
+    chunk.up_to_date = true;
+    chunk
 }
 
 /// Adds an envelope's messages to a chunk; returns their size.
