@@ -40,6 +40,7 @@ use behest_stream::{Config, Durability, EventHub};
 use clap::Parser;
 use serde::Serialize;
 
+mod http_load;
 mod workload;
 
 mod agents;
@@ -155,6 +156,9 @@ enum Profile {
     /// Many concurrent runs at token pace, each awaiting every publish
     /// (the `agents` options below).
     Agents,
+    /// The Durable Streams server over HTTP: fsynced appends with 1 and 64
+    /// writers, and SSE fan-out (the `http` options below).
+    Http,
 }
 
 /// Load the hub with rooms, subscribers and pipelined publishers, and
@@ -212,6 +216,21 @@ struct Args {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// `--profile http`: writer counts, one append measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    http_writers: Vec<usize>,
+    /// `--profile http`: appends per measurement, shared by its writers.
+    #[arg(long, default_value_t = 20_000)]
+    http_appends: usize,
+    /// `--profile http`: SSE readers of the fan-out stream.
+    #[arg(long, default_value_t = 100)]
+    http_readers: usize,
+    /// `--profile http`: messages the fan-out writer appends.
+    #[arg(long, default_value_t = 2_000)]
+    http_messages: usize,
+    /// `--profile http`: bytes per message.
+    #[arg(long, default_value_t = 64)]
+    http_message_bytes: usize,
     /// The hub's ring per room (`Config::ring_capacity`); the hub's default
     /// (1024) if not given.
     #[arg(long)]
@@ -432,6 +451,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if args.profile == Profile::Http {
+        return http_command(&args, &runtime);
     }
     if args.find_capacity {
         eprintln!("bench: --find-capacity needs --profile agents");
@@ -1243,4 +1265,59 @@ impl std::fmt::Display for Bytes {
             f.write_str(&text)
         }
     }
+}
+
+/// `--profile http`: the report, as a table or JSON.
+fn http_command(args: &Args, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let options = http_load::HttpOptions {
+        writers: args.http_writers.clone(),
+        appends: args.http_appends,
+        readers: args.http_readers,
+        messages: args.http_messages,
+        message_bytes: args.http_message_bytes,
+    };
+    let report = match runtime.block_on(http_load::run(&options)) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("bench failed: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => {
+                eprintln!("bench: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        println!("writers  appends/s  p50 ms  p99 ms  hub publishes/s  http/hub");
+        for a in &report.appends {
+            println!(
+                "{:>7}  {:>9.0}  {:>6.2}  {:>6.2}  {:>15.0}  {:>8.2}",
+                a.writers,
+                a.appends_per_s,
+                a.p50_ms,
+                a.p99_ms,
+                a.hub_publishes_per_s,
+                a.http_over_hub
+            );
+        }
+        let f = &report.fan_out;
+        println!(
+            "fan-out: {} SSE readers x {} messages: {:.0} deliveries/s (hub {:.0}/s, http/hub {:.2}); lost {}, duplicated {}",
+            f.readers,
+            f.messages,
+            f.deliveries_per_s,
+            f.hub_deliveries_per_s,
+            f.http_over_hub,
+            f.lost,
+            f.duplicated
+        );
+    }
+    if report.fan_out.lost + report.fan_out.duplicated > 0 {
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
