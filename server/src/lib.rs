@@ -27,6 +27,7 @@ mod auth;
 mod catalog;
 mod http;
 mod message;
+pub mod native;
 mod offset;
 mod problem;
 mod sse;

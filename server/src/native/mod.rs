@@ -1,5 +1,7 @@
-//! The HTTP side: routes, the SSE streams, and which status each refusal
-//! gets.
+//! The native SSE endpoints: runs and sessions as resumable SSE streams of
+//! envelopes (`id:` the resume cursor, `Last-Event-ID` to resume), gated by
+//! bearer tokens, and a page that shows a run live with the browser's
+//! `EventSource`. `examples/sse_server.rs` serves them.
 //!
 //! | route | what |
 //! |---|---|
@@ -56,8 +58,12 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::auth::{Denied, Tokens, token_from};
-use crate::demo;
+pub mod auth;
+pub mod demo;
+#[cfg(test)]
+mod tests;
+
+use self::auth::{Denied, Tokens, token_from};
 
 /// The page that shows one run live.
 const RUN_PAGE: &str = include_str!("page.html");

@@ -3,9 +3,9 @@
 //! run live with the browser's `EventSource`.
 //!
 //! ```text
-//! cargo run --example sse_server                         # store in ./data, port 3000
-//! cargo run --example sse_server -- DIR --port 0         # store in DIR, a free port
-//! cargo run --example sse_server -- --temporary --keep-alive-secs 5 --pace-ms 150
+//! cargo run -p behest-stream-server --example sse_server                         # store in ./data, port 3000
+//! cargo run -p behest-stream-server --example sse_server -- DIR --port 0         # store in DIR, a free port
+//! cargo run -p behest-stream-server --example sse_server -- --temporary --keep-alive-secs 5 --pace-ms 150
 //! ```
 //!
 //! At launch it issues a token for a fresh session, starts a simulated run
@@ -22,8 +22,8 @@
 //! envelope as JSON. A client that reconnects with `Last-Event-ID` (as
 //! `EventSource` does by itself) continues with no gap and no duplicate;
 //! `?after=CURSOR` does the same for a first request. A run's stream closes
-//! after its terminal event; a session's stays open. See `app.rs` for the
-//! routes and the status of every refusal, `auth.rs` for where the rooms
+//! after its terminal event; a session's stays open. See `server/src/native/mod.rs` for the
+//! routes and the status of every refusal, `native/auth.rs` for where the rooms
 //! are gated.
 //!
 //! ```text
@@ -35,16 +35,6 @@
 //! Ctrl-C (or SIGTERM) shuts the hub down, which ends every open stream
 //! with a `stream_error` event, and then the server.
 
-#[path = "sse_server/app.rs"]
-mod app;
-#[path = "sse_server/auth.rs"]
-mod auth;
-#[path = "sse_server/demo.rs"]
-mod demo;
-#[cfg(test)]
-#[path = "sse_server/tests.rs"]
-mod tests;
-
 use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,7 +43,7 @@ use behest_stream::{Config, EventHub, RuntimeRoom};
 use clap::Parser;
 use uuid::Uuid;
 
-use crate::app::{AppState, Settings, app};
+use behest_stream_server::native::{AppState, Settings, app};
 
 /// The example's command line.
 #[derive(Debug, Parser)]

@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use uuid::Uuid;
 
-use crate::app::{AppState, Settings, app};
-use crate::demo;
+use super::demo;
+use super::{AppState, Settings, app};
 
 /// The longest any single wait of these tests may take.
 const DEADLINE: Duration = Duration::from_secs(30);
