@@ -115,7 +115,9 @@ pub(crate) struct Catalog {
 
 impl Catalog {
     /// Applies a record; records that name what is gone change nothing.
-    pub(crate) fn apply(&mut self, record: &Record) {
+    /// Returns the runs it removed from the catalog (a delete, and the
+    /// deleted ancestors only that stream still held).
+    pub(crate) fn apply(&mut self, record: &Record) -> Vec<RunId> {
         match record {
             Record::Create {
                 path,
@@ -141,18 +143,20 @@ impl Catalog {
                         touched: Instant::now(),
                     },
                 );
+                Vec::new()
             }
             Record::Delete { run } => self.delete(*run),
         }
     }
 
-    fn delete(&mut self, run: RunId) {
+    fn delete(&mut self, run: RunId) -> Vec<RunId> {
+        let mut removed = Vec::new();
         let Some(entry) = self.entries.get_mut(&run) else {
-            return;
+            return removed;
         };
         if entry.forks > 0 {
             entry.deleted = true;
-            return;
+            return removed;
         }
         // Gone: release what it forked from, which may let that go too.
         let mut next = Some(run);
@@ -160,6 +164,7 @@ impl Catalog {
             let Some(entry) = self.entries.remove(&run) else {
                 break;
             };
+            removed.push(run);
             if self.paths.get(&entry.path) == Some(&run) {
                 self.paths.remove(&entry.path);
             }
@@ -172,6 +177,7 @@ impl Catalog {
                 }
             }
         }
+        removed
     }
 
     /// The stream at `path`.
@@ -267,7 +273,8 @@ mod tests {
         c.apply(&Record::Delete { run: b });
         assert_eq!(c.lookup("b"), Lookup::Deleted);
         assert!(c.by_run(a).is_some());
-        c.apply(&Record::Delete { run: d });
+        let removed = c.apply(&Record::Delete { run: d });
+        assert_eq!(removed, [d, b, a]);
         assert_eq!(c.len(), 0);
         assert_eq!(c.lookup("a"), Lookup::Missing);
         // A path deleted whole can be created again.

@@ -32,6 +32,10 @@ const ALLOWED: &str = "content-type, authorization, if-none-match, stream-seq, s
     stream-expires-at, stream-closed, stream-forked-from, stream-fork-offset, \
     stream-fork-sub-offset, producer-id, producer-epoch, producer-seq, last-event-id";
 
+/// Longest `Producer-Id` or `Stream-Seq`: they are kept per stream and
+/// stored with every append.
+const MAX_TOKEN_BYTES: usize = 256;
+
 /// Start of the protocol's cursor intervals: 2024-10-09T00:00:00Z.
 const CURSOR_EPOCH: i64 = 1_728_432_000;
 /// Length of one cursor interval.
@@ -71,18 +75,47 @@ pub(crate) struct Shared {
 
 pub(crate) type AppState = Arc<Shared>;
 
-/// Every request to `/v1/stream/{path}`.
+/// Every request to `/v1/stream/{path}`. The body is read only once the
+/// request is authorized, and only up to the largest append.
 pub(crate) async fn stream(
     State(state): State<AppState>,
-    method: Method,
     Path(path): Path<String>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
-    match handle(&state, &method, &path, query.as_deref(), &headers, body).await {
+    let (parts, body) = request.into_parts();
+    match handle(
+        &state,
+        &parts.method,
+        &path,
+        query.as_deref(),
+        &parts.headers,
+        body,
+    )
+    .await
+    {
         Ok(response) => response,
         Err(problem) => problem.into_response(),
+    }
+}
+
+fn authorize(
+    state: &Shared,
+    token: Option<&str>,
+    path: &str,
+    access: Access,
+) -> Result<(), Problem> {
+    match state.auth.authorize(token, path, access) {
+        Ok(()) => Ok(()),
+        Err(Denied::Unauthenticated) => Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required",
+        )
+        .with("www-authenticate", "Bearer")),
+        Err(Denied::Forbidden) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "this token may not do that here",
+        )),
     }
 }
 
@@ -92,7 +125,7 @@ async fn handle(
     path: &str,
     query: Option<&str>,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, Problem> {
     if *method == Method::OPTIONS {
         return Ok(preflight());
@@ -104,21 +137,24 @@ async fn handle(
         Access::Write
     };
     let token = bearer(headers);
-    match state.auth.authorize(token, path, access) {
-        Ok(()) => {}
-        Err(Denied::Unauthenticated) => {
-            return Err(
-                Problem::new(StatusCode::UNAUTHORIZED, "a bearer token is required")
-                    .with("www-authenticate", "Bearer"),
-            );
-        }
-        Err(Denied::Forbidden) => {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "this token may not do that here",
-            ));
-        }
+    authorize(state, token, path, access)?;
+    if *method == Method::PUT
+        && let Some(from) = text(headers, "stream-forked-from")?
+    {
+        // A fork reads its source: the token must be allowed to.
+        authorize(
+            state,
+            token,
+            crate::streams::strip_mount(from),
+            Access::Read,
+        )?;
     }
+    let body = match *method {
+        Method::PUT | Method::POST => axum::body::to_bytes(body, state.streams.max_append_bytes)
+            .await
+            .map_err(|_| Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?,
+        _ => Bytes::new(),
+    };
     match *method {
         Method::PUT => put(state, path, headers, body).await,
         Method::POST => post(state, path, headers, body).await,
@@ -127,7 +163,7 @@ async fn handle(
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         Method::HEAD => head(state, path).await,
-        Method::GET => get(state, path, query, headers).await,
+        Method::GET => get(state, path, query, headers, token.is_some()).await,
         _ => Err(Problem::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
@@ -370,8 +406,10 @@ fn producer_stamp(headers: &HeaderMap) -> Result<Option<Stamp>, Problem> {
             ));
         }
     };
-    if id.is_empty() {
-        return Err(Problem::bad_request("Producer-Id must not be empty"));
+    if id.is_empty() || id.len() > MAX_TOKEN_BYTES {
+        return Err(Problem::bad_request(format!(
+            "Producer-Id must have 1 to {MAX_TOKEN_BYTES} bytes"
+        )));
     }
     let number = |raw: &str, name: &str| {
         strict_integer(raw)
@@ -403,7 +441,14 @@ async fn post(
     let request = AppendRequest {
         content_type: text(headers, "content-type")?.map(str::to_owned),
         close: closing(headers)?,
-        stream_seq: text(headers, "stream-seq")?.map(str::to_owned),
+        stream_seq: match text(headers, "stream-seq")? {
+            Some(seq) if seq.is_empty() || seq.len() > MAX_TOKEN_BYTES => {
+                return Err(Problem::bad_request(format!(
+                    "Stream-Seq must have 1 to {MAX_TOKEN_BYTES} bytes"
+                )));
+            }
+            seq => seq.map(str::to_owned),
+        },
         stamp,
         body,
     };
@@ -511,6 +556,7 @@ async fn get(
     path: &str,
     query: Option<&str>,
     headers: &HeaderMap,
+    private: bool,
 ) -> Result<Response, Problem> {
     let query = read_query(query)?;
     let live = match query.live.as_deref() {
@@ -526,8 +572,7 @@ async fn get(
         None => ReadFrom::Start,
         Some(raw) => offset::parse(raw).map_err(|e| Problem::bad_request(e.to_string()))?,
     };
-    let view = state.streams.view(path).await?;
-    state.streams.touch(path);
+    let view = state.streams.view(path, true).await?;
     let (tail, _) = state.streams.tail(&view).await?;
     let start = match from {
         ReadFrom::Start => 0,
@@ -537,12 +582,27 @@ async fn get(
         }
         ReadFrom::After(n) => n,
     };
-    match live {
+    let mut response = match live {
         Live::No if from == ReadFrom::Now => now_response(state, &view).await,
         Live::No => catch_up(state, &view, start, headers).await,
         Live::LongPoll => long_poll(state, &view, start, query.cursor.as_deref()).await,
         Live::Sse => Ok(sse_response(state, view, start, query.cursor)),
+    }?;
+    if private {
+        // What a token read is no shared cache's to keep.
+        let h = response.headers_mut();
+        if h.get("cache-control")
+            .is_some_and(|v| v.as_bytes().starts_with(b"public"))
+        {
+            put_header(
+                h,
+                "cache-control",
+                "private, max-age=60, stale-while-revalidate=300",
+            );
+        }
+        h.insert(header::VARY, HeaderValue::from_static("authorization"));
     }
+    Ok(response)
 }
 
 /// `offset=now` without `live`: no data, the tail.
@@ -809,7 +869,7 @@ impl SseReader {
             out.push_str(&control_event(&chunk, &mut self.cursor));
         }
         self.first = false;
-        self.done = chunk.closed;
+        self.done = chunk.closed || chunk.ended;
         Some(Bytes::from(out))
     }
 }

@@ -37,7 +37,6 @@ mod writers;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::any;
 use behest_stream::{EventHub, HubError, RunId};
 use uuid::Uuid;
@@ -67,7 +66,6 @@ pub async fn router_with(
     catalog_run: RunId,
 ) -> Result<Router, HubError> {
     let streams = streams::Streams::open(hub, catalog_run).await?;
-    let body_limit = streams.max_append_bytes + 1;
     let shared = Arc::new(http::Shared {
         streams,
         auth: Box::new(auth),
@@ -76,7 +74,6 @@ pub async fn router_with(
     spawn_sweeper(Arc::downgrade(&shared));
     Ok(Router::new()
         .route("/v1/stream/{*path}", any(http::stream))
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::map_response(http::security_headers))
         .with_state(shared))
 }

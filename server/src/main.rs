@@ -28,6 +28,11 @@ struct Args {
     /// Long-poll timeout in milliseconds.
     #[arg(long, default_value_t = 20_000)]
     long_poll_ms: u64,
+    /// The run that holds this server's catalog of streams. Servers that
+    /// share a NATS stream each need their own (streams are not yet shared
+    /// between servers).
+    #[arg(long)]
+    catalog_run: Option<uuid::Uuid>,
     /// Largest stored event in bytes (an append body may be about 3/4 of it).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     max_event_bytes: usize,
@@ -54,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         long_poll_timeout: Duration::from_millis(args.long_poll_ms),
         ..Options::default()
     };
-    let catalog = behest_stream::RunId::from_uuid(behest_stream_server::CATALOG_RUN);
+    let catalog = behest_stream::RunId::from_uuid(
+        args.catalog_run
+            .unwrap_or(behest_stream_server::CATALOG_RUN),
+    );
     let app = match &args.tokens {
         Some(path) => {
             let tokens = BearerTokens::parse(&std::fs::read_to_string(path)?)?;

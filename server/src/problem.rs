@@ -62,6 +62,9 @@ impl From<HubError> for Problem {
         let status = match &error {
             HubError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HubError::RunClosed { .. } => StatusCode::CONFLICT,
+            HubError::RunRemoved { .. } => StatusCode::GONE,
+            HubError::CursorEpoch { .. } => StatusCode::CONFLICT,
+            HubError::CursorAhead { .. } => StatusCode::BAD_REQUEST,
             HubError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             HubError::RoomUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             HubError::Store(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,

@@ -23,8 +23,18 @@ use crate::message::{self, Append, Stamp};
 use crate::problem::Problem;
 use crate::writers::{Verdict, Writers};
 
-/// Envelopes read per store request.
+/// Most envelopes read per store request; reads start with fewer and grow
+/// while envelopes are small, so that a page of large ones stays small.
 const PAGE: usize = 512;
+
+/// Envelopes of a read's first store request.
+const FIRST_PAGE: usize = 8;
+
+/// Envelopes per store request while a stream's writer state is read.
+const LOAD_PAGE: usize = 32;
+
+/// Distinct producers one stream keeps state for.
+pub(crate) const MAX_PRODUCERS: usize = 4096;
 
 /// The provider named in the `RunStarted` of stream runs.
 const PROVIDER: &str = "durable-streams";
@@ -90,6 +100,8 @@ pub(crate) struct Chunk {
     pub(crate) closed: bool,
     /// The own run's last seq when the read looked.
     pub(crate) tail_seq: u64,
+    /// The run ended (closed, or a deleted stream's run cancelled).
+    pub(crate) ended: bool,
 }
 
 impl Chunk {
@@ -165,6 +177,8 @@ pub(crate) struct Streams {
     /// Serializes changes of the catalog: each is stored, then applied.
     changes: tokio::sync::Mutex<()>,
     writers: Mutex<HashMap<RunId, WriterSlot>>,
+    /// Stream runs `repair_once` has seen.
+    checked: Mutex<std::collections::HashSet<RunId>>,
     /// Largest body of one append.
     pub(crate) max_append_bytes: usize,
 }
@@ -209,6 +223,7 @@ impl Streams {
             catalog: RwLock::new(catalog),
             changes: tokio::sync::Mutex::new(()),
             writers: Mutex::new(HashMap::new()),
+            checked: Mutex::new(std::collections::HashSet::new()),
             max_append_bytes,
         })
     }
@@ -229,37 +244,76 @@ impl Streams {
         self.hub
             .publish(custom(self.catalog_run, catalog::KIND, payload))
             .await?;
-        if let Record::Delete { run } = &record {
+        let removed = self.catalog_mut().apply(&record);
+        for run in &removed {
             self.writers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(run);
+            self.checked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(run);
+            self.end_run(*run).await;
         }
-        self.catalog_mut().apply(&record);
         Ok(())
     }
 
     /// The live stream at `path`: 404 when there is none (or it expired),
     /// 410 when it was deleted while forks still read it.
-    async fn live(&self, path: &str) -> Result<Entry, Problem> {
+    ///
+    /// With `touch` (every read and write but `HEAD`), a sliding TTL starts
+    /// again under the same lock that checked it, so that `sweep` cannot
+    /// delete the stream while the request is at work.
+    async fn live(&self, path: &str, touch: bool) -> Result<Entry, Problem> {
         let entry = {
-            let catalog = self.catalog();
-            match catalog.lookup(path) {
+            let mut catalog = self.catalog_mut();
+            let entry = match catalog.lookup(path) {
                 Lookup::Missing => return Err(Problem::not_found()),
                 Lookup::Deleted => return Err(Problem::gone()),
                 Lookup::Live => catalog.get(path).cloned().ok_or_else(Problem::not_found)?,
+            };
+            if entry.is_expired(Instant::now(), Utc::now()) {
+                // `sweep` deletes it; until then it is as good as gone.
+                return Err(Problem::not_found());
             }
+            if touch {
+                catalog.touch(path);
+            }
+            entry
         };
-        if entry.is_expired(Instant::now(), Utc::now()) {
-            // `sweep` deletes it; until then it is as good as gone.
-            return Err(Problem::not_found());
-        }
+        self.repair_once(entry.run).await?;
         Ok(entry)
     }
 
-    /// Marks a read or write of `path` (a sliding TTL starts again).
-    pub(crate) fn touch(&self, path: &str) {
-        self.catalog_mut().touch(path);
+    /// The first time this process meets a stream run: a close whose
+    /// terminal event a crash kept from the store is finished, so that
+    /// readers see the stream closed as its writers do.
+    async fn repair_once(&self, run: RunId) -> Result<(), Problem> {
+        if self
+            .checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&run)
+        {
+            return Ok(());
+        }
+        let (last, ended) = self.run_tail(run).await?;
+        if !ended && last > 1 {
+            let tail = self.hub.replay(run, last - 1, 1).await?;
+            if tail
+                .first()
+                .and_then(decode_append)
+                .is_some_and(|a| a.close)
+            {
+                self.hub.publish(completed(run)).await?;
+            }
+        }
+        self.checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(run);
+        Ok(())
     }
 
     /// Ends a stream run that is gone, so that retention may remove it.
@@ -273,11 +327,12 @@ impl Streams {
     }
 
     /// A read view of the stream at `path`, or of the run `runs/{id}`.
-    pub(crate) async fn view(&self, path: &str) -> Result<View, Problem> {
+    /// `touch`: see [`Streams::live`].
+    pub(crate) async fn view(&self, path: &str, touch: bool) -> Result<View, Problem> {
         if let Some(run) = run_view_id(path)? {
             return self.run_view(run).await;
         }
-        let entry = self.live(path).await?;
+        let entry = self.live(path, touch).await?;
         let catalog = self.catalog();
         let mut segments = Vec::new();
         let mut limit = None;
@@ -289,7 +344,8 @@ impl Streams {
                 base,
                 limit,
             });
-            limit = e.fork.map(|f| f.at);
+            // An ancestor is read up to the nearest fork point below it.
+            limit = e.fork.map(|f| f.at.min(limit.unwrap_or(u64::MAX)));
             current = e.fork.and_then(|f| catalog.by_run(f.parent));
         }
         segments.reverse();
@@ -317,6 +373,16 @@ impl Streams {
             None => return Err(Problem::not_found()),
             Some(info) if info.is_removed() => return Err(Problem::gone()),
             Some(_) => {}
+        }
+        // Agent runs only: the catalog and the streams' own runs are read
+        // through their paths, where their grants apply.
+        let stream_run = run == self.catalog_run
+            || self.catalog().by_run(run).is_some()
+            || self.hub.replay(run, 0, 1).await?.first().is_some_and(|e| {
+                matches!(&e.event, AgentEvent::RunStarted(s) if s.provider.as_str() == PROVIDER)
+            });
+        if stream_run {
+            return Err(Problem::not_found());
         }
         Ok(View {
             content_type: "application/json".into(),
@@ -374,9 +440,11 @@ impl Streams {
                 continue;
             }
             let mut after_seq = (chunk.next + 1).saturating_sub(segment.base);
+            let mut page_len = FIRST_PAGE;
             loop {
-                let page = self.hub.replay(segment.run, after_seq, PAGE).await?;
-                let mut reached_end = page.len() < PAGE;
+                let page = self.hub.replay(segment.run, after_seq, page_len).await?;
+                let mut reached_end = page.len() < page_len;
+                let before = size;
                 for envelope in &page {
                     let position = segment.position(envelope.seq);
                     if position > end {
@@ -392,6 +460,9 @@ impl Streams {
                 }
                 if reached_end || chunk.next >= end {
                     break;
+                }
+                if (size - before) * 4 < budget {
+                    page_len = (page_len * 2).min(PAGE);
                 }
             }
             if segment.limit.is_some() {
@@ -464,9 +535,6 @@ impl Streams {
                 return self.confirm(&entry, &request).await;
             }
             self.change(Record::Delete { run: entry.run }).await?;
-            if self.catalog().by_run(entry.run).is_none() {
-                self.end_run(entry.run).await;
-            }
             if self.catalog().lookup(path) == Lookup::Deleted {
                 return Err(Problem::conflict(
                     "a stream deleted while forks read it cannot be created again yet",
@@ -574,7 +642,7 @@ impl Streams {
                 "a stream exists at this path with another configuration",
             ));
         }
-        let view = self.view(&entry.path).await?;
+        let view = self.view(&entry.path, false).await?;
         let (next, closed) = self.tail(&view).await?;
         Ok(Created {
             status: StatusCode::OK,
@@ -591,14 +659,14 @@ impl Streams {
         request: &ForkRequest,
     ) -> Result<(ForkPoint, Entry, Option<Append>), Problem> {
         let source_path = strip_mount(&request.from);
-        let source = match self.live(source_path).await {
+        let source = match self.live(source_path, true).await {
             Ok(entry) => entry,
             Err(p) if p.status() == StatusCode::GONE => {
                 return Err(Problem::conflict("the fork's source was deleted"));
             }
             Err(p) => return Err(p),
         };
-        let view = self.view(source_path).await?;
+        let view = self.view(source_path, false).await?;
         let (tail, _) = self.tail(&view).await?;
         let at = request.at.unwrap_or(tail);
         if at > tail {
@@ -672,7 +740,7 @@ impl Streams {
         let mut loaded = Loaded::default();
         let mut ended = false;
         loop {
-            let page = self.hub.replay(run, loaded.last_seq, PAGE).await?;
+            let page = self.hub.replay(run, loaded.last_seq, LOAD_PAGE).await?;
             for envelope in &page {
                 loaded.last_seq = envelope.seq;
                 ended |= envelope.is_terminal();
@@ -680,7 +748,7 @@ impl Streams {
                     loaded.writers.record(&append);
                 }
             }
-            if page.len() < PAGE {
+            if page.len() < LOAD_PAGE {
                 break;
             }
         }
@@ -702,7 +770,7 @@ impl Streams {
                 "runs/ streams are read-only",
             ));
         }
-        let entry = self.live(path).await?;
+        let entry = self.live(path, true).await?;
         let has_body = !request.body.is_empty();
         if !has_body && !request.close {
             return Err(Problem::bad_request("an append needs a body"));
@@ -786,19 +854,39 @@ impl Streams {
                 "Stream-Seq {seq:?} does not follow the last one"
             )));
         }
+        if loaded.writers.producers() >= MAX_PRODUCERS
+            && request
+                .stamp
+                .as_ref()
+                .is_some_and(|s| !loaded.writers.knows(&s.id))
+        {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("a stream keeps at most {MAX_PRODUCERS} producers"),
+            ));
+        }
         let last_seq = match self.publish_append(entry.run, &append).await {
             Ok(seq) => seq,
-            Err(p) if p.status() == StatusCode::CONFLICT => {
-                // Closed by another host: read the run again next time.
+            Err(p) => {
+                // Whatever failed, the append may be stored (a store error
+                // can leave it in doubt): read the run again next time.
                 *guard = None;
+                drop(guard);
+                let still = self
+                    .catalog()
+                    .get(path)
+                    .is_some_and(|e| e.run == entry.run && !e.deleted);
+                if !still {
+                    // Deleted (or expired) while this append was at work.
+                    return Err(Problem::not_found());
+                }
                 return Err(p);
             }
-            Err(p) => return Err(p),
         };
         loaded.writers.record(&append);
         loaded.last_seq = last_seq;
         drop(guard);
-        self.touch(path);
+        self.catalog_mut().touch(path);
         let producer = request.stamp.as_ref().map(|s| (s.epoch, s.seq));
         Ok(Appended {
             status: if producer.is_some() && has_body {
@@ -820,15 +908,12 @@ impl Streams {
                 "runs/ streams are read-only",
             ));
         }
-        let entry = self.live(path).await?;
+        let entry = self.live(path, false).await?;
         let _changing = self.changes.lock().await;
         if self.catalog().get(path).map(|e| e.run) != Some(entry.run) {
             return Err(Problem::not_found());
         }
         self.change(Record::Delete { run: entry.run }).await?;
-        if self.catalog().by_run(entry.run).is_none() {
-            self.end_run(entry.run).await;
-        }
         Ok(())
     }
 
@@ -849,9 +934,6 @@ impl Streams {
             });
             if still {
                 self.change(Record::Delete { run }).await?;
-                if self.catalog().by_run(run).is_none() {
-                    self.end_run(run).await;
-                }
                 swept += 1;
             }
         }
@@ -860,7 +942,7 @@ impl Streams {
 
     /// The stream's metadata for `HEAD`: the entry, tail and closedness.
     pub(crate) async fn head(&self, path: &str) -> Result<(View, u64, bool), Problem> {
-        let view = self.view(path).await?;
+        let view = self.view(path, false).await?;
         let (tail, closed) = self.tail(&view).await?;
         Ok((view, tail, closed))
     }
@@ -877,7 +959,7 @@ fn run_view_id(path: &str) -> Result<Option<RunId>, Problem> {
 }
 
 /// The stream path of a `Stream-Forked-From` value (a URL path or a path).
-fn strip_mount(from: &str) -> &str {
+pub(crate) fn strip_mount(from: &str) -> &str {
     let path = from
         .split_once("://")
         .map_or(from, |(_, rest)| rest.find('/').map_or("", |i| &rest[i..]));
@@ -893,7 +975,14 @@ pub(crate) fn live_chunk(view: &View, envelopes: &[RuntimeEventEnvelope]) -> Chu
         take(view, envelope, &mut chunk);
         chunk.next = own.position(envelope.seq);
         chunk.tail_seq = envelope.seq;
-        chunk.closed |= envelope.is_terminal();
+        chunk.ended |= envelope.is_terminal();
+        // A stream closes with `RunCompleted`; its run is cancelled when it
+        // is deleted, which is no close. An agent run closes however it ends.
+        chunk.closed |= if view.envelopes {
+            envelope.is_terminal()
+        } else {
+            matches!(envelope.event, AgentEvent::RunCompleted(_))
+        };
     }
     chunk.up_to_date = true;
     chunk
@@ -947,7 +1036,10 @@ async fn next_append(streams: &Streams, view: &View, at: u64) -> Result<Option<A
         }
         let mut after_seq = (at + 1).saturating_sub(segment.base);
         loop {
-            let page = streams.hub.replay(segment.run, after_seq, PAGE).await?;
+            let page = streams
+                .hub
+                .replay(segment.run, after_seq, FIRST_PAGE)
+                .await?;
             for envelope in &page {
                 if segment.position(envelope.seq) > end {
                     return Ok(None);
@@ -959,7 +1051,7 @@ async fn next_append(streams: &Streams, view: &View, at: u64) -> Result<Option<A
                     return Ok(Some(append));
                 }
             }
-            if page.len() < PAGE {
+            if page.len() < FIRST_PAGE {
                 break;
             }
         }

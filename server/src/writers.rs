@@ -45,6 +45,16 @@ impl Writers {
         self.closed |= append.close;
     }
 
+    /// How many producers it keeps state for.
+    pub(crate) fn producers(&self) -> usize {
+        self.producers.len()
+    }
+
+    /// Whether it keeps state for producer `id`.
+    pub(crate) fn knows(&self, id: &str) -> bool {
+        self.producers.contains_key(id)
+    }
+
     /// Whether an append closed the stream.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed

@@ -353,3 +353,110 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     drop(server);
     hub.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_of_a_fork_reads_up_to_the_nearest_fork_point() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let server = start(&hub).await;
+    let a = server.addr;
+    let text = [("content-type", "text/plain")];
+    send(a, Method::PUT, "/v1/stream/a", &text, "abc").await;
+    let after_abc = send(a, Method::HEAD, "/v1/stream/a", &[], "").await;
+    let after_abc = after_abc.header("stream-next-offset").unwrap().to_owned();
+    send(a, Method::POST, "/v1/stream/a", &text, "d").await;
+    let fork_a = [
+        ("content-type", "text/plain"),
+        ("stream-forked-from", "/v1/stream/a"),
+    ];
+    assert_eq!(
+        send(a, Method::PUT, "/v1/stream/b", &fork_a, "")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    send(a, Method::POST, "/v1/stream/b", &text, "e").await;
+    // c forks b at a point inside what b inherited from a.
+    let fork_b = [
+        ("content-type", "text/plain"),
+        ("stream-forked-from", "/v1/stream/b"),
+        ("stream-fork-offset", after_abc.as_str()),
+    ];
+    assert_eq!(
+        send(a, Method::PUT, "/v1/stream/c", &fork_b, "")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    send(a, Method::POST, "/v1/stream/c", &text, "X").await;
+    assert_eq!(
+        send(a, Method::GET, "/v1/stream/b", &[], "").await.text(),
+        "abcde"
+    );
+    assert_eq!(
+        send(a, Method::GET, "/v1/stream/c", &[], "").await.text(),
+        "abcX"
+    );
+    let from_fork_point = format!("/v1/stream/c?offset={after_abc}");
+    assert_eq!(
+        send(a, Method::GET, &from_fork_point, &[], "").await.text(),
+        "X"
+    );
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_hold_for_fork_sources_and_stream_runs() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let tokens = BearerTokens::new()
+        .grant("admin", "", true)
+        .grant("mine", "mine/", true)
+        .grant("mine", "runs/", false);
+    let server = support::serve(router(hub.clone(), tokens).await.unwrap()).await;
+    let a = server.addr;
+    let admin = [
+        ("content-type", "text/plain"),
+        ("authorization", "Bearer admin"),
+    ];
+    send(a, Method::PUT, "/v1/stream/secret/y", &admin, "secret").await;
+    let mine = [
+        ("content-type", "text/plain"),
+        ("authorization", "Bearer mine"),
+        ("stream-forked-from", "/v1/stream/secret/y"),
+    ];
+    let fork = send(a, Method::PUT, "/v1/stream/mine/x", &mine, "").await;
+    assert_eq!(fork.status, StatusCode::FORBIDDEN);
+    let reader = [("authorization", "Bearer mine")];
+    assert_eq!(
+        send(a, Method::HEAD, "/v1/stream/mine/x", &reader, "")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // `runs/` serves agent runs, not the catalog or a stream's own run.
+    let catalog = format!("/v1/stream/runs/{}", behest_stream_server::CATALOG_RUN);
+    assert_eq!(
+        send(a, Method::GET, &catalog, &reader, "").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let runs: Vec<RunId> = hub
+        .replay(RunId::from_uuid(behest_stream_server::CATALOG_RUN), 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.event {
+            AgentEvent::Custom(c) => c.payload["run"]
+                .as_str()
+                .map(|r| RunId::from_uuid(r.parse().unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(runs.len(), 1, "the catalog names secret/y's run");
+    let stream_run = format!("/v1/stream/runs/{}", runs[0]);
+    assert_eq!(
+        send(a, Method::GET, &stream_run, &reader, "").await.status,
+        StatusCode::NOT_FOUND
+    );
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
