@@ -120,7 +120,7 @@ impl AppState {
     }
 
     /// Starts a simulated run in `session` on a task of its own and returns
-    /// its id; `None` when [`MAX_DEMO_RUNS`] are already running. The run is
+    /// its id; `None` when `MAX_DEMO_RUNS` (16) are already running. The run is
     /// granted to the session's tokens before its first event, so a client
     /// may subscribe at once.
     pub fn start_demo_run(&self, session: Uuid) -> Option<RunId> {
