@@ -53,6 +53,9 @@ pub struct Options {
     pub read_chunk_bytes: usize,
     /// How often the server deletes streams whose TTL or expiry passed.
     pub sweep_every: Duration,
+    /// How long an agent-run view may be idle before the server sends a
+    /// comment line.
+    pub sse_keep_alive: Duration,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             sse_max_duration: Duration::from_secs(60),
             read_chunk_bytes: 1024 * 1024,
             sweep_every: Duration::from_secs(1),
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -99,7 +103,7 @@ pub(crate) async fn stream(
     }
 }
 
-fn authorize(
+pub(crate) fn authorize(
     state: &Shared,
     token: Option<&str>,
     path: &str,
@@ -186,7 +190,7 @@ fn check_path(path: &str) -> Result<(), Problem> {
     Ok(())
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()

@@ -23,6 +23,7 @@
     clippy::unwrap_used
 )]
 
+mod agui;
 mod auth;
 mod catalog;
 mod http;
@@ -32,6 +33,7 @@ mod offset;
 mod problem;
 mod sse;
 mod streams;
+mod views;
 mod writers;
 
 use std::sync::Arc;
@@ -74,6 +76,10 @@ pub async fn router_with(
     spawn_sweeper(Arc::downgrade(&shared));
     Ok(Router::new()
         .route("/v1/stream/{*path}", any(http::stream))
+        .route(
+            "/v1/agui/runs/{run_id}",
+            axum::routing::get(views::agui_run),
+        )
         .layer(axum::middleware::map_response(http::security_headers))
         .with_state(shared))
 }

@@ -228,6 +228,11 @@ impl Streams {
         })
     }
 
+    /// The hub the streams live on.
+    pub(crate) fn hub(&self) -> &EventHub {
+        &self.hub
+    }
+
     fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
         self.catalog.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -360,6 +365,12 @@ impl Streams {
             segments,
             config: Some(entry.config),
         })
+    }
+
+    /// 404 unless `run` is an agent run of the hub (not the catalog, not a
+    /// stream's run), 410 when retention removed it.
+    pub(crate) async fn agent_run(&self, run: RunId) -> Result<(), Problem> {
+        self.run_view(run).await.map(|_| ())
     }
 
     async fn run_view(&self, run: RunId) -> Result<View, Problem> {

@@ -1,0 +1,168 @@
+//! Agent runs in the event formats agent UIs are written against, as SSE
+//! with exact resume: `GET /v1/agui/runs/{run_id}` (AG-UI).
+//!
+//! Each SSE event's `id:` is its position in the view, `SEQ.K`: the `K`-th
+//! event mapped from the envelope at `SEQ`. A client that reconnects with
+//! `Last-Event-ID` (or `?after=`) gets the events after it, no gap and no
+//! duplicate: the view maps the run again from seq 1 (the mapping depends
+//! on the envelopes alone) and sends only what lies after the position, so
+//! a cut inside a text message continues with its next `CONTENT`, never a
+//! second `START`. The response ends after the run's last event; a resume
+//! past it gets 204, which tells an `EventSource` to stop.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use behest_stream::{Resume, RunId, RuntimeRoom, SharedEventStream};
+use futures_util::StreamExt;
+
+use crate::agui::{AgUiRun, ViewPosition};
+use crate::auth::Access;
+use crate::http::{AppState, authorize, bearer};
+use crate::problem::Problem;
+use crate::sse;
+
+/// `GET /v1/agui/runs/{run_id}`.
+pub(crate) async fn agui_run(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    match agui(&state, &run, query.as_deref(), &headers).await {
+        Ok(response) => response,
+        Err(problem) => problem.into_response(),
+    }
+}
+
+/// Where a view resumes: `Last-Event-ID`, else `?after=`.
+fn resume_position(
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<ViewPosition>, Problem> {
+    let text = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| Problem::bad_request("Last-Event-ID is not text"))?
+                .to_owned(),
+        ),
+        None => query
+            .unwrap_or("")
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("after="))
+            .map(str::to_owned),
+    };
+    text.map(|t| {
+        ViewPosition::parse(&t)
+            .ok_or_else(|| Problem::bad_request("a view position is SEQ.K (the id of an event)"))
+    })
+    .transpose()
+}
+
+async fn agui(
+    state: &AppState,
+    run: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, Problem> {
+    let run_id = uuid::Uuid::parse_str(run)
+        .map(RunId::from_uuid)
+        .map_err(|_| Problem::not_found())?;
+    authorize(
+        state,
+        bearer(headers),
+        &format!("runs/{run_id}"),
+        Access::Read,
+    )?;
+    let after = resume_position(query, headers)?;
+    state.streams.agent_run(run_id).await?;
+    let hub = state.streams.hub();
+    if let Some(after) = after {
+        let info = hub
+            .store()
+            .run_info(run_id)
+            .await
+            .map_err(behest_stream::HubError::from)?;
+        let last = info.as_ref().map_or(0, |i| i.last_seq);
+        if after.seq > last {
+            return Err(Problem::bad_request("the position is past the run"));
+        }
+        if info.is_some_and(|i| i.is_ended()) && after.seq == last {
+            // The client has the run's last event: nothing more will come.
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+    let events = hub
+        .subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart)
+        .await?;
+    let view = View {
+        events,
+        run: AgUiRun::default(),
+        after,
+        pending: std::collections::VecDeque::new(),
+        keep_alive: state.options.sse_keep_alive,
+    };
+    let body = futures_util::stream::unfold(view, |mut view| async move {
+        let bytes = view.next().await?;
+        Some((Ok::<_, Infallible>(bytes), view))
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        "text/event-stream".parse().expect("a header value"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        "no-cache".parse().expect("a header value"),
+    );
+    Ok(response)
+}
+
+/// One AG-UI response: the run's envelopes from seq 1, mapped, the events
+/// at or before `after` left out.
+struct View {
+    events: SharedEventStream,
+    run: AgUiRun,
+    after: Option<ViewPosition>,
+    pending: std::collections::VecDeque<String>,
+    keep_alive: Duration,
+}
+
+impl View {
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some(Bytes::from(frame));
+            }
+            if self.run.is_ended() {
+                return None;
+            }
+            let envelope: Arc<_> =
+                match tokio::time::timeout(self.keep_alive, self.events.next()).await {
+                    Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE.as_bytes())),
+                    Ok(Some(Ok(envelope))) => envelope,
+                    // The hub is shutting down, or the subscription failed: the
+                    // client resumes from its last id.
+                    Ok(_) => return None,
+                };
+            for (index, event) in self.run.map(&envelope).into_iter().enumerate() {
+                let position = ViewPosition {
+                    seq: envelope.seq,
+                    index,
+                };
+                if self.after.is_some_and(|after| position <= after) {
+                    continue;
+                }
+                self.pending
+                    .push_back(format!("id: {position}\ndata: {event}\n\n"));
+            }
+        }
+    }
+}
