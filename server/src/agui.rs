@@ -47,6 +47,14 @@ impl AgUiRun {
         self.ended
     }
 
+    /// A run that has ended (a view with nothing more to send).
+    pub(crate) fn ended() -> Self {
+        Self {
+            ended: true,
+            ..Self::default()
+        }
+    }
+
     /// The AG-UI events of `envelope`, in order.
     pub(crate) fn map(&mut self, envelope: &RuntimeEventEnvelope) -> Vec<Value> {
         let run_id = envelope.run_id.to_string();

@@ -24,6 +24,7 @@
 )]
 
 mod agui;
+mod aisdk;
 mod auth;
 mod catalog;
 mod http;
@@ -79,6 +80,10 @@ pub async fn router_with(
         .route(
             "/v1/agui/runs/{run_id}",
             axum::routing::get(views::agui_run),
+        )
+        .route(
+            "/v1/aisdk/runs/{run_id}",
+            axum::routing::get(views::aisdk_run),
         )
         .layer(axum::middleware::map_response(http::security_headers))
         .with_state(shared))

@@ -1,5 +1,9 @@
 //! Agent runs in the event formats agent UIs are written against, as SSE
-//! with exact resume: `GET /v1/agui/runs/{run_id}` (AG-UI).
+//! with exact resume: `GET /v1/agui/runs/{run_id}` (AG-UI) and
+//! `GET /v1/aisdk/runs/{run_id}` (the AI SDK's UI message stream, which
+//! ends with `data: [DONE]`; with `?resume=1`, what `useChat({ resume:
+//! true })` is pointed at, a run that has ended answers 204: it has no
+//! active stream).
 //!
 //! Each SSE event's `id:` is its position in the view, `SEQ.K`: the `K`-th
 //! event mapped from the envelope at `SEQ`. A client that reconnects with
@@ -22,10 +26,56 @@ use behest_stream::{Resume, RunId, RuntimeRoom, SharedEventStream};
 use futures_util::StreamExt;
 
 use crate::agui::{AgUiRun, ViewPosition};
+use crate::aisdk::AiSdkRun;
 use crate::auth::Access;
 use crate::http::{AppState, authorize, bearer};
 use crate::problem::Problem;
 use crate::sse;
+
+/// The format a view speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    AgUi,
+    AiSdk,
+}
+
+/// A format's mapper.
+#[derive(Debug)]
+enum Mapper {
+    AgUi(AgUiRun),
+    AiSdk(AiSdkRun),
+}
+
+impl Mapper {
+    fn new(format: Format) -> Self {
+        match format {
+            Format::AgUi => Self::AgUi(AgUiRun::default()),
+            Format::AiSdk => Self::AiSdk(AiSdkRun::default()),
+        }
+    }
+
+    fn map(&mut self, envelope: &behest_stream::RuntimeEventEnvelope) -> Vec<serde_json::Value> {
+        match self {
+            Self::AgUi(run) => run.map(envelope),
+            Self::AiSdk(run) => run.map(envelope),
+        }
+    }
+
+    fn is_ended(&self) -> bool {
+        match self {
+            Self::AgUi(run) => run.is_ended(),
+            Self::AiSdk(run) => run.is_ended(),
+        }
+    }
+
+    /// What follows the last event.
+    fn trailer(&self) -> Option<&'static str> {
+        match self {
+            Self::AgUi(_) => None,
+            Self::AiSdk(_) => Some("data: [DONE]\n\n"),
+        }
+    }
+}
 
 /// `GET /v1/agui/runs/{run_id}`.
 pub(crate) async fn agui_run(
@@ -34,7 +84,20 @@ pub(crate) async fn agui_run(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    match agui(&state, &run, query.as_deref(), &headers).await {
+    match view(&state, Format::AgUi, &run, query.as_deref(), &headers).await {
+        Ok(response) => response,
+        Err(problem) => problem.into_response(),
+    }
+}
+
+/// `GET /v1/aisdk/runs/{run_id}`.
+pub(crate) async fn aisdk_run(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    match view(&state, Format::AiSdk, &run, query.as_deref(), &headers).await {
         Ok(response) => response,
         Err(problem) => problem.into_response(),
     }
@@ -65,8 +128,9 @@ fn resume_position(
     .transpose()
 }
 
-async fn agui(
+async fn view(
     state: &AppState,
+    format: Format,
     run: &str,
     query: Option<&str>,
     headers: &HeaderMap,
@@ -83,6 +147,21 @@ async fn agui(
     let after = resume_position(query, headers)?;
     state.streams.agent_run(run_id).await?;
     let hub = state.streams.hub();
+    let resuming = query
+        .unwrap_or("")
+        .split('&')
+        .any(|pair| pair == "resume=1" || pair == "resume=true");
+    if resuming && format == Format::AiSdk {
+        let ended = hub
+            .store()
+            .run_info(run_id)
+            .await
+            .map_err(behest_stream::HubError::from)?
+            .is_some_and(|i| i.is_ended());
+        if ended {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
     if let Some(after) = after {
         let info = hub
             .store()
@@ -103,7 +182,7 @@ async fn agui(
         .await?;
     let view = View {
         events,
-        run: AgUiRun::default(),
+        run: Mapper::new(format),
         after,
         pending: std::collections::VecDeque::new(),
         keep_alive: state.options.sse_keep_alive,
@@ -122,14 +201,20 @@ async fn agui(
         header::CACHE_CONTROL,
         "no-cache".parse().expect("a header value"),
     );
+    if format == Format::AiSdk {
+        h.insert(
+            "x-vercel-ai-ui-message-stream",
+            "v1".parse().expect("a header value"),
+        );
+    }
     Ok(response)
 }
 
-/// One AG-UI response: the run's envelopes from seq 1, mapped, the events
+/// One view response: the run's envelopes from seq 1, mapped, the events
 /// at or before `after` left out.
 struct View {
     events: SharedEventStream,
-    run: AgUiRun,
+    run: Mapper,
     after: Option<ViewPosition>,
     pending: std::collections::VecDeque<String>,
     keep_alive: Duration,
@@ -142,7 +227,9 @@ impl View {
                 return Some(Bytes::from(frame));
             }
             if self.run.is_ended() {
-                return None;
+                let trailer = self.run.trailer()?;
+                self.run = Mapper::AgUi(AgUiRun::ended());
+                return Some(Bytes::from_static(trailer.as_bytes()));
             }
             let envelope: Arc<_> =
                 match tokio::time::timeout(self.keep_alive, self.events.next()).await {

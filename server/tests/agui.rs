@@ -1,7 +1,8 @@
-//! The AG-UI view of an agent run over real HTTP: the whole run, resumed
-//! from every cut (inside a text message too) with no gap and no duplicate,
-//! live while the run goes on, and checked by the real AG-UI client
-//! packages when they are installed (`server/clients`).
+//! The agent views of a run over real HTTP (AG-UI, and the AI SDK's UI
+//! message stream): the whole run, resumed from every cut (inside a text
+//! message too) with no gap and no duplicate, live while the run goes on,
+//! and checked by the real client packages when they are installed
+//! (`server/clients`: `npm ci` there).
 
 mod support;
 
@@ -164,33 +165,96 @@ async fn a_run_resumes_exactly_from_every_cut() {
         StatusCode::NOT_FOUND
     );
 
-    // The real client packages, when installed: every event parses with
-    // @ag-ui/core's schemas, and the whole run and the run cut and resumed
-    // twice (inside a text message) pass @ag-ui/client's verifyEvents.
-    let check = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/agui_check.mjs");
-    let installed =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/node_modules/@ag-ui/client");
-    if installed.exists() {
-        let url = format!("http://{a}{path}");
-        let output =
-            tokio::task::spawn_blocking(move || Command::new("node").arg(check).arg(url).output())
-                .await
-                .unwrap()
-                .expect("node runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
+    // The real client packages: every event parses with @ag-ui/core's
+    // schemas, and the whole run and the run cut and resumed twice (inside
+    // a text message) pass @ag-ui/client's verifyEvents.
+    client_check(
+        "agui_check.mjs",
+        &format!("http://{a}{path}"),
+        "verifyEvents passed",
+    )
+    .await;
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
+
+/// Runs `server/clients/SCRIPT URL` with node, when the packages are
+/// installed; a failure of the packages' checks fails the test.
+async fn client_check(script: &str, url: &str, expected: &str) {
+    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients");
+    if !clients.join("node_modules").exists() {
+        let required = std::env::var("BEHEST_STREAM_REQUIRE_CLIENTS").is_ok_and(|v| v == "1");
         assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(stdout.contains("verifyEvents passed"), "{stdout}");
-    } else if std::env::var("BEHEST_STREAM_REQUIRE_CLIENTS").is_ok_and(|v| v == "1") {
-        panic!(
+            !required,
             "server/clients has no node_modules (npm ci there) and BEHEST_STREAM_REQUIRE_CLIENTS=1"
         );
-    } else {
-        eprintln!("skipped the AG-UI client check: run `npm ci` in server/clients");
+        eprintln!("skipped the {script} client check: run `npm ci` in server/clients");
+        return;
     }
+    let (script, url) = (clients.join(script), url.to_owned());
+    let output =
+        tokio::task::spawn_blocking(move || Command::new("node").arg(script).arg(url).output())
+            .await
+            .unwrap()
+            .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(expected), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ai_sdk_stream_resumes_exactly_and_gives_the_same_message() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let server = support::serve(router(hub.clone(), Open).await.unwrap()).await;
+    let a = server.addr;
+    let run = RunId::new();
+    let events = script(run);
+    let (before, after) = events.split_at(3);
+    for event in before {
+        hub.publish(event.clone()).await.unwrap();
+    }
+    let path = format!("/v1/aisdk/runs/{run}");
+    // While the run goes on, a resume request gets the stream.
+    let live = {
+        let path = format!("{path}?resume=1");
+        tokio::spawn(async move { send(a, Method::GET, &path, &[], "").await })
+    };
+    for event in after {
+        hub.publish(event.clone()).await.unwrap();
+    }
+    let whole = live.await.unwrap();
+    assert_eq!(whole.status, StatusCode::OK);
+    assert_eq!(whole.header("x-vercel-ai-ui-message-stream"), Some("v1"));
+    assert!(whole.text().ends_with("data: [DONE]\n\n"));
+    let whole = parse(&whole.text());
+    let types: Vec<&str> = whole
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.first(), Some(&"start"));
+    assert_eq!(types.last(), Some(&"finish"));
+    assert!(types.contains(&"tool-output-available") && types.contains(&"data-note"));
+    for (cut, (id, _)) in whole.iter().enumerate() {
+        let resumed = send(a, Method::GET, &path, &[("last-event-id", id)], "").await;
+        if cut + 1 == whole.len() {
+            assert_eq!(resumed.status, StatusCode::NO_CONTENT);
+            continue;
+        }
+        assert_eq!(parse(&resumed.text()), whole[cut + 1..], "cut after {id}");
+    }
+    // The run has ended: a resume request finds no active stream.
+    let resume = send(a, Method::GET, &format!("{path}?resume=1"), &[], "").await;
+    assert_eq!(resume.status, StatusCode::NO_CONTENT);
+    client_check(
+        "aisdk_check.mjs",
+        &format!("http://{a}{path}"),
+        "readUIMessageStream passed",
+    )
+    .await;
     drop(server);
     hub.shutdown().await.unwrap();
 }
