@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `RunStarted` | `RUN_STARTED` (`threadId` = session, else the run) |
 //! | `TextDelta` | `TEXT_MESSAGE_START` once per assistant message, then `TEXT_MESSAGE_CONTENT` |
-//! | `AssistantMessageCommitted` | `TEXT_MESSAGE_END` |
+//! | `AssistantMessageCommitted`, `ModelStarted`, `ToolCallStarted` | `TEXT_MESSAGE_END` of the open message |
 //! | `ToolCallStarted`, `ToolCallDelta`, `ToolCallCompleted` | `TOOL_CALL_START`, `TOOL_CALL_ARGS`, `TOOL_CALL_END` |
 //! | `ToolExecutionFinished` | `TOOL_CALL_RESULT` (`content`: the output as JSON, or the error) |
 //! | `UsageRecorded` | summed into `RUN_FINISHED.usage` |
@@ -14,27 +14,43 @@
 //! | `RunFailed` | `RUN_ERROR` |
 //! | `Custom` | `CUSTOM` (`name` = kind, `value` = payload) |
 //!
-//! `ContextBuilt`, `ModelStarted`, `ToolExecutionStarted` and
-//! `ToolMessageCommitted` have no AG-UI event. A text message or tool call
-//! still open when the run ends is closed before its last event, as AG-UI
-//! requires. The mapping is a function of the envelopes alone, so replaying
+//! `ContextBuilt`, `ToolExecutionStarted` and `ToolMessageCommitted` have
+//! no AG-UI event. A run whose first event is not `RunStarted` still opens
+//! with `RUN_STARTED` (thread = the run), and a later `RunStarted` maps to
+//! nothing. A text message or tool call still open when the run ends is
+//! closed before its last event, as AG-UI requires; a tool call completed
+//! with no argument streamed gets its arguments whole; a call completed
+//! twice ends once. The mapping is a function of the envelopes alone, so replaying
 //! a run from seq 1 gives the same events with the same positions: that is
 //! what lets a view resume inside a text message without a second START.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use behest_stream::{AgentEvent, RuntimeEventEnvelope, ToolResult};
 use serde_json::{Value, json};
 
+/// The largest count AG-UI's schema takes (JavaScript's safe integers).
+const MAX_COUNT: u64 = (1 << 53) - 1;
+
+/// Adds a producer's count, saturating at what AG-UI accepts.
+pub(crate) fn add_count(total: &mut u64, count: u64) {
+    *total = total.saturating_add(count).min(MAX_COUNT);
+}
+
 /// The AG-UI events of one run, envelope by envelope.
 #[derive(Debug, Default)]
 pub(crate) struct AgUiRun {
+    started: bool,
     thread_id: Option<String>,
-    /// The assistant message now open, and how many were opened.
+    /// The assistant message now open, the last one opened, and how many.
     open_text: Option<String>,
+    last_text: Option<String>,
     texts: u64,
-    /// Tool calls started and not yet ended.
-    open_calls: BTreeSet<String>,
+    /// Tool calls started and not yet ended: whether their arguments were
+    /// streamed.
+    open_calls: BTreeMap<String, bool>,
+    /// Tool calls ended: a repeated start or completion is ignored.
+    done_calls: BTreeSet<String>,
     input_tokens: u64,
     output_tokens: u64,
     total_tokens: u64,
@@ -47,14 +63,6 @@ impl AgUiRun {
         self.ended
     }
 
-    /// A run that has ended (a view with nothing more to send).
-    pub(crate) fn ended() -> Self {
-        Self {
-            ended: true,
-            ..Self::default()
-        }
-    }
-
     /// The AG-UI events of `envelope`, in order.
     pub(crate) fn map(&mut self, envelope: &RuntimeEventEnvelope) -> Vec<Value> {
         let run_id = envelope.run_id.to_string();
@@ -63,14 +71,20 @@ impl AgUiRun {
         if self.ended {
             return out;
         }
-        match &envelope.event {
-            AgentEvent::RunStarted(started) => {
+        if let AgentEvent::RunStarted(started) = &envelope.event {
+            if !self.started {
                 let thread = started
                     .session_id
                     .map_or_else(|| run_id.clone(), |s| s.to_string());
-                self.thread_id = Some(thread.clone());
-                out.push(json!({"type": "RUN_STARTED", "threadId": thread, "runId": run_id, "timestamp": at}));
+                self.start(thread, &run_id, at, &mut out);
             }
+            return out;
+        }
+        if !self.started {
+            // AG-UI opens with RUN_STARTED whatever the run's first event.
+            self.start(run_id.clone(), &run_id, at, &mut out);
+        }
+        match &envelope.event {
             AgentEvent::TextDelta(delta) if !delta.delta.is_empty() => {
                 let id = match &self.open_text {
                     Some(id) => id.clone(),
@@ -79,27 +93,38 @@ impl AgUiRun {
                         let id = format!("{run_id}-m{}", self.texts);
                         out.push(json!({"type": "TEXT_MESSAGE_START", "messageId": id, "role": "assistant", "timestamp": at}));
                         self.open_text = Some(id.clone());
+                        self.last_text = Some(id.clone());
                         id
                     }
                 };
                 out.push(json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": id, "delta": delta.delta, "timestamp": at}));
             }
-            AgentEvent::AssistantMessageCommitted(_) => self.end_text(at, &mut out),
+            // A new model call, or a tool call, ends the text before it: the
+            // text after it is another message.
+            AgentEvent::AssistantMessageCommitted(_) | AgentEvent::ModelStarted(_) => {
+                self.end_text(at, &mut out);
+            }
             AgentEvent::ToolCallStarted(call) => {
+                self.end_text(at, &mut out);
                 self.start_call(&call.call_id, &call.tool_name, at, &mut out);
             }
             AgentEvent::ToolCallDelta(delta)
-                if !delta.delta.is_empty() && self.open_calls.contains(&delta.call_id) =>
+                if !delta.delta.is_empty() && self.open_calls.contains_key(&delta.call_id) =>
             {
+                self.open_calls.insert(delta.call_id.clone(), true);
                 out.push(json!({"type": "TOOL_CALL_ARGS", "toolCallId": delta.call_id, "delta": delta.delta, "timestamp": at}));
             }
-            AgentEvent::ToolCallCompleted(done) => {
-                if !self.open_calls.contains(&done.call.id) {
+            AgentEvent::ToolCallCompleted(done) if !self.done_calls.contains(&done.call.id) => {
+                if !self.open_calls.contains_key(&done.call.id) {
                     // Completed without its start streamed: the whole call.
+                    self.end_text(at, &mut out);
                     self.start_call(&done.call.id, &done.call.name, at, &mut out);
+                }
+                if self.open_calls.remove(&done.call.id) == Some(false) {
+                    // No argument was streamed: send them whole.
                     out.push(json!({"type": "TOOL_CALL_ARGS", "toolCallId": done.call.id, "delta": done.call.arguments.to_string(), "timestamp": at}));
                 }
-                self.open_calls.remove(&done.call.id);
+                self.done_calls.insert(done.call.id.clone());
                 out.push(
                     json!({"type": "TOOL_CALL_END", "toolCallId": done.call.id, "timestamp": at}),
                 );
@@ -114,7 +139,7 @@ impl AgUiRun {
                 };
                 out.push(json!({
                     "type": "TOOL_CALL_RESULT",
-                    "messageId": format!("{run_id}-t{}", finished.call_id),
+                    "messageId": format!("{run_id}-r{}", envelope.seq),
                     "toolCallId": finished.call_id,
                     "content": content,
                     "role": "tool",
@@ -122,9 +147,9 @@ impl AgUiRun {
                 }));
             }
             AgentEvent::UsageRecorded(usage) => {
-                self.input_tokens += usage.usage.input_tokens;
-                self.output_tokens += usage.usage.output_tokens;
-                self.total_tokens += usage.usage.total_tokens;
+                add_count(&mut self.input_tokens, usage.usage.input_tokens);
+                add_count(&mut self.output_tokens, usage.usage.output_tokens);
+                add_count(&mut self.total_tokens, usage.usage.total_tokens);
             }
             AgentEvent::RunCompleted(done) => {
                 self.close_all(at, &mut out);
@@ -152,12 +177,21 @@ impl AgUiRun {
         out
     }
 
+    fn start(&mut self, thread: String, run_id: &str, at: i64, out: &mut Vec<Value>) {
+        self.started = true;
+        out.push(
+            json!({"type": "RUN_STARTED", "threadId": thread, "runId": run_id, "timestamp": at}),
+        );
+        self.thread_id = Some(thread);
+    }
+
     fn start_call(&mut self, id: &str, name: &str, at: i64, out: &mut Vec<Value>) {
-        if !self.open_calls.insert(id.to_owned()) {
+        if self.open_calls.contains_key(id) || self.done_calls.contains(id) {
             return;
         }
+        self.open_calls.insert(id.to_owned(), false);
         let mut start = json!({"type": "TOOL_CALL_START", "toolCallId": id, "toolCallName": name, "timestamp": at});
-        if let Some(parent) = &self.open_text {
+        if let Some(parent) = &self.last_text {
             start["parentMessageId"] = Value::String(parent.clone());
         }
         out.push(start);
@@ -171,7 +205,7 @@ impl AgUiRun {
 
     fn close_all(&mut self, at: i64, out: &mut Vec<Value>) {
         self.end_text(at, out);
-        for id in std::mem::take(&mut self.open_calls) {
+        for id in std::mem::take(&mut self.open_calls).into_keys() {
             out.push(json!({"type": "TOOL_CALL_END", "toolCallId": id, "timestamp": at}));
         }
     }
@@ -349,11 +383,13 @@ mod tests {
                 "TEXT_MESSAGE_START",
                 "TEXT_MESSAGE_CONTENT",
                 "TEXT_MESSAGE_CONTENT",
+                "TEXT_MESSAGE_END",
                 "TOOL_CALL_START",
                 "TOOL_CALL_ARGS",
                 "TOOL_CALL_ARGS",
                 "TOOL_CALL_END",
                 "TOOL_CALL_RESULT",
+                "TEXT_MESSAGE_START",
                 "TEXT_MESSAGE_CONTENT",
                 "TEXT_MESSAGE_END",
                 "CUSTOM",
@@ -364,12 +400,92 @@ mod tests {
             ]
         );
         assert!(view.is_ended());
-        assert_eq!(out[4]["parentMessageId"], out[1]["messageId"]);
-        assert_ne!(out[12]["messageId"], out[1]["messageId"]);
-        assert_eq!(out[8]["content"], "{\"n\":1}");
+        assert_eq!(out[5]["parentMessageId"], out[1]["messageId"]);
+        assert_ne!(out[10]["messageId"], out[1]["messageId"]);
+        assert_eq!(out[9]["content"], "{\"n\":1}");
         let finished = out.last().unwrap();
         assert_eq!(finished["outcome"]["type"], "success");
         assert_eq!(finished["usage"][0]["totalTokens"], 15);
+    }
+
+    #[test]
+    fn runs_the_hub_accepts_in_any_order_still_map_to_valid_ag_ui() {
+        let run = RunId::new();
+        let t = Utc::now();
+        let completed = |id: &str| {
+            AgentEvent::ToolCallCompleted(ToolCallCompleted {
+                run_id: run,
+                timestamp: t,
+                call: ToolCall {
+                    id: id.into(),
+                    name: "f".into(),
+                    arguments: json!({"a": 1}),
+                },
+            })
+        };
+        let events = vec![
+            // No RunStarted first; a delta for a call never started.
+            AgentEvent::ToolCallDelta(ToolCallDelta {
+                run_id: run,
+                timestamp: t,
+                call_id: "x".into(),
+                delta: "{".into(),
+            }),
+            AgentEvent::ToolCallStarted(ToolCallStarted {
+                run_id: run,
+                timestamp: t,
+                call_id: "c".into(),
+                tool_name: "f".into(),
+            }),
+            completed("c"),
+            completed("c"),
+            AgentEvent::UsageRecorded(UsageRecorded {
+                run_id: run,
+                timestamp: t,
+                usage: TokenUsage {
+                    input_tokens: u64::MAX,
+                    output_tokens: 1,
+                    total_tokens: u64::MAX,
+                },
+            }),
+            AgentEvent::RunStarted(RunStarted {
+                run_id: run,
+                timestamp: t,
+                session_id: None,
+                provider: ProviderId::new("p"),
+                model: "m".into(),
+            }),
+            AgentEvent::TextDelta(TextDelta {
+                run_id: run,
+                timestamp: t,
+                delta: "open at the end".into(),
+            }),
+            AgentEvent::RunCompleted(RunCompleted {
+                run_id: run,
+                timestamp: t,
+                finish_reason: "stop".into(),
+                iterations: 1,
+            }),
+        ];
+        let mut view = AgUiRun::default();
+        let out: Vec<Value> = envelopes(events).iter().flat_map(|e| view.map(e)).collect();
+        let types: Vec<&str> = out.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "RUN_STARTED",
+                "TOOL_CALL_START",
+                "TOOL_CALL_ARGS",
+                "TOOL_CALL_END",
+                "TEXT_MESSAGE_START",
+                "TEXT_MESSAGE_CONTENT",
+                "TEXT_MESSAGE_END",
+                "RUN_FINISHED",
+            ]
+        );
+        // Arguments never streamed go whole; counts stay JavaScript-safe.
+        assert_eq!(out[2]["delta"], "{\"a\":1}");
+        assert_eq!(out[7]["usage"][0]["totalTokens"], MAX_COUNT);
     }
 
     #[test]

@@ -4,22 +4,28 @@
 //!
 //! | behest-stream | UI message chunk |
 //! |---|---|
-//! | `RunStarted` | `start` (`messageId` = the run) |
+//! | `RunStarted` (or whatever comes first) | `start` (`messageId` = the run) |
 //! | `TextDelta` | `text-start` once per assistant message, then `text-delta` |
-//! | `AssistantMessageCommitted` | `text-end` |
+//! | `AssistantMessageCommitted`, `ModelStarted`, `ToolCallStarted` | `text-end` of the open part |
 //! | `ToolCallStarted`, `ToolCallDelta` | `tool-input-start`, `tool-input-delta` |
 //! | `ToolCallCompleted` | `tool-input-available` (`input` = the arguments) |
-//! | `ToolExecutionFinished` | `tool-output-available`, or `tool-output-error` |
+//! | `ToolExecutionFinished` | `tool-output-available`, or `tool-output-error` (after `tool-input-available` with `input: null` for a call the run never gave) |
 //! | `UsageRecorded` | summed into `finish.messageMetadata.usage` |
 //! | `RunCompleted` | `finish` (`finishReason`: the run's when the SDK knows it, else `other`) |
 //! | `RunCancelled` | `abort` |
 //! | `RunFailed` | `error`, then `finish` with `finishReason: "error"` |
 //! | `Custom` | `data-{kind}` |
 //!
-//! The stream then ends with `data: [DONE]`.
+//! A delta for a call not streaming, a second completion and a second
+//! result are dropped: each would make the SDK's reader throw or lose the
+//! output. The stream then ends with `data: [DONE]`.
+
+use std::collections::BTreeMap;
 
 use behest_stream::{AgentEvent, RuntimeEventEnvelope, ToolResult};
 use serde_json::{Value, json};
+
+use crate::agui::add_count;
 
 /// The finish reasons the AI SDK accepts.
 const FINISH_REASONS: [&str; 6] = [
@@ -31,11 +37,24 @@ const FINISH_REASONS: [&str; 6] = [
     "other",
 ];
 
+/// How far a tool call has gone in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `tool-input-start` sent: deltas may follow.
+    Streaming,
+    /// `tool-input-available` sent.
+    Available,
+    /// Its output (or error) sent.
+    Done,
+}
+
 /// The UI message chunks of one run, envelope by envelope.
 #[derive(Debug, Default)]
 pub(crate) struct AiSdkRun {
+    started: bool,
     open_text: Option<String>,
     texts: u64,
+    calls: BTreeMap<String, Call>,
     input_tokens: u64,
     output_tokens: u64,
     total_tokens: u64,
@@ -55,8 +74,12 @@ impl AiSdkRun {
         if self.ended {
             return out;
         }
+        if !self.started {
+            // One `start` opens the message, whatever the run's first event.
+            self.started = true;
+            out.push(json!({"type": "start", "messageId": run_id}));
+        }
         match &envelope.event {
-            AgentEvent::RunStarted(_) => out.push(json!({"type": "start", "messageId": run_id})),
             AgentEvent::TextDelta(delta) if !delta.delta.is_empty() => {
                 let id = match &self.open_text {
                     Some(id) => id.clone(),
@@ -70,31 +93,59 @@ impl AiSdkRun {
                 };
                 out.push(json!({"type": "text-delta", "id": id, "delta": delta.delta}));
             }
-            AgentEvent::AssistantMessageCommitted(_) => self.end_text(&mut out),
-            AgentEvent::ToolCallStarted(call) => out.push(
-                json!({"type": "tool-input-start", "toolCallId": call.call_id, "toolName": call.tool_name}),
-            ),
-            AgentEvent::ToolCallDelta(delta) if !delta.delta.is_empty() => out.push(
-                json!({"type": "tool-input-delta", "toolCallId": delta.call_id, "inputTextDelta": delta.delta}),
-            ),
-            AgentEvent::ToolCallCompleted(done) => out.push(json!({
-                "type": "tool-input-available",
-                "toolCallId": done.call.id,
-                "toolName": done.call.name,
-                "input": done.call.arguments,
-            })),
-            AgentEvent::ToolExecutionFinished(finished) => out.push(match &finished.result {
-                ToolResult::Success { output } => {
-                    json!({"type": "tool-output-available", "toolCallId": finished.call_id, "output": output})
+            AgentEvent::AssistantMessageCommitted(_) | AgentEvent::ModelStarted(_) => {
+                self.end_text(&mut out);
+            }
+            AgentEvent::ToolCallStarted(call) if !self.calls.contains_key(&call.call_id) => {
+                self.end_text(&mut out);
+                self.calls.insert(call.call_id.clone(), Call::Streaming);
+                out.push(json!({"type": "tool-input-start", "toolCallId": call.call_id, "toolName": call.tool_name}));
+            }
+            AgentEvent::ToolCallDelta(delta)
+                if !delta.delta.is_empty()
+                    && self.calls.get(&delta.call_id) == Some(&Call::Streaming) =>
+            {
+                out.push(json!({"type": "tool-input-delta", "toolCallId": delta.call_id, "inputTextDelta": delta.delta}));
+            }
+            AgentEvent::ToolCallCompleted(done)
+                if matches!(self.calls.get(&done.call.id), None | Some(Call::Streaming)) =>
+            {
+                self.end_text(&mut out);
+                self.calls.insert(done.call.id.clone(), Call::Available);
+                out.push(json!({
+                    "type": "tool-input-available",
+                    "toolCallId": done.call.id,
+                    "toolName": done.call.name,
+                    "input": done.call.arguments,
+                }));
+            }
+            AgentEvent::ToolExecutionFinished(finished)
+                if self.calls.get(&finished.call_id) != Some(&Call::Done) =>
+            {
+                if self.calls.get(&finished.call_id) != Some(&Call::Available) {
+                    // A result for a call whose input this run never gave.
+                    self.end_text(&mut out);
+                    out.push(json!({
+                        "type": "tool-input-available",
+                        "toolCallId": finished.call_id,
+                        "toolName": finished.tool_name,
+                        "input": Value::Null,
+                    }));
                 }
-                ToolResult::Failure { error } => {
-                    json!({"type": "tool-output-error", "toolCallId": finished.call_id, "errorText": error})
-                }
-            }),
+                self.calls.insert(finished.call_id.clone(), Call::Done);
+                out.push(match &finished.result {
+                    ToolResult::Success { output } => {
+                        json!({"type": "tool-output-available", "toolCallId": finished.call_id, "output": output})
+                    }
+                    ToolResult::Failure { error } => {
+                        json!({"type": "tool-output-error", "toolCallId": finished.call_id, "errorText": error})
+                    }
+                });
+            }
             AgentEvent::UsageRecorded(usage) => {
-                self.input_tokens += usage.usage.input_tokens;
-                self.output_tokens += usage.usage.output_tokens;
-                self.total_tokens += usage.usage.total_tokens;
+                add_count(&mut self.input_tokens, usage.usage.input_tokens);
+                add_count(&mut self.output_tokens, usage.usage.output_tokens);
+                add_count(&mut self.total_tokens, usage.usage.total_tokens);
             }
             AgentEvent::RunCompleted(done) => {
                 self.end_text(&mut out);
@@ -121,7 +172,13 @@ impl AiSdkRun {
                 let kind: String = custom
                     .kind
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
                     .collect();
                 out.push(json!({"type": format!("data-{kind}"), "data": custom.payload}));
             }

@@ -25,7 +25,8 @@ use crate::writers::MAX_PRODUCER_NUMBER;
 /// The protocol's response headers a browser script may read.
 const EXPOSED: &str = "stream-next-offset, stream-up-to-date, stream-cursor, stream-closed, \
     stream-ttl, stream-expires-at, stream-sse-data-encoding, producer-epoch, producer-seq, \
-    producer-expected-seq, producer-received-seq, etag, location, content-type";
+    producer-expected-seq, producer-received-seq, etag, location, content-type, \
+    x-vercel-ai-ui-message-stream";
 
 /// The request headers a browser script may send.
 const ALLOWED: &str = "content-type, authorization, if-none-match, stream-seq, stream-ttl, \
@@ -132,7 +133,7 @@ async fn handle(
     body: Body,
 ) -> Result<Response, Problem> {
     if *method == Method::OPTIONS {
-        return Ok(preflight());
+        return Ok(preflight().await);
     }
     check_path(path)?;
     let access = if *method == Method::GET || *method == Method::HEAD {
@@ -199,7 +200,7 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn preflight() -> Response {
+pub(crate) async fn preflight() -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     let h = response.headers_mut();
     h.insert(

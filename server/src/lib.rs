@@ -79,11 +79,11 @@ pub async fn router_with(
         .route("/v1/stream/{*path}", any(http::stream))
         .route(
             "/v1/agui/runs/{run_id}",
-            axum::routing::get(views::agui_run),
+            axum::routing::get(views::agui_run).options(http::preflight),
         )
         .route(
             "/v1/aisdk/runs/{run_id}",
-            axum::routing::get(views::aisdk_run),
+            axum::routing::get(views::aisdk_run).options(http::preflight),
         )
         .layer(axum::middleware::map_response(http::security_headers))
         .with_state(shared))

@@ -103,7 +103,8 @@ pub(crate) async fn aisdk_run(
     }
 }
 
-/// Where a view resumes: `Last-Event-ID`, else `?after=`.
+/// Where a view resumes: `Last-Event-ID`, else `?after=`. An empty value is
+/// no position, as the SSE spec has it.
 fn resume_position(
     query: Option<&str>,
     headers: &HeaderMap,
@@ -121,11 +122,13 @@ fn resume_position(
             .find_map(|pair| pair.strip_prefix("after="))
             .map(str::to_owned),
     };
-    text.map(|t| {
-        ViewPosition::parse(&t)
-            .ok_or_else(|| Problem::bad_request("a view position is SEQ.K (the id of an event)"))
-    })
-    .transpose()
+    text.filter(|t| !t.is_empty())
+        .map(|t| {
+            ViewPosition::parse(&t).ok_or_else(|| {
+                Problem::bad_request("a view position is SEQ.K (the id of an event)")
+            })
+        })
+        .transpose()
 }
 
 async fn view(
@@ -144,49 +147,59 @@ async fn view(
         &format!("runs/{run_id}"),
         Access::Read,
     )?;
-    let after = resume_position(query, headers)?;
-    state.streams.agent_run(run_id).await?;
-    let hub = state.streams.hub();
-    let resuming = query
-        .unwrap_or("")
-        .split('&')
-        .any(|pair| pair == "resume=1" || pair == "resume=true");
-    if resuming && format == Format::AiSdk {
-        let ended = hub
-            .store()
-            .run_info(run_id)
-            .await
-            .map_err(behest_stream::HubError::from)?
-            .is_some_and(|i| i.is_ended());
-        if ended {
+    let resuming = format == Format::AiSdk
+        && query
+            .unwrap_or("")
+            .split('&')
+            .any(|pair| pair == "resume=1" || pair == "resume=true");
+    match state.streams.agent_run(run_id).await {
+        // A chat whose run retention removed has no active stream either.
+        Err(p) if resuming && p.status() == StatusCode::GONE => {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        other => other?,
     }
-    if let Some(after) = after {
-        let info = hub
-            .store()
-            .run_info(run_id)
-            .await
-            .map_err(behest_stream::HubError::from)?;
-        let last = info.as_ref().map_or(0, |i| i.last_seq);
-        if after.seq > last {
-            return Err(Problem::bad_request("the position is past the run"));
-        }
-        if info.is_some_and(|i| i.is_ended()) && after.seq == last {
-            // The client has the run's last event: nothing more will come.
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        }
+    let after = resume_position(query, headers)?;
+    let hub = state.streams.hub();
+    let info = hub
+        .store()
+        .run_info(run_id)
+        .await
+        .map_err(behest_stream::HubError::from)?;
+    let ended = info.as_ref().is_some_and(|i| i.is_ended());
+    if resuming && ended {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if after.is_some_and(|a| a.seq > info.as_ref().map_or(0, |i| i.last_seq)) {
+        return Err(Problem::bad_request("the position is past the run"));
     }
     let events = hub
         .subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart)
         .await?;
-    let view = View {
+    let now = tokio::time::Instant::now();
+    let mut view = View {
         events,
         run: Mapper::new(format),
         after,
         pending: std::collections::VecDeque::new(),
         keep_alive: state.options.sse_keep_alive,
+        last_write: now,
+        deadline: now + state.options.sse_max_duration,
+        trailer_sent: false,
     };
+    if after.is_some() && ended {
+        // Everything is stored: find whether anything follows the position
+        // (the last envelope may map to several events). Nothing does: 204,
+        // which tells an EventSource to stop.
+        match view.next().await {
+            None => return Ok(StatusCode::NO_CONTENT.into_response()),
+            Some(bytes) if view.trailer_sent => {
+                let _ = bytes;
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            Some(bytes) => view.pending.push_front(bytes),
+        }
+    }
     let body = futures_util::stream::unfold(view, |mut view| async move {
         let bytes = view.next().await?;
         Some((Ok::<_, Infallible>(bytes), view))
@@ -216,23 +229,43 @@ struct View {
     events: SharedEventStream,
     run: Mapper,
     after: Option<ViewPosition>,
-    pending: std::collections::VecDeque<String>,
+    pending: std::collections::VecDeque<Bytes>,
     keep_alive: Duration,
+    /// When bytes last went out: the keep-alive counts from there.
+    last_write: tokio::time::Instant,
+    /// When the response ends (the client resumes from its last id), so
+    /// that a run whose producer died holds no subscription forever.
+    deadline: tokio::time::Instant,
+    trailer_sent: bool,
 }
 
 impl View {
     async fn next(&mut self) -> Option<Bytes> {
+        let bytes = self.produce().await?;
+        self.last_write = tokio::time::Instant::now();
+        Some(bytes)
+    }
+
+    async fn produce(&mut self) -> Option<Bytes> {
         loop {
             if let Some(frame) = self.pending.pop_front() {
-                return Some(Bytes::from(frame));
+                return Some(frame);
             }
             if self.run.is_ended() {
-                let trailer = self.run.trailer()?;
-                self.run = Mapper::AgUi(AgUiRun::ended());
-                return Some(Bytes::from_static(trailer.as_bytes()));
+                if self.trailer_sent {
+                    return None;
+                }
+                self.trailer_sent = true;
+                return self.run.trailer().map(|t| Bytes::from_static(t.as_bytes()));
             }
+            let now = tokio::time::Instant::now();
+            if now >= self.deadline {
+                return None;
+            }
+            let idle_until = (self.last_write + self.keep_alive).min(self.deadline);
             let envelope: Arc<_> =
-                match tokio::time::timeout(self.keep_alive, self.events.next()).await {
+                match tokio::time::timeout_at(idle_until, self.events.next()).await {
+                    Err(_) if idle_until >= self.deadline => return None,
                     Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE.as_bytes())),
                     Ok(Some(Ok(envelope))) => envelope,
                     // The hub is shutting down, or the subscription failed: the
@@ -248,7 +281,7 @@ impl View {
                     continue;
                 }
                 self.pending
-                    .push_back(format!("id: {position}\ndata: {event}\n\n"));
+                    .push_back(Bytes::from(format!("id: {position}\ndata: {event}\n\n")));
             }
         }
     }

@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Command;
 
 use behest_stream::{
-    AgentEvent, Config, CustomEvent, EventHub, MessageCommitted, ProviderId, RunCompleted, RunId,
-    RunStarted, TextDelta, ToolCall, ToolCallCompleted, ToolCallDelta, ToolCallStarted,
-    ToolExecutionFinished, ToolResult,
+    AgentEvent, Config, CustomEvent, EventHub, ProviderId, RunCompleted, RunId, RunStarted,
+    TextDelta, ToolCall, ToolCallCompleted, ToolCallDelta, ToolCallStarted, ToolExecutionFinished,
+    ToolResult,
 };
 use behest_stream_server::{Open, router};
 use chrono::Utc;
@@ -79,11 +79,8 @@ fn script(run_id: RunId) -> Vec<AgentEvent> {
             duration_ms: 3,
         }),
         text("world"),
-        AgentEvent::AssistantMessageCommitted(MessageCommitted {
-            run_id,
-            timestamp: t,
-            message_id: uuid::Uuid::now_v7(),
-        }),
+        // The text stays open: the last envelope maps to its end and the
+        // run's, so a cut falls between them too.
         AgentEvent::Custom(CustomEvent {
             run_id,
             timestamp: t,
@@ -140,9 +137,17 @@ async fn a_run_resumes_exactly_from_every_cut() {
         .collect();
     assert_eq!(types.first(), Some(&"RUN_STARTED"));
     assert_eq!(types.last(), Some(&"RUN_FINISHED"));
+    // Text before and after the tool call are two messages, each started once.
+    let started: Vec<&Value> = whole
+        .iter()
+        .filter(|(_, e)| e["type"] == "TEXT_MESSAGE_START")
+        .map(|(_, e)| &e["messageId"])
+        .collect();
+    assert_eq!(started.len(), 2);
+    assert_ne!(started[0], started[1]);
     assert_eq!(
-        types.iter().filter(|t| **t == "TEXT_MESSAGE_START").count(),
-        1
+        &types[types.len() - 2..],
+        ["TEXT_MESSAGE_END", "RUN_FINISHED"]
     );
 
     // Resuming after any event gives exactly the rest; after the last, 204.
@@ -236,7 +241,7 @@ async fn an_ai_sdk_stream_resumes_exactly_and_gives_the_same_message() {
         .map(|(_, e)| e["type"].as_str().unwrap())
         .collect();
     assert_eq!(types.first(), Some(&"start"));
-    assert_eq!(types.last(), Some(&"finish"));
+    assert_eq!(&types[types.len() - 2..], ["text-end", "finish"]);
     assert!(types.contains(&"tool-output-available") && types.contains(&"data-note"));
     for (cut, (id, _)) in whole.iter().enumerate() {
         let resumed = send(a, Method::GET, &path, &[("last-event-id", id)], "").await;
