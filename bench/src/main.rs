@@ -467,12 +467,8 @@ fn main() -> ExitCode {
         }
     };
     if args.json {
-        match serde_json::to_string(&report) {
-            Ok(json) => println!("{json}"),
-            Err(error) => {
-                eprintln!("bench: cannot write JSON: {error}");
-                return ExitCode::from(2);
-            }
+        if let Err(code) = print_json(&report) {
+            return code;
         }
     } else {
         print_table(&report);
@@ -1284,12 +1280,8 @@ fn http_command(args: &Args, runtime: &tokio::runtime::Runtime) -> ExitCode {
         }
     };
     if args.json {
-        match serde_json::to_string(&report) {
-            Ok(json) => println!("{json}"),
-            Err(error) => {
-                eprintln!("bench: {error}");
-                return ExitCode::from(2);
-            }
+        if let Err(code) = print_json(&report) {
+            return code;
         }
     } else {
         println!("writers  appends/s  p50 ms  p99 ms  hub publishes/s  http/hub");
@@ -1320,4 +1312,18 @@ fn http_command(args: &Args, runtime: &tokio::runtime::Runtime) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// A report as one line of JSON on stdout; exit status 2 if it cannot be.
+fn print_json(report: &impl Serialize) -> Result<(), ExitCode> {
+    match serde_json::to_string(report) {
+        Ok(json) => {
+            println!("{json}");
+            Ok(())
+        }
+        Err(error) => {
+            eprintln!("bench: cannot write JSON: {error}");
+            Err(ExitCode::from(2))
+        }
+    }
 }

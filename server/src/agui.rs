@@ -37,15 +37,40 @@ pub(crate) fn add_count(total: &mut u64, count: u64) {
     *total = total.saturating_add(count).min(MAX_COUNT);
 }
 
+/// A run's assistant text, cut into messages (AG-UI) or parts (AI SDK):
+/// which one is open, and how many were opened, which names the next.
+#[derive(Debug, Default)]
+pub(crate) struct TextParts {
+    open: Option<String>,
+    opened: u64,
+}
+
+impl TextParts {
+    /// The id of the open one, and whether this call opened it.
+    pub(crate) fn delta(&mut self, run_id: &str) -> (String, bool) {
+        if let Some(id) = &self.open {
+            return (id.clone(), false);
+        }
+        self.opened += 1;
+        let id = format!("{run_id}-m{}", self.opened);
+        self.open = Some(id.clone());
+        (id, true)
+    }
+
+    /// Closes the open one; its id, if one was open.
+    pub(crate) fn close(&mut self) -> Option<String> {
+        self.open.take()
+    }
+}
+
 /// The AG-UI events of one run, envelope by envelope.
 #[derive(Debug, Default)]
 pub(crate) struct AgUiRun {
     started: bool,
     thread_id: Option<String>,
-    /// The assistant message now open, the last one opened, and how many.
-    open_text: Option<String>,
+    /// The assistant messages, and the last one opened.
+    text: TextParts,
     last_text: Option<String>,
-    texts: u64,
     /// Tool calls started and not yet ended: whether their arguments were
     /// streamed.
     open_calls: BTreeMap<String, bool>,
@@ -86,17 +111,11 @@ impl AgUiRun {
         }
         match &envelope.event {
             AgentEvent::TextDelta(delta) if !delta.delta.is_empty() => {
-                let id = match &self.open_text {
-                    Some(id) => id.clone(),
-                    None => {
-                        self.texts += 1;
-                        let id = format!("{run_id}-m{}", self.texts);
-                        out.push(json!({"type": "TEXT_MESSAGE_START", "messageId": id, "role": "assistant", "timestamp": at}));
-                        self.open_text = Some(id.clone());
-                        self.last_text = Some(id.clone());
-                        id
-                    }
-                };
+                let (id, opened) = self.text.delta(&run_id);
+                if opened {
+                    out.push(json!({"type": "TEXT_MESSAGE_START", "messageId": id, "role": "assistant", "timestamp": at}));
+                    self.last_text = Some(id.clone());
+                }
                 out.push(json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": id, "delta": delta.delta, "timestamp": at}));
             }
             // A new model call, or a tool call, ends the text before it: the
@@ -198,7 +217,7 @@ impl AgUiRun {
     }
 
     fn end_text(&mut self, at: i64, out: &mut Vec<Value>) {
-        if let Some(id) = self.open_text.take() {
+        if let Some(id) = self.text.close() {
             out.push(json!({"type": "TEXT_MESSAGE_END", "messageId": id, "timestamp": at}));
         }
     }

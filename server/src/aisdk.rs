@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use behest_stream::{AgentEvent, RuntimeEventEnvelope, ToolResult};
 use serde_json::{Value, json};
 
-use crate::agui::add_count;
+use crate::agui::{TextParts, add_count};
 
 /// The finish reasons the AI SDK accepts.
 const FINISH_REASONS: [&str; 6] = [
@@ -52,8 +52,7 @@ enum Call {
 #[derive(Debug, Default)]
 pub(crate) struct AiSdkRun {
     started: bool,
-    open_text: Option<String>,
-    texts: u64,
+    text: TextParts,
     calls: BTreeMap<String, Call>,
     input_tokens: u64,
     output_tokens: u64,
@@ -81,16 +80,10 @@ impl AiSdkRun {
         }
         match &envelope.event {
             AgentEvent::TextDelta(delta) if !delta.delta.is_empty() => {
-                let id = match &self.open_text {
-                    Some(id) => id.clone(),
-                    None => {
-                        self.texts += 1;
-                        let id = format!("{run_id}-m{}", self.texts);
-                        out.push(json!({"type": "text-start", "id": id}));
-                        self.open_text = Some(id.clone());
-                        id
-                    }
-                };
+                let (id, opened) = self.text.delta(&run_id);
+                if opened {
+                    out.push(json!({"type": "text-start", "id": id}));
+                }
                 out.push(json!({"type": "text-delta", "id": id, "delta": delta.delta}));
             }
             AgentEvent::AssistantMessageCommitted(_) | AgentEvent::ModelStarted(_) => {
@@ -188,7 +181,7 @@ impl AiSdkRun {
     }
 
     fn end_text(&mut self, out: &mut Vec<Value>) {
-        if let Some(id) = self.open_text.take() {
+        if let Some(id) = self.text.close() {
             out.push(json!({"type": "text-end", "id": id}));
         }
     }
