@@ -155,9 +155,7 @@ async fn handle(
         )?;
     }
     let body = match *method {
-        Method::PUT | Method::POST => axum::body::to_bytes(body, state.streams.max_append_bytes)
-            .await
-            .map_err(|_| Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?,
+        Method::PUT | Method::POST => read_body(body, state.streams.max_append_bytes).await?,
         _ => Bytes::new(),
     };
     match *method {
@@ -174,6 +172,34 @@ async fn handle(
             "method not allowed",
         )),
     }
+}
+
+/// Bytes of an oversized body the server reads and drops before it answers
+/// 413, so that a client still sending it reads the answer instead of a
+/// broken pipe; past this the connection is closed.
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request body of at most `limit` bytes; 413 past it.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Problem> {
+    let mut data = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| Problem::bad_request(format!("reading the body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > DRAIN_BYTES {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a body of at most {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(kept))
 }
 
 /// Stream paths are bounded and hold no empty, `.` or `..` segment.
