@@ -385,12 +385,6 @@ async fn put(
         body,
         fork,
     };
-    if request.body.len() > state.streams.max_append_bytes {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body too large",
-        ));
-    }
     let location = format!("{}/v1/stream/{path}", origin(headers));
     let created = state.streams.create(path, request).await?;
     let mut response = created.status.into_response();
@@ -463,12 +457,6 @@ async fn post(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let stamp = producer_stamp(headers)?;
-    if body.len() > state.streams.max_append_bytes {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body too large",
-        ));
-    }
     let request = AppendRequest {
         content_type: text(headers, "content-type")?.map(str::to_owned),
         close: closing(headers)?,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use behest_stream::{
     AgentEvent, Cursor, CustomEvent, EventHub, HubError, ProviderId, Resume, RunCancelled,
-    RunCompleted, RunId, RunStarted, RuntimeEventEnvelope, RuntimeRoom,
+    RunCompleted, RunId, RunInfo, RunStarted, RuntimeEventEnvelope, RuntimeRoom,
 };
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -196,26 +196,20 @@ impl Streams {
     /// starting it if it is new.
     pub(crate) async fn open(hub: EventHub, catalog_run: RunId) -> Result<Self, HubError> {
         let mut catalog = Catalog::default();
-        let mut after = 0;
-        loop {
-            let page = hub.replay(catalog_run, after, PAGE).await?;
-            for envelope in &page {
-                after = envelope.seq;
-                if let AgentEvent::Custom(custom) = &envelope.event
-                    && custom.kind == catalog::KIND
-                    && let Ok(record) = serde_json::from_value::<Record>(custom.payload.clone())
-                {
-                    catalog.apply(&record);
-                }
+        let last = replay_whole(&hub, catalog_run, PAGE, |envelope| {
+            if let AgentEvent::Custom(custom) = &envelope.event
+                && custom.kind == catalog::KIND
+                && let Ok(record) = serde_json::from_value::<Record>(custom.payload.clone())
+            {
+                catalog.apply(&record);
             }
-            if page.len() < PAGE {
-                break;
-            }
-        }
-        if after == 0 {
+        })
+        .await?;
+        if last == 0 {
             hub.publish(started(catalog_run)).await?;
         }
-        // A run is about a third of the encoded event (base64 and JSON).
+        // An append body is base64 and JSON once stored: about 3/4 of an
+        // event's bytes are left for it.
         let max_append_bytes = hub.store().max_event_bytes().saturating_sub(4096) / 4 * 3;
         Ok(Self {
             hub,
@@ -369,21 +363,16 @@ impl Streams {
 
     /// 404 unless `run` is an agent run of the hub (not the catalog, not a
     /// stream's run), 410 when retention removed it.
-    pub(crate) async fn agent_run(&self, run: RunId) -> Result<(), Problem> {
-        self.run_view(run).await.map(|_| ())
-    }
-
-    async fn run_view(&self, run: RunId) -> Result<View, Problem> {
+    pub(crate) async fn agent_run(&self, run: RunId) -> Result<RunInfo, Problem> {
         let info = self
             .hub
             .store()
             .run_info(run)
             .await
-            .map_err(HubError::from)?;
-        match info {
-            None => return Err(Problem::not_found()),
-            Some(info) if info.is_removed() => return Err(Problem::gone()),
-            Some(_) => {}
+            .map_err(HubError::from)?
+            .ok_or_else(Problem::not_found)?;
+        if info.is_removed() {
+            return Err(Problem::gone());
         }
         // Agent runs only: the catalog and the streams' own runs are read
         // through their paths, where their grants apply.
@@ -395,6 +384,11 @@ impl Streams {
         if stream_run {
             return Err(Problem::not_found());
         }
+        Ok(info)
+    }
+
+    async fn run_view(&self, run: RunId) -> Result<View, Problem> {
+        self.agent_run(run).await?;
         Ok(View {
             content_type: "application/json".into(),
             framing: Framing::Json,
@@ -528,12 +522,7 @@ impl Streams {
         path: &str,
         request: CreateRequest,
     ) -> Result<Created, Problem> {
-        if run_view_id(path)?.is_some() {
-            return Err(Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "runs/ streams are read-only",
-            ));
-        }
+        writable(path)?;
         let _changing = self.changes.lock().await;
         let existing = self.catalog().get(path).cloned();
         if let Some(entry) = existing {
@@ -577,14 +566,6 @@ impl Streams {
         } else {
             Some(framed(is_json, &request.body, true)?).filter(Append::has_data)
         };
-        if initial.as_ref().is_some_and(|a| {
-            a.bytes.as_ref().map_or(0, String::len) > self.max_append_bytes * 4 / 3 + 4
-        }) {
-            return Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body too large",
-            ));
-        }
         let run = RunId::new();
         self.hub.publish(started(run)).await?;
         let mut last_seq = 1;
@@ -745,28 +726,24 @@ impl Streams {
         )
     }
 
-    /// Reads a stream run's appends into its writer state; finishes a
-    /// close whose terminal event a crash kept from the store.
+    /// Reads a stream run's appends into its writer state; finishes a close
+    /// whose terminal event is missing (`repair_once` does this when a
+    /// process first meets the run; this covers a close whose terminal
+    /// publish failed since).
     async fn load(&self, run: RunId) -> Result<Loaded, Problem> {
-        let mut loaded = Loaded::default();
+        let mut writers = Writers::default();
         let mut ended = false;
-        loop {
-            let page = self.hub.replay(run, loaded.last_seq, LOAD_PAGE).await?;
-            for envelope in &page {
-                loaded.last_seq = envelope.seq;
-                ended |= envelope.is_terminal();
-                if let Some(append) = decode_append(envelope) {
-                    loaded.writers.record(&append);
-                }
+        let mut last_seq = replay_whole(&self.hub, run, LOAD_PAGE, |envelope| {
+            ended |= envelope.is_terminal();
+            if let Some(append) = decode_append(envelope) {
+                writers.record(&append);
             }
-            if page.len() < LOAD_PAGE {
-                break;
-            }
+        })
+        .await?;
+        if writers.is_closed() && !ended {
+            last_seq = self.hub.publish(completed(run)).await?.seq;
         }
-        if loaded.writers.is_closed() && !ended {
-            loaded.last_seq = self.hub.publish(completed(run)).await?.seq;
-        }
-        Ok(loaded)
+        Ok(Loaded { writers, last_seq })
     }
 
     /// `POST`.
@@ -775,12 +752,7 @@ impl Streams {
         path: &str,
         request: AppendRequest,
     ) -> Result<Appended, Problem> {
-        if run_view_id(path)?.is_some() {
-            return Err(Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "runs/ streams are read-only",
-            ));
-        }
+        writable(path)?;
         let entry = self.live(path, true).await?;
         let has_body = !request.body.is_empty();
         if !has_body && !request.close {
@@ -913,12 +885,7 @@ impl Streams {
 
     /// `DELETE`.
     pub(crate) async fn delete(&self, path: &str) -> Result<(), Problem> {
-        if run_view_id(path)?.is_some() {
-            return Err(Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "runs/ streams are read-only",
-            ));
-        }
+        writable(path)?;
         let entry = self.live(path, false).await?;
         let _changing = self.changes.lock().await;
         if self.catalog().get(path).map(|e| e.run) != Some(entry.run) {
@@ -959,6 +926,17 @@ impl Streams {
     }
 }
 
+/// 405 for the read-only `runs/{id}` paths.
+fn writable(path: &str) -> Result<(), Problem> {
+    match run_view_id(path)? {
+        Some(_) => Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "runs/ streams are read-only",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The run of `runs/{id}`, when `path` names one.
 fn run_view_id(path: &str) -> Result<Option<RunId>, Problem> {
     let Some(id) = path.strip_prefix("runs/") else {
@@ -976,6 +954,27 @@ pub(crate) fn strip_mount(from: &str) -> &str {
         .map_or(from, |(_, rest)| rest.find('/').map_or("", |i| &rest[i..]));
     path.strip_prefix("/v1/stream/")
         .unwrap_or_else(|| path.trim_start_matches('/'))
+}
+
+/// Hands every envelope of `run` to `each`, in pages of `page`; returns the
+/// run's last seq (0 for a run with none).
+async fn replay_whole(
+    hub: &EventHub,
+    run: RunId,
+    page: usize,
+    mut each: impl FnMut(&RuntimeEventEnvelope),
+) -> Result<u64, HubError> {
+    let mut last = 0;
+    loop {
+        let envelopes = hub.replay(run, last, page).await?;
+        for envelope in &envelopes {
+            last = envelope.seq;
+            each(envelope);
+        }
+        if envelopes.len() < page {
+            return Ok(last);
+        }
+    }
 }
 
 /// A chunk of live envelopes of the own run, in seq order.

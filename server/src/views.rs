@@ -152,25 +152,20 @@ async fn view(
             .unwrap_or("")
             .split('&')
             .any(|pair| pair == "resume=1" || pair == "resume=true");
-    match state.streams.agent_run(run_id).await {
+    let info = match state.streams.agent_run(run_id).await {
         // A chat whose run retention removed has no active stream either.
         Err(p) if resuming && p.status() == StatusCode::GONE => {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         other => other?,
-    }
+    };
     let after = resume_position(query, headers)?;
     let hub = state.streams.hub();
-    let info = hub
-        .store()
-        .run_info(run_id)
-        .await
-        .map_err(behest_stream::HubError::from)?;
-    let ended = info.as_ref().is_some_and(|i| i.is_ended());
+    let ended = info.is_ended();
     if resuming && ended {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    if after.is_some_and(|a| a.seq > info.as_ref().map_or(0, |i| i.last_seq)) {
+    if after.is_some_and(|a| a.seq > info.last_seq) {
         return Err(Problem::bad_request("the position is past the run"));
     }
     let events = hub
@@ -193,10 +188,7 @@ async fn view(
         // which tells an EventSource to stop.
         match view.next().await {
             None => return Ok(StatusCode::NO_CONTENT.into_response()),
-            Some(bytes) if view.trailer_sent => {
-                let _ = bytes;
-                return Ok(StatusCode::NO_CONTENT.into_response());
-            }
+            Some(_) if view.trailer_sent => return Ok(StatusCode::NO_CONTENT.into_response()),
             Some(bytes) => view.pending.push_front(bytes),
         }
     }
