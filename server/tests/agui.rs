@@ -263,3 +263,56 @@ async fn an_ai_sdk_stream_resumes_exactly_and_gives_the_same_message() {
     drop(server);
     hub.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_of_a_run_that_never_ends_keeps_alive_then_ends_and_answers_preflight() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let options = behest_stream_server::Options {
+        sse_keep_alive: std::time::Duration::from_millis(100),
+        sse_max_duration: std::time::Duration::from_millis(800),
+        ..behest_stream_server::Options::default()
+    };
+    let catalog = RunId::from_uuid(behest_stream_server::CATALOG_RUN);
+    let app = behest_stream_server::router_with(hub.clone(), Open, options, catalog)
+        .await
+        .unwrap();
+    let server = support::serve(app).await;
+    let a = server.addr;
+    let run = RunId::new();
+    // Its producer is gone: the run never ends.
+    for event in script(run).into_iter().take(3) {
+        hub.publish(event).await.unwrap();
+    }
+    for view in ["agui", "aisdk"] {
+        let path = format!("/v1/{view}/runs/{run}");
+        // The response ends by itself (send would fail its deadline
+        // otherwise), after keep-alive comments, and holds what was published.
+        let reply = send(a, Method::GET, &path, &[], "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let text = reply.text();
+        assert!(text.contains(":\n\n"), "{view}: no keep-alive in {text:?}");
+        // RUN_STARTED or start, a text start and two deltas.
+        assert_eq!(parse(&text).len(), 4, "{view}: {text}");
+        let preflight = send(
+            a,
+            Method::OPTIONS,
+            &path,
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "GET"),
+                (
+                    "access-control-request-headers",
+                    "last-event-id, authorization",
+                ),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(preflight.status, StatusCode::NO_CONTENT, "{view}");
+        let allowed = preflight.header("access-control-allow-headers").unwrap();
+        assert!(allowed.contains("last-event-id") && allowed.contains("authorization"));
+        assert_eq!(preflight.header("access-control-allow-origin"), Some("*"));
+    }
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
