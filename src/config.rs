@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ids::ProviderId;
+
 /// When an append is acknowledged.
 ///
 /// ## Durability
@@ -60,8 +62,26 @@ pub struct Config {
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) retention: Option<Retention>,
+    pub(crate) event_order: EventOrder,
+    pub(crate) run_lease: Option<Duration>,
+    pub(crate) lease_exempt: Vec<ProviderId>,
     #[cfg(feature = "nats")]
     pub(crate) nats: Option<NatsConfig>,
+}
+
+/// Whether the hub checks the order of each run's events at publish (see
+/// [`Config::event_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EventOrder {
+    /// Refuse an event that breaks a rule of [`OrderRule`](crate::OrderRule),
+    /// with [`HubError::OutOfOrder`](crate::HubError::OutOfOrder); nothing
+    /// of it is stored. The default.
+    #[default]
+    Strict,
+    /// Store events in whatever order they are published. Only the
+    /// terminal rule holds (nothing follows a terminal event).
+    Unchecked,
 }
 
 /// A retention policy: runs whose terminal event is older than `ttl` are
@@ -115,6 +135,9 @@ impl Config {
             max_restarts: 5,
             restart_window: Duration::from_secs(10),
             retention: None,
+            event_order: EventOrder::Strict,
+            run_lease: None,
+            lease_exempt: Vec::new(),
             #[cfg(feature = "nats")]
             nats: None,
         }
@@ -321,6 +344,56 @@ impl Config {
         if let Some(retention) = &mut self.retention {
             retention.sweep_every = every.max(Duration::from_millis(1));
         }
+        self
+    }
+
+    /// Whether each run's events are checked for order at publish (default
+    /// [`EventOrder::Strict`]): a run starts with `RunStarted`; a tool
+    /// call's deltas and completion follow its `ToolCallStarted`; a tool
+    /// execution refers to a call the run started; nothing follows a
+    /// terminal event. An event that breaks a rule is refused with
+    /// [`HubError::OutOfOrder`](crate::HubError::OutOfOrder) naming it, and
+    /// nothing of it is stored. A run's tool-call ids are remembered by its
+    /// room while it runs (at most
+    /// [`MAX_TOOL_CALLS_PER_RUN`](crate::MAX_TOOL_CALLS_PER_RUN)); a room
+    /// started for a run that has events reads the run's history once, at
+    /// its first tool event.
+    #[must_use]
+    pub fn event_order(mut self, order: EventOrder) -> Self {
+        self.event_order = order;
+        self
+    }
+
+    /// Gives every open run a lease of `lease` (default: none, runs stay
+    /// open until their producer ends them). Each publish renews its run's
+    /// lease, and so does [`EventHub::renew_lease`](crate::EventHub::renew_lease)
+    /// (for a producer that is alive and quiet: a long tool call, a wait for
+    /// a person). A run whose lease lapses is ended by the hub with
+    /// `RunFailed` ("abandoned: no event since …"), sequenced, stored and
+    /// fanned out like any event, so that its subscribers see it end; a
+    /// late publish from its old producer gets `RunClosed`.
+    ///
+    /// Which runs a hub watches: those published through it; on sled, every
+    /// run found open when the store is opened (its lease counts from the
+    /// open); on NATS, every open run a subscriber of this hub follows (its
+    /// lease counts from the attach, and from each event another host
+    /// appends). On NATS the ending append is fenced like any other, so of
+    /// several hosts watching one run exactly one ends it, and none does if
+    /// its producer appended meanwhile. A lapse is noticed within about a
+    /// quarter of `lease` after it. At least 10 ms.
+    #[must_use]
+    pub fn run_lease(mut self, lease: Option<Duration>) -> Self {
+        self.run_lease = lease.map(|l| l.max(Duration::from_millis(10)));
+        self
+    }
+
+    /// Runs whose provider is `provider` (named by their `RunStarted`) have
+    /// no lease: they stay open however long they are quiet (the Durable
+    /// Streams server exempts its streams' runs so). May be called more
+    /// than once.
+    #[must_use]
+    pub fn exempt_from_lease(mut self, provider: ProviderId) -> Self {
+        self.lease_exempt.push(provider);
         self
     }
 

@@ -308,6 +308,20 @@ pub enum HubError {
         /// The window.
         window: std::time::Duration,
     },
+    /// The event breaks a rule of its run's order (see
+    /// `Config::event_order`); nothing was stored, and the run is as it
+    /// was. Not retryable as is: publish what the rule asks first.
+    #[error("run {run_id}: {kind} refused, {detail} (rule: {rule}); nothing stored")]
+    OutOfOrder {
+        /// The run.
+        run_id: RunId,
+        /// The refused event's kind (`AgentEvent::kind`).
+        kind: &'static str,
+        /// The rule it breaks.
+        rule: crate::hub::OrderRule,
+        /// What about this event breaks it.
+        detail: String,
+    },
     /// Provider rooms are live-only: subscribe with `Resume::Live`.
     #[error("room {room} is live-only; subscribe with Resume::Live")]
     LiveOnly {

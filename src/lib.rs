@@ -38,7 +38,7 @@ mod store;
 mod stream;
 mod traits;
 
-pub use config::{Config, DEFAULT_MAX_EVENT_BYTES, Durability, Retention};
+pub use config::{Config, DEFAULT_MAX_EVENT_BYTES, Durability, EventOrder, Retention};
 pub use error::{HubError, OpenError, StoreError};
 pub use event::{
     AgentEvent, ContextBuilt, CustomEvent, MessageCommitted, ModelStarted, RunCancelled,
@@ -47,8 +47,8 @@ pub use event::{
     UsageRecorded,
 };
 pub use hub::{
-    Cursor, CursorParseError, EventHub, HubStats, PendingPublish, Resume, RoomStats,
-    SharedEventStream,
+    Cursor, CursorParseError, EventHub, HubStats, MAX_TOOL_CALLS_PER_RUN, OrderRule,
+    PendingPublish, Resume, RoomStats, SharedEventStream,
 };
 pub use ids::{ProviderId, RunId};
 pub use store::{Removal, RunCheck, RunInfo, Store, StoreStats};

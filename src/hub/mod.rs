@@ -125,7 +125,9 @@ mod cursor;
 mod fanout_room;
 mod feed;
 mod follow;
+mod lease;
 mod live;
+mod order;
 mod progress;
 mod registry;
 mod router;
@@ -143,6 +145,7 @@ use tokio::sync::{Mutex, Semaphore, oneshot};
 use uuid::Uuid;
 
 pub use self::cursor::{Cursor, CursorParseError, Resume};
+pub use self::order::{MAX_TOOL_CALLS_PER_RUN, OrderRule};
 use self::follow::Link;
 use self::router::{Router, RouterArgs, RouterMsg};
 use self::run_room::{PublishAnswer, PublishRequest};
@@ -198,6 +201,9 @@ pub(crate) struct Shared {
     pub(crate) max_followed_runs_per_session: usize,
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
+    pub(crate) event_order: crate::config::EventOrder,
+    /// Run leases, if `Config::run_lease` set one.
+    pub(crate) leases: Option<Arc<lease::Leases>>,
     pub(crate) counters: Counters,
     /// The running session and provider rooms, which run rooms fan out to
     /// directly (the router writes it).
@@ -225,6 +231,10 @@ impl Shared {
             max_followed_runs_per_session: config.max_followed_runs_per_session,
             max_restarts: config.max_restarts,
             restart_window: config.restart_window,
+            event_order: config.event_order,
+            leases: config
+                .run_lease
+                .map(|l| Arc::new(lease::Leases::new(l, config.lease_exempt.clone()))),
             counters: Counters::default(),
             fanout_rooms: registry::FanoutRooms::default(),
             run_rooms: registry::RunRooms::default(),
@@ -348,6 +358,10 @@ pub struct HubStats {
     /// past `Config::max_followed_runs_per_session` (shared log only; a
     /// run is counted again if the room starts following again).
     pub session_runs_unfollowed: u64,
+    /// Open runs whose lease this hub watches (0 with leases off): those
+    /// published through it, found open at open (sled), or followed by its
+    /// subscribers (NATS). Each leaves at its terminal event.
+    pub runs_leased: usize,
     /// The store's counters.
     pub store: StoreStats,
 }
@@ -366,6 +380,8 @@ struct HubInner {
     publish_permits: Arc<Semaphore>,
     max_in_flight: u32,
     router_join: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The lease sweeper, if leases are on; stopped with the hub.
+    lease_sweeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for HubInner {
@@ -380,6 +396,9 @@ impl std::fmt::Debug for HubInner {
 impl Drop for HubInner {
     fn drop(&mut self) {
         // The last handle is gone without a shutdown: stop the rooms.
+        if let Some(sweeper) = &self.lease_sweeper {
+            sweeper.abort();
+        }
         self.link.router.stop(None);
     }
 }
@@ -480,17 +499,26 @@ impl EventHub {
                     message: format!("router failed to start: {e}"),
                 })?;
         let max_in_flight = u32::try_from(config.max_in_flight_publishes).unwrap_or(u32::MAX);
+        let link = Link {
+            router,
+            store,
+            shared,
+        };
+        let publish_permits = Arc::new(Semaphore::new(max_in_flight as usize));
+        let lease_sweeper = link.shared.leases.as_ref().map(|leases| {
+            if !link.store.is_shared_log() {
+                lease::spawn_open_run_scan(link.clone(), Arc::clone(leases));
+            }
+            lease::spawn_sweeper(link.clone(), Arc::clone(leases), Arc::clone(&publish_permits))
+        });
         Ok(Self {
             inner: Arc::new(HubInner {
-                link: Link {
-                    router,
-                    store,
-                    shared,
-                },
+                link,
                 durability: config.durability,
-                publish_permits: Arc::new(Semaphore::new(max_in_flight as usize)),
+                publish_permits,
                 max_in_flight,
                 router_join: Mutex::new(Some(join)),
+                lease_sweeper,
             }),
         })
     }
@@ -607,9 +635,28 @@ impl EventHub {
                 durability,
                 permit,
                 reply: tx,
+                lapsed: None,
             },
         )?;
         Ok(PendingPublish { reply: rx, run_id })
+    }
+
+    /// Renews `run_id`'s lease (see [`Config::run_lease`]) without
+    /// publishing: for a producer that is alive and quiet (a long tool call,
+    /// a wait for a person). Call it more often than the lease. Does
+    /// nothing when leases are off, or for a run whose provider is exempt
+    /// or that has no events yet or has ended (its room finds so when the
+    /// lease would lapse).
+    ///
+    /// On NATS the renewal is this host's: another host that watches the
+    /// run (one whose subscribers follow it) counts its lease from the last
+    /// event it saw, so a producer quiet for longer than the lease there
+    /// should publish an event (a `Custom` heartbeat, say) rather than only
+    /// renew.
+    pub fn renew_lease(&self, run_id: RunId) {
+        if let Some(leases) = &self.inner.link.shared.leases {
+            leases.renew(run_id, std::time::Instant::now());
+        }
     }
 
     /// Subscribes to `room` from `resume`.
@@ -812,6 +859,7 @@ impl EventHub {
             rooms_evicted: counters.rooms_evicted.load(Ordering::Relaxed),
             rooms_failed: counters.rooms_failed.load(Ordering::Relaxed),
             session_runs_unfollowed: counters.session_runs_unfollowed.load(Ordering::Relaxed),
+            runs_leased: self.inner.link.shared.leases.as_ref().map_or(0, |l| l.watched()),
             store,
         })
     }
@@ -827,6 +875,9 @@ impl EventHub {
         let Some(join) = self.inner.router_join.lock().await.take() else {
             return Ok(());
         };
+        if let Some(sweeper) = &self.inner.lease_sweeper {
+            sweeper.abort();
+        }
         if let Ok(all) = Arc::clone(&self.inner.publish_permits)
             .acquire_many_owned(self.inner.max_in_flight)
             .await

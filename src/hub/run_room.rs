@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -22,11 +23,12 @@ use uuid::Uuid;
 use super::fanout_room::FanoutMsg;
 use super::feed::Feed;
 use super::live::LiveReceiver;
+use super::order::RunOrder;
 use super::progress::Progress;
 use super::router::RouterMsg;
 use super::tail::{self, Tail};
 use super::{LiveFeed, RoomStats, Shared};
-use crate::config::Durability;
+use crate::config::{Durability, EventOrder};
 use crate::error::{HubError, StoreError};
 use crate::event::AgentEvent;
 use crate::ids::{ProviderId, RunId};
@@ -46,6 +48,11 @@ pub(crate) struct PublishRequest {
     /// request is answered.
     pub(crate) permit: OwnedSemaphorePermit,
     pub(crate) reply: oneshot::Sender<PublishAnswer>,
+    /// Set by the lease sweeper: end the run (the event is its
+    /// `RunFailed`) only if nothing renewed its lease after this moment.
+    /// A room that finds it renewed, or the run without events, drops the
+    /// reply unanswered and renews the lease as it knows it.
+    pub(crate) lapsed: Option<Instant>,
 }
 
 /// What a subscriber gets when it attaches to a run room.
@@ -221,6 +228,16 @@ pub(crate) struct RunState {
     progress: Arc<Progress>,
     /// See [`RunRoomArgs::unfanned_from`]; taken by the first recovery.
     unfanned_from: Option<u64>,
+    /// The order check of what the room sequenced (`None`: unchecked).
+    order: Option<RunOrder>,
+    /// Why the run's history, which the order check needs, could not be
+    /// read; the publish that needed it gets this.
+    order_error: Option<StoreError>,
+    /// When the room last sequenced an event of its own or took another
+    /// host's: what a lapsed lease is checked against.
+    last_activity: Option<Instant>,
+    /// When the room last renewed its run's lease in the hub's table.
+    lease_renewed: Option<Instant>,
 }
 
 impl Actor for RunRoom {
@@ -239,6 +256,7 @@ impl Actor for RunRoom {
         if let Some(fanned) = args.unfanned_from {
             args.progress.start_at(u64::MAX, fanned);
         }
+        let order = (args.shared.event_order == EventOrder::Strict).then(RunOrder::new);
         Ok(RunState {
             run_id: args.run_id,
             store: args.store,
@@ -264,6 +282,10 @@ impl Actor for RunRoom {
             tail: None,
             remote_behind: false,
             retry_pending: false,
+            order,
+            order_error: None,
+            last_activity: None,
+            lease_renewed: None,
             progress: args.progress,
             unfanned_from: args.unfanned_from,
         })
@@ -303,6 +325,14 @@ impl Actor for RunRoom {
             // it is held across this await.
             if matches!(message, RunMsg::Publish(_) | RunMsg::Attach { .. }) {
                 state.recover_if_broken().await;
+            }
+            if let RunMsg::Publish(request) = &message
+                && state
+                    .order
+                    .as_ref()
+                    .is_some_and(|order| order.needs_history(&request.event))
+            {
+                Box::pin(state.replay_order()).await;
             }
             match message {
                 RunMsg::Publish(request) => {
@@ -398,6 +428,9 @@ impl RunState {
                 self.provider = info.provider;
                 self.ended_assigned = info.ended_at.is_some();
                 self.ended_persisted = self.ended_assigned;
+                if let Some(order) = &mut self.order {
+                    *order = RunOrder::recovered(info.last_seq);
+                }
             }
             Ok(None) => self.broken = None,
             Err(error) => {
@@ -480,6 +513,41 @@ impl RunState {
         self.progress.start_at(self.persisted, self.persisted);
     }
 
+    /// Feeds the order check the run's history (the room recovered the run,
+    /// or rewound past events it had taken) and what of its own is in
+    /// flight, so that it knows the run's tool calls. A failed read leaves
+    /// the check without them, and the publish that needed them gets the
+    /// error.
+    async fn replay_order(&mut self) {
+        let page = self.shared.catch_up_page.max(1);
+        let mut rebuilt = RunOrder::new();
+        let mut after = 0;
+        while after < self.persisted {
+            let envelopes = match self.store.list_after(self.run_id, after, page).await {
+                Ok(envelopes) => envelopes,
+                Err(error) => {
+                    self.order_error = Some(error);
+                    return;
+                }
+            };
+            let Some(last) = envelopes.last().map(|e| e.seq) else {
+                self.order_error = Some(StoreError::missing(self.run_id, after + 1, self.persisted));
+                return;
+            };
+            for envelope in envelopes.iter().take_while(|e| e.seq <= self.persisted) {
+                rebuilt.take(&envelope.event);
+            }
+            after = last;
+        }
+        for in_flight in &self.in_flight {
+            if in_flight.generation == self.generation {
+                rebuilt.take(&in_flight.envelope.event);
+            }
+        }
+        self.order_error = None;
+        self.order = Some(rebuilt);
+    }
+
     /// Tries recovery again if it failed in a way a retry may fix.
     async fn recover_if_broken(&mut self) {
         if self.broken.as_ref().is_some_and(StoreError::is_retryable) {
@@ -500,6 +568,13 @@ impl RunState {
             || self.broken.is_some()
         {
             return;
+        }
+        // Another host's producer may die: watch the run's lease from now.
+        if let Some(leases) = &self.shared.leases
+            && self.persisted > 0
+            && !leases.is_exempt(self.provider.as_ref())
+        {
+            leases.renew(self.run_id, Instant::now());
         }
         let from = FollowFrom::AfterSeq(self.persisted);
         let following = match Box::pin(self.store.follow_run(self.run_id, from)).await {
@@ -649,6 +724,10 @@ impl RunState {
         if self.provider.is_none() {
             self.provider = envelope.event.provider().cloned();
         }
+        if let Some(order) = &mut self.order {
+            order.take(&envelope.event);
+        }
+        self.touch_lease();
         let envelope = Arc::new(envelope);
         self.mark_persisted(&envelope);
         envelope
@@ -671,6 +750,15 @@ impl RunState {
             let _ = request.reply.send(Err(HubError::RunClosed {
                 run_id: self.run_id,
             }));
+            return AfterPublish::Nothing;
+        }
+        if let Some(renewed) = request.lapsed
+            && !self.has_lapsed(renewed)
+        {
+            return AfterPublish::Nothing;
+        }
+        if let Err(error) = self.check_order(&request.event) {
+            let _ = request.reply.send(Err(error));
             return AfterPublish::Nothing;
         }
         let seq = self.assigned.saturating_add(1);
@@ -713,6 +801,66 @@ impl RunState {
         self.gather(sequenced)
     }
 
+    /// For the lease sweeper's ending of a run whose lease it last saw
+    /// renewed at `renewed`: true if nothing renewed it since, as this room
+    /// knows (exactly, unlike the sweeper's table). If something did, the
+    /// lease is renewed as of then.
+    fn has_lapsed(&mut self, renewed: Instant) -> bool {
+        if self.assigned == 0 {
+            return false;
+        }
+        match self.last_activity {
+            Some(last) if last > renewed => {
+                if let Some(leases) = &self.shared.leases {
+                    leases.renew(self.run_id, last);
+                    self.lease_renewed = Some(last);
+                }
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Records activity on the run: its lease is renewed in the hub's
+    /// table, at most every eighth of the lease (the table is rough; the
+    /// room's `last_activity` is exact).
+    fn touch_lease(&mut self) {
+        let Some(leases) = &self.shared.leases else {
+            return;
+        };
+        let now = Instant::now();
+        self.last_activity = Some(now);
+        if self
+            .lease_renewed
+            .is_some_and(|r| now.saturating_duration_since(r) < leases.lease() / 8)
+            || leases.is_exempt(self.provider.as_ref())
+        {
+            return;
+        }
+        self.lease_renewed = Some(now);
+        leases.renew(self.run_id, now);
+    }
+
+    /// Whether `event` may be the run's next, as far as the order check
+    /// goes (see `Config::event_order`).
+    fn check_order(&self, event: &AgentEvent) -> Result<(), HubError> {
+        let Some(order) = &self.order else {
+            return Ok(());
+        };
+        if order.needs_history(event) {
+            let error = self.order_error.clone().unwrap_or_else(|| StoreError::ReadFailed {
+                message: "the run's history, which the order check needs, was not read".into(),
+            });
+            return Err(HubError::Store(error));
+        }
+        order.check(event).map_err(|violation| HubError::OutOfOrder {
+            run_id: self.run_id,
+            kind: event.kind(),
+            rule: violation.rule,
+            detail: violation.detail,
+        })
+    }
+
     /// A publish of another durability than what gathered: sends that, then
     /// gathers the publish.
     async fn publish_after_switch(&mut self, myself: &ActorRef<RunMsg>, sequenced: Sequenced) {
@@ -738,6 +886,10 @@ impl RunState {
             self.provider = envelope.event.provider().cloned();
         }
         self.ended_assigned = envelope.is_terminal();
+        if let Some(order) = &mut self.order {
+            order.take(&envelope.event);
+        }
+        self.touch_lease();
         self.in_flight.push_back(InFlight {
             envelope: Arc::clone(envelope),
             generation: self.generation,
@@ -915,6 +1067,11 @@ impl RunState {
     fn mark_persisted(&mut self, envelope: &RuntimeEventEnvelope) {
         self.persisted = envelope.seq;
         self.ended_persisted = envelope.is_terminal();
+        if self.ended_persisted
+            && let Some(leases) = &self.shared.leases
+        {
+            leases.release(self.run_id);
+        }
         self.session_persisted = envelope.session_id;
         if self.provider_persisted.is_none() {
             self.provider_persisted = envelope.event.provider().cloned();
@@ -985,6 +1142,9 @@ impl RunState {
                 self.ended_assigned = self.ended_persisted;
                 self.session_id = self.session_persisted;
                 self.provider.clone_from(&self.provider_persisted);
+                if let Some(order) = &mut self.order {
+                    order.forget(seq - 1);
+                }
                 self.generation += 1;
                 // Events gathered after it took later seqs: withdraw them,
                 // nothing of theirs was sent.
