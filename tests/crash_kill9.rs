@@ -36,6 +36,13 @@ async fn crash_child() {
         .map(|r| RunId::from_uuid(Uuid::parse_str(r).unwrap()))
         .collect();
     let hub = EventHub::open(Config::new(&dir)).await.unwrap();
+    // A run starts with RunStarted (the order check): in the first cycle
+    // that reaches it, before its deltas.
+    for run in &runs {
+        if hub.store().run_info(*run).await.unwrap().is_none() {
+            hub.publish(common::started(*run, None)).await.unwrap();
+        }
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "OPEN").unwrap();
     let mut pending = std::collections::VecDeque::new();

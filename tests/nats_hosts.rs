@@ -13,7 +13,9 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use behest_stream::nats::NatsConfig;
-use behest_stream::{Config, Cursor, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom};
+use behest_stream::{
+    AgentEvent, Config, Cursor, EventHub, Resume, RunId, RuntimeEventEnvelope, RuntimeRoom,
+};
 use common::{completed, delta, next_within, started};
 use uuid::Uuid;
 
@@ -205,5 +207,71 @@ async fn a_host_killed_mid_run_leaves_every_acknowledged_event_on_the_other() {
     assert_eq!(seen, hub.replay(run, 0, 100_000).await.unwrap());
     assert_eq!(seqs(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
     hub.shutdown().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}
+
+/// Host A is killed with SIGKILL mid-run while two hosts with a lease,
+/// B1 and B2, follow its run: once the lease lapses, exactly one of them
+/// ends the run with `RunFailed` (the ending append is fenced like any
+/// other, so the second finds the run written and ends nothing), and both
+/// hosts' subscribers read every event A acknowledged, then that one
+/// terminal event. A late publish to the run gets `RunClosed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hosts_run_is_ended_once_by_the_hosts_watching_it() {
+    let unique = Uuid::now_v7().simple().to_string();
+    let config = nats_config(&unique);
+    let leased = || Config::nats(config.clone()).run_lease(Some(Duration::from_millis(500)));
+    let Some(b1) = common::nats::or_skip(EventHub::open(leased()).await) else {
+        return;
+    };
+    let b2 = EventHub::open(leased()).await.unwrap();
+    let run = RunId::new();
+    let mut streams = Vec::new();
+    for hub in [&b1, &b2] {
+        streams.push(
+            hub.subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+                .await
+                .unwrap(),
+        );
+    }
+    let (mut child, stdout) = spawn_host_a(&unique, run, 0);
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = Vec::new();
+    while acked.len() < 50 {
+        let line = lines.next().expect("host A exited early").unwrap();
+        acked.extend(parse_ack(&line));
+    }
+    child.kill().unwrap(); // SIGKILL, mid-run
+    child.wait().unwrap();
+    acked.extend(lines.map_while(Result::ok).filter_map(|l| parse_ack(&l)));
+
+    let mut seen = Vec::new();
+    for mut stream in streams {
+        let mut events = Vec::new();
+        while let Some(item) = next_within(&mut stream, DEADLINE).await {
+            events.push(item.unwrap());
+        }
+        seen.push(events);
+    }
+    assert_eq!(seen[0], seen[1], "both hosts read the same run");
+    let events = &seen[0];
+    assert_eq!(seqs(events), (1..=events.len() as u64).collect::<Vec<_>>());
+    for (seq, id) in &acked {
+        assert_eq!(events[*seq as usize - 1].event_id.to_string(), *id);
+    }
+    let terminals: Vec<_> = events.iter().filter(|e| e.is_terminal()).collect();
+    assert_eq!(terminals.len(), 1, "one end");
+    let AgentEvent::RunFailed(failed) = &terminals[0].event else {
+        panic!("expected RunFailed, got {:?}", terminals[0].event);
+    };
+    assert!(failed.error.starts_with("abandoned"), "{}", failed.error);
+    for hub in [&b1, &b2] {
+        assert!(matches!(
+            hub.publish(delta(run, "late")).await,
+            Err(behest_stream::HubError::RunClosed { .. })
+        ));
+    }
+    b1.shutdown().await.unwrap();
+    b2.shutdown().await.unwrap();
     common::nats::delete_stream(&config).await;
 }

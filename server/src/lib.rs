@@ -48,6 +48,12 @@ pub use auth::{Access, Authorize, BearerTokens, Denied, Grant, Open};
 pub use http::Options;
 pub use problem::Problem;
 
+/// The provider named by the `RunStarted` of every stream's run. A hub
+/// with run leases (`Config::run_lease`) must exempt it
+/// (`Config::exempt_from_lease`), or a stream nobody appends to for a lease
+/// would be ended as abandoned.
+pub const STREAMS_PROVIDER: &str = "durable-streams";
+
 /// The run that holds the catalog of streams, unless
 /// [`router_with`] is given another.
 pub const CATALOG_RUN: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_d5d5_d5d5_d5d5);

@@ -33,6 +33,11 @@ struct Args {
     /// between servers).
     #[arg(long)]
     catalog_run: Option<uuid::Uuid>,
+    /// Give agent runs a lease of this many milliseconds: a run nobody
+    /// publishes to (or renews) for that long is ended with `RunFailed`, so
+    /// that its views end. Streams never lapse. Off without it.
+    #[arg(long)]
+    run_lease_ms: Option<u64>,
     /// Largest stored event in bytes (an append body may be about 3/4 of it).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     max_event_bytes: usize,
@@ -54,7 +59,13 @@ struct Args {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let config = config(&args);
-    let hub = EventHub::open(config.max_event_bytes(args.max_event_bytes)).await?;
+    let config = config
+        .max_event_bytes(args.max_event_bytes)
+        .run_lease(args.run_lease_ms.map(Duration::from_millis))
+        .exempt_from_lease(behest_stream::ProviderId::new(
+            behest_stream_server::STREAMS_PROVIDER,
+        ));
+    let hub = EventHub::open(config).await?;
     let options = Options {
         long_poll_timeout: Duration::from_millis(args.long_poll_ms),
         ..Options::default()

@@ -37,7 +37,7 @@ const LOAD_PAGE: usize = 32;
 pub(crate) const MAX_PRODUCERS: usize = 4096;
 
 /// The provider named in the `RunStarted` of stream runs.
-const PROVIDER: &str = "durable-streams";
+const PROVIDER: &str = crate::STREAMS_PROVIDER;
 
 /// What a stream holds, which decides how its messages are framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

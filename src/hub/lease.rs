@@ -152,7 +152,9 @@ pub(crate) fn abandoned(lapsed: &Lapsed, lease: Duration) -> AgentEvent {
         timestamp: Utc::now(),
         error: format!(
             "abandoned: no event and no lease renewal since {} (lease {} ms); ended by the hub",
-            lapsed.since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            lapsed
+                .since
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             lease.as_millis()
         ),
     })
@@ -186,7 +188,12 @@ pub(crate) fn spawn_sweeper(
                     reply,
                     lapsed: Some(run.renewed),
                 };
-                if link.shared.run_rooms.publish(&link.router, request).is_err() {
+                if link
+                    .shared
+                    .run_rooms
+                    .publish(&link.router, request)
+                    .is_err()
+                {
                     return;
                 }
                 answers.push((run.run_id, answer));
@@ -226,8 +233,7 @@ pub(crate) fn spawn_open_run_scan(link: Link, leases: Arc<Leases>) {
                 return;
             };
             for run in &runs {
-                if !run.is_ended() && run.last_seq > 0 && !leases.is_exempt(run.provider.as_ref())
-                {
+                if !run.is_ended() && run.last_seq > 0 && !leases.is_exempt(run.provider.as_ref()) {
                     leases.renew(run.run_id, now);
                 }
             }
@@ -259,7 +265,11 @@ mod tests {
         leases.renew(a, t0 + Duration::from_secs(5));
         // An older renewal does not move a lease back.
         leases.renew(a, t0 + Duration::from_secs(1));
-        assert!(leases.pop_lapsed(t0 + Duration::from_secs(9), 10).is_empty());
+        assert!(
+            leases
+                .pop_lapsed(t0 + Duration::from_secs(9), 10)
+                .is_empty()
+        );
         assert_eq!(runs(&leases.pop_lapsed(t0 + LEASE, 10)), vec![b]);
         let lapsed = leases.pop_lapsed(t0 + Duration::from_secs(15), 10);
         assert_eq!(runs(&lapsed), vec![a]);
@@ -301,7 +311,9 @@ mod tests {
         };
         assert_eq!(failed.run_id, lapsed.run_id);
         assert!(
-            failed.error.starts_with("abandoned: no event and no lease renewal since 2026-11-30T12:00:00.000Z"),
+            failed.error.starts_with(
+                "abandoned: no event and no lease renewal since 2026-11-30T12:00:00.000Z"
+            ),
             "{}",
             failed.error
         );

@@ -20,13 +20,16 @@
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! use behest_stream::{AgentEvent, Config, EventHub, Resume, RunCompleted, RunId, RuntimeRoom, TextDelta};
+//! use behest_stream::{AgentEvent, Config, EventHub, ProviderId, Resume, RunCompleted, RunId, RunStarted, RuntimeRoom, TextDelta};
 //! use futures_util::StreamExt;
 //!
 //! let hub = EventHub::open(Config::temporary()).await?;
 //! let run_id = RunId::new();
 //! let now = chrono::Utc::now;
 //! let mut stream = hub.subscribe(RuntimeRoom::Run(run_id), Resume::FromStart).await?;
+//! hub.publish(AgentEvent::RunStarted(RunStarted {
+//!     run_id, timestamp: now(), session_id: None, provider: ProviderId::new("acme"), model: "m".into(),
+//! })).await?;
 //! for delta in ["a", "b"] {
 //!     hub.publish(AgentEvent::TextDelta(TextDelta { run_id, timestamp: now(), delta: delta.into() })).await?;
 //! }
@@ -34,7 +37,7 @@
 //!     run_id, timestamp: now(), finish_reason: "stop".into(), iterations: 1,
 //! })).await?;
 //! let seqs: Vec<u64> = stream.map(|e| e.unwrap().seq).collect().await;
-//! assert_eq!(seqs, vec![1, 2, 3]); // and the stream ended after the terminal event
+//! assert_eq!(seqs, vec![1, 2, 3, 4]); // and the stream ended after the terminal event
 //! hub.shutdown().await?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
@@ -145,8 +148,8 @@ use tokio::sync::{Mutex, Semaphore, oneshot};
 use uuid::Uuid;
 
 pub use self::cursor::{Cursor, CursorParseError, Resume};
-pub use self::order::{MAX_TOOL_CALLS_PER_RUN, OrderRule};
 use self::follow::Link;
+pub use self::order::{MAX_TOOL_CALLS_PER_RUN, OrderRule};
 use self::router::{Router, RouterArgs, RouterMsg};
 use self::run_room::{PublishAnswer, PublishRequest};
 use crate::config::{Config, Durability};
@@ -425,11 +428,13 @@ impl PendingPublish {
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use behest_stream::{AgentEvent, Config, EventHub, RunId, TextDelta};
+    /// use behest_stream::{AgentEvent, Config, EventHub, ProviderId, RunId, RunStarted};
     ///
     /// let hub = EventHub::open(Config::temporary()).await?;
     /// let run_id = RunId::new();
-    /// let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: "hi".into() });
+    /// let event = AgentEvent::RunStarted(RunStarted {
+    ///     run_id, timestamp: chrono::Utc::now(), session_id: None, provider: ProviderId::new("acme"), model: "m".into(),
+    /// });
     /// let envelope = hub.submit(event).await?.shared().await?;
     /// assert_eq!((envelope.run_id, envelope.seq), (run_id, 1));
     /// # hub.shutdown().await?;
@@ -509,7 +514,11 @@ impl EventHub {
             if !link.store.is_shared_log() {
                 lease::spawn_open_run_scan(link.clone(), Arc::clone(leases));
             }
-            lease::spawn_sweeper(link.clone(), Arc::clone(leases), Arc::clone(&publish_permits))
+            lease::spawn_sweeper(
+                link.clone(),
+                Arc::clone(leases),
+                Arc::clone(&publish_permits),
+            )
         });
         Ok(Self {
             inner: Arc::new(HubInner {
@@ -581,13 +590,16 @@ impl EventHub {
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use behest_stream::{AgentEvent, Config, EventHub, RunId, TextDelta};
+    /// use behest_stream::{AgentEvent, Config, EventHub, ProviderId, RunId, RunStarted, TextDelta};
     ///
     /// let hub = EventHub::open(Config::temporary()).await?;
     /// let run_id = RunId::new();
-    /// let mut pending = Vec::new();
-    /// for i in 0..100 {
-    ///     let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: i.to_string() });
+    /// let now = chrono::Utc::now;
+    /// let mut pending = vec![hub.submit(AgentEvent::RunStarted(RunStarted {
+    ///     run_id, timestamp: now(), session_id: None, provider: ProviderId::new("acme"), model: "m".into(),
+    /// })).await?];
+    /// for i in 1..100 {
+    ///     let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: now(), delta: i.to_string() });
     ///     pending.push(hub.submit(event).await?);
     /// }
     /// for (i, publish) in pending.into_iter().enumerate() {
@@ -706,13 +718,15 @@ impl EventHub {
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use behest_stream::{AgentEvent, Config, EventHub, Resume, RunId, RuntimeRoom, TextDelta};
+    /// use behest_stream::{AgentEvent, Config, EventHub, ProviderId, Resume, RunId, RunStarted, RuntimeRoom};
     /// use futures_util::StreamExt;
     ///
     /// let hub = EventHub::open(Config::temporary()).await?;
     /// let run_id = RunId::new();
     /// let mut stream = hub.subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart).await?;
-    /// let event = AgentEvent::TextDelta(TextDelta { run_id, timestamp: chrono::Utc::now(), delta: "hi".into() });
+    /// let event = AgentEvent::RunStarted(RunStarted {
+    ///     run_id, timestamp: chrono::Utc::now(), session_id: None, provider: ProviderId::new("acme"), model: "m".into(),
+    /// });
     /// let published = hub.submit(event).await?.shared().await?;
     /// let received = stream.next().await.unwrap()?;
     /// assert!(std::sync::Arc::ptr_eq(&published, &received), "one envelope, shared");
@@ -859,7 +873,13 @@ impl EventHub {
             rooms_evicted: counters.rooms_evicted.load(Ordering::Relaxed),
             rooms_failed: counters.rooms_failed.load(Ordering::Relaxed),
             session_runs_unfollowed: counters.session_runs_unfollowed.load(Ordering::Relaxed),
-            runs_leased: self.inner.link.shared.leases.as_ref().map_or(0, |l| l.watched()),
+            runs_leased: self
+                .inner
+                .link
+                .shared
+                .leases
+                .as_ref()
+                .map_or(0, |l| l.watched()),
             store,
         })
     }

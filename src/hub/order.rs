@@ -117,7 +117,10 @@ impl RunOrder {
         if self.events == 0 && !is_started {
             return violation(
                 OrderRule::StartsWithRunStarted,
-                format!("the run has no events yet, and {} is not RunStarted", event.kind()),
+                format!(
+                    "the run has no events yet, and {} is not RunStarted",
+                    event.kind()
+                ),
             );
         }
         if self.events > 0 && is_started {
@@ -146,11 +149,17 @@ impl RunOrder {
             ),
             (Use::Args, Some(Call::Completed)) => violation(
                 OrderRule::ToolCallStartedFirst,
-                format!("{} for call {id:?}, which was completed already", event.kind()),
+                format!(
+                    "{} for call {id:?}, which was completed already",
+                    event.kind()
+                ),
             ),
             (Use::Execute, None) => violation(
                 OrderRule::KnownToolCall,
-                format!("{} for call {id:?}, which the run never started", event.kind()),
+                format!(
+                    "{} for call {id:?}, which the run never started",
+                    event.kind()
+                ),
             ),
         }
     }
@@ -284,7 +293,10 @@ mod tests {
 
     #[test]
     fn a_run_starts_with_run_started_once() {
-        assert_eq!(rule(&RunOrder::new(), &text()), OrderRule::StartsWithRunStarted);
+        assert_eq!(
+            rule(&RunOrder::new(), &text()),
+            OrderRule::StartsWithRunStarted
+        );
         let order = taken(&[started(), text()]);
         assert_eq!(rule(&order, &started()), OrderRule::StartsWithRunStarted);
     }
@@ -292,14 +304,37 @@ mod tests {
     #[test]
     fn a_calls_deltas_and_completion_follow_its_start() {
         let order = taken(&[started()]);
-        assert_eq!(rule(&order, &call_delta("a")), OrderRule::ToolCallStartedFirst);
-        assert_eq!(rule(&order, &call_completed("a")), OrderRule::ToolCallStartedFirst);
-        let order = taken(&[started(), call_started("a"), call_delta("a"), call_completed("a")]);
-        assert_eq!(rule(&order, &call_delta("a")), OrderRule::ToolCallStartedFirst);
-        assert_eq!(rule(&order, &call_completed("a")), OrderRule::ToolCallStartedFirst);
-        assert_eq!(rule(&order, &call_started("a")), OrderRule::ToolCallStartedFirst);
+        assert_eq!(
+            rule(&order, &call_delta("a")),
+            OrderRule::ToolCallStartedFirst
+        );
+        assert_eq!(
+            rule(&order, &call_completed("a")),
+            OrderRule::ToolCallStartedFirst
+        );
+        let order = taken(&[
+            started(),
+            call_started("a"),
+            call_delta("a"),
+            call_completed("a"),
+        ]);
+        assert_eq!(
+            rule(&order, &call_delta("a")),
+            OrderRule::ToolCallStartedFirst
+        );
+        assert_eq!(
+            rule(&order, &call_completed("a")),
+            OrderRule::ToolCallStartedFirst
+        );
+        assert_eq!(
+            rule(&order, &call_started("a")),
+            OrderRule::ToolCallStartedFirst
+        );
         // Another call's events are its own.
-        assert_eq!(rule(&order, &call_delta("b")), OrderRule::ToolCallStartedFirst);
+        assert_eq!(
+            rule(&order, &call_delta("b")),
+            OrderRule::ToolCallStartedFirst
+        );
     }
 
     #[test]
@@ -307,7 +342,12 @@ mod tests {
         let order = taken(&[started(), call_started("a")]);
         assert_eq!(rule(&order, &executed("b")), OrderRule::KnownToolCall);
         order.check(&executed("a")).unwrap();
-        let order = taken(&[started(), call_started("a"), call_completed("a"), executed("a")]);
+        let order = taken(&[
+            started(),
+            call_started("a"),
+            call_completed("a"),
+            executed("a"),
+        ]);
         order.check(&executed("a")).unwrap();
     }
 
@@ -334,7 +374,10 @@ mod tests {
         for i in 0..MAX_TOOL_CALLS_PER_RUN {
             order.take(&call_started(&i.to_string()));
         }
-        assert_eq!(rule(&order, &call_started("one more")), OrderRule::TooManyToolCalls);
+        assert_eq!(
+            rule(&order, &call_started("one more")),
+            OrderRule::TooManyToolCalls
+        );
         order.check(&call_delta("0")).unwrap();
     }
 }

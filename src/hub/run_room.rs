@@ -531,7 +531,8 @@ impl RunState {
                 }
             };
             let Some(last) = envelopes.last().map(|e| e.seq) else {
-                self.order_error = Some(StoreError::missing(self.run_id, after + 1, self.persisted));
+                self.order_error =
+                    Some(StoreError::missing(self.run_id, after + 1, self.persisted));
                 return;
             };
             for envelope in envelopes.iter().take_while(|e| e.seq <= self.persisted) {
@@ -848,17 +849,22 @@ impl RunState {
             return Ok(());
         };
         if order.needs_history(event) {
-            let error = self.order_error.clone().unwrap_or_else(|| StoreError::ReadFailed {
-                message: "the run's history, which the order check needs, was not read".into(),
-            });
+            let error = self
+                .order_error
+                .clone()
+                .unwrap_or_else(|| StoreError::ReadFailed {
+                    message: "the run's history, which the order check needs, was not read".into(),
+                });
             return Err(HubError::Store(error));
         }
-        order.check(event).map_err(|violation| HubError::OutOfOrder {
-            run_id: self.run_id,
-            kind: event.kind(),
-            rule: violation.rule,
-            detail: violation.detail,
-        })
+        order
+            .check(event)
+            .map_err(|violation| HubError::OutOfOrder {
+                run_id: self.run_id,
+                kind: event.kind(),
+                rule: violation.rule,
+                detail: violation.detail,
+            })
     }
 
     /// A publish of another durability than what gathered: sends that, then
