@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{delta, envelope};
+use support::{delta, envelope, started};
 
 use behest_stream::{Config, Durability, EventHub, Resume, RunId, RuntimeRoom, Store};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -35,8 +35,10 @@ async fn one_room(hub: &EventHub, durability: Durability) -> Duration {
         }
     });
     let mut pending = VecDeque::with_capacity(IN_FLIGHT);
-    for _ in 0..EVENTS {
-        pending.push_back(hub.submit_with(delta(run), durability).await.unwrap());
+    for i in 0..EVENTS {
+        // A run starts with RunStarted (the hub checks the order).
+        let event = if i == 0 { started(run) } else { delta(run) };
+        pending.push_back(hub.submit_with(event, durability).await.unwrap());
         if pending.len() == IN_FLIGHT {
             pending.pop_front().unwrap().await.unwrap();
         }

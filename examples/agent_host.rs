@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use behest_stream::{
     AgentEvent, Config, Cursor, EventHub, ModelStarted, ProviderId, Resume, RunCancelled,
     RunCompleted, RunFailed, RunId, RunStarted, RuntimeEventEnvelope, RuntimeRoom, TextDelta,
-    TokenUsage, ToolCall, ToolCallCompleted, ToolExecutionFinished, ToolExecutionStarted,
-    ToolResult, UsageRecorded,
+    TokenUsage, ToolCall, ToolCallCompleted, ToolCallStarted, ToolExecutionFinished,
+    ToolExecutionStarted, ToolResult, UsageRecorded,
 };
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -219,6 +219,13 @@ async fn run_agent(hub: EventHub, agent: Agent) -> Result<u64, BoxError> {
         publish(delta(run_id, token)).await?;
     }
     let call_id = format!("call_{}", agent.name);
+    publish(AgentEvent::ToolCallStarted(ToolCallStarted {
+        run_id,
+        timestamp: now(),
+        call_id: call_id.clone(),
+        tool_name: "search".into(),
+    }))
+    .await?;
     publish(AgentEvent::ToolCallCompleted(ToolCallCompleted {
         run_id,
         timestamp: now(),

@@ -15,8 +15,8 @@ use std::collections::VecDeque;
 use std::error::Error;
 
 use behest_stream::{
-    AgentEvent, Config, EventHub, HubError, PendingPublish, Resume, RunCompleted, RunId,
-    RuntimeRoom, TextDelta,
+    AgentEvent, Config, EventHub, HubError, PendingPublish, ProviderId, Resume, RunCompleted,
+    RunId, RunStarted, RuntimeRoom, TextDelta,
 };
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -57,6 +57,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }));
     }
 
+    hub.publish(AgentEvent::RunStarted(RunStarted {
+        run_id: run,
+        timestamp: Utc::now(),
+        session_id: None,
+        provider: ProviderId::new("acme"),
+        model: "acme-large".into(),
+    }))
+    .await?;
     hub.inject_room_panic(room.clone(), 20);
     let delta = |i: usize| {
         AgentEvent::TextDelta(TextDelta {

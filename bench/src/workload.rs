@@ -49,9 +49,10 @@ use std::time::{Duration, Instant};
 
 use behest_stream::codec;
 use behest_stream::{
-    AgentEvent, BoxRuntimeEventStream, Config, Durability, EventHub, Resume, RunCompleted, RunId,
-    RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom, RuntimeStreamError, SharedEventStream,
-    TextDelta, ToolExecutionFinished, ToolResult,
+    AgentEvent, BoxRuntimeEventStream, Config, Durability, EventHub, ProviderId, Resume,
+    RunCompleted, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId, RuntimeRoom,
+    RuntimeStreamError, SharedEventStream, TextDelta, ToolCallStarted, ToolExecutionFinished,
+    ToolResult,
 };
 use chrono::Utc;
 use futures_util::{Stream, StreamExt};
@@ -116,6 +117,9 @@ impl Size {
     }
 }
 
+/// The tool call whose results a run of large events carries.
+pub const CALL_ID: &str = "call_0123456789";
+
 /// Builds the events of one [`Size`]; the tool result's JSON is built once
 /// and cloned per event.
 #[derive(Debug, Clone)]
@@ -148,7 +152,8 @@ impl EventMaker {
         self.size
     }
 
-    /// One event of `run_id` (not terminal).
+    /// One event of `run_id` (not terminal): a text delta, or the result of
+    /// call [`CALL_ID`].
     pub fn event(&self, run_id: RunId) -> AgentEvent {
         match &self.output {
             None => AgentEvent::TextDelta(TextDelta {
@@ -159,7 +164,7 @@ impl EventMaker {
             Some(output) => AgentEvent::ToolExecutionFinished(ToolExecutionFinished {
                 run_id,
                 timestamp: Utc::now(),
-                call_id: "call_0123456789".into(),
+                call_id: CALL_ID.into(),
                 tool_name: "search".into(),
                 result: ToolResult::Success {
                     output: output.clone(),
@@ -179,12 +184,27 @@ impl EventMaker {
         })
     }
 
-    /// Event number `seq` of a run of `events`: the last one is terminal.
+    /// Event number `seq` of a run of `events`, in an order the hub's order
+    /// check accepts: the first is `RunStarted`, the second (for tool
+    /// results) starts the call they refer to, and the last (of a run of
+    /// two or more) is terminal.
     pub fn nth(&self, run_id: RunId, seq: u64, events: u64) -> AgentEvent {
-        if seq == events {
-            Self::terminal(run_id)
-        } else {
-            self.event(run_id)
+        match seq {
+            1 => AgentEvent::RunStarted(RunStarted {
+                run_id,
+                timestamp: Utc::now(),
+                session_id: None,
+                provider: ProviderId::new("bench"),
+                model: "bench".into(),
+            }),
+            _ if seq == events => Self::terminal(run_id),
+            2 if self.output.is_some() => AgentEvent::ToolCallStarted(ToolCallStarted {
+                run_id,
+                timestamp: Utc::now(),
+                call_id: CALL_ID.into(),
+                tool_name: "search".into(),
+            }),
+            _ => self.event(run_id),
         }
     }
 

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use behest_stream::codec;
-use behest_stream::{AgentEvent, RunId, RuntimeEventEnvelope, RuntimeEventId, TextDelta};
+use behest_stream::{
+    AgentEvent, ProviderId, RunId, RunStarted, RuntimeEventEnvelope, RuntimeEventId, TextDelta,
+};
 use chrono::Utc;
 
 /// The runtime every bench drives the actors on: two workers, like the
@@ -18,6 +20,17 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// The `RunStarted` a run's first event must be.
+pub fn started(run_id: RunId) -> AgentEvent {
+    AgentEvent::RunStarted(RunStarted {
+        run_id,
+        timestamp: Utc::now(),
+        session_id: None,
+        provider: ProviderId::new("bench"),
+        model: "bench".into(),
+    })
 }
 
 /// A short text delta of `run_id`, the benches' common event.

@@ -4,13 +4,14 @@
 
 use behest_stream::{
     AgentEvent, ModelStarted, ProviderId, RunCompleted, RunFailed, RunId, RunStarted, TextDelta,
-    TokenUsage, ToolCall, ToolCallCompleted, ToolExecutionFinished, ToolResult, UsageRecorded,
+    TokenUsage, ToolCall, ToolCallCompleted, ToolCallStarted, ToolExecutionFinished, ToolResult,
+    UsageRecorded,
 };
 use chrono::Utc;
 use uuid::Uuid;
 
 /// How many events [`script`] produces.
-pub const SCRIPT_LEN: u64 = 9;
+pub const SCRIPT_LEN: u64 = 10;
 
 /// A plausible run: start, a model call streaming text, a tool call and its
 /// result, usage, and the end (a failure for `fail`).
@@ -40,6 +41,12 @@ pub fn script(run_id: RunId, session: Uuid, fail: bool) -> Vec<AgentEvent> {
             delta: token.into(),
         }));
     }
+    events.push(AgentEvent::ToolCallStarted(ToolCallStarted {
+        run_id,
+        timestamp: now(),
+        call_id: "call_1".into(),
+        tool_name: "search".into(),
+    }));
     events.push(AgentEvent::ToolCallCompleted(ToolCallCompleted {
         run_id,
         timestamp: now(),
