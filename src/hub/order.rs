@@ -169,10 +169,8 @@ impl RunOrder {
     pub(crate) fn take(&mut self, event: &AgentEvent) {
         self.events += 1;
         match event {
-            AgentEvent::ToolCallStarted(started) => {
-                if self.calls.len() < MAX_TOOL_CALLS_PER_RUN {
-                    self.calls.insert(started.call_id.clone(), Call::Open);
-                }
+            AgentEvent::ToolCallStarted(started) if self.calls.len() < MAX_TOOL_CALLS_PER_RUN => {
+                self.calls.insert(started.call_id.clone(), Call::Open);
             }
             AgentEvent::ToolCallCompleted(completed) => {
                 if let Some(call) = self.calls.get_mut(&completed.call.id) {
