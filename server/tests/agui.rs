@@ -316,3 +316,55 @@ async fn a_view_of_a_run_that_never_ends_keeps_alive_then_ends_and_answers_prefl
     drop(server);
     hub.shutdown().await.unwrap();
 }
+
+/// With a lease, a run whose producer went quiet ends in both views: the
+/// open AG-UI view gets `RUN_ERROR` naming the abandonment and ends, and
+/// the AI SDK view `error`, `finish` and `[DONE]`. A stream of the same
+/// server, quiet as long, is exempt and stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_producer_went_quiet_ends_in_both_views() {
+    let hub = EventHub::open(
+        Config::temporary()
+            .run_lease(Some(std::time::Duration::from_millis(300)))
+            .exempt_from_lease(behest_stream::ProviderId::new(
+                behest_stream_server::STREAMS_PROVIDER,
+            )),
+    )
+    .await
+    .unwrap();
+    let server = support::serve(router(hub.clone(), Open).await.unwrap()).await;
+    let a = server.addr;
+    let stream = "/v1/stream/quiet";
+    let created = send(
+        a,
+        Method::PUT,
+        stream,
+        &[("content-type", "text/plain")],
+        "",
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let run = RunId::new();
+    for event in script(run).into_iter().take(3) {
+        hub.publish(event).await.unwrap();
+    }
+    // Opened before the lease lapses; ends with the hub's RunFailed.
+    let agui = send(a, Method::GET, &format!("/v1/agui/runs/{run}"), &[], "").await;
+    let events = parse(&agui.text());
+    let last = &events.last().unwrap().1;
+    assert_eq!(last["type"], "RUN_ERROR", "{events:?}");
+    assert!(
+        last["message"].as_str().unwrap().starts_with("abandoned"),
+        "{last}"
+    );
+    let aisdk = send(a, Method::GET, &format!("/v1/aisdk/runs/{run}"), &[], "").await;
+    let text = aisdk.text();
+    assert!(text.contains(r#""type":"error""#), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // The stream, quiet for longer than the lease, is still open.
+    let head = send(a, Method::HEAD, stream, &[], "").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("stream-closed"), None, "the stream was ended");
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
