@@ -20,8 +20,9 @@ use common::{completed, delta, next_within, started};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-/// `unique run events`: what host A publishes (`events` deltas, then the
-/// terminal event; 0 means deltas until killed).
+/// `unique run events pace_ms`: what host A publishes (`events` deltas,
+/// each after `pace_ms`, then the terminal event; 0 events means deltas
+/// until killed).
 const HOST_A_ENV: &str = "BEHEST_STREAM_NATS_HOST_A";
 
 fn nats_config(unique: &str) -> NatsConfig {
@@ -38,6 +39,7 @@ async fn nats_host_a() {
     let parts: Vec<&str> = spec.split(' ').collect();
     let run = RunId::from_uuid(Uuid::parse_str(parts[1]).unwrap());
     let events: u64 = parts[2].parse().unwrap();
+    let pace = Duration::from_millis(parts.get(3).map_or(0, |p| p.parse().unwrap()));
     let hub = EventHub::open(Config::nats(nats_config(parts[0])))
         .await
         .unwrap();
@@ -49,6 +51,7 @@ async fn nats_host_a() {
     ack(hub.publish(started(run, None)).await.unwrap());
     let mut i = 0;
     while events == 0 || i < events {
+        tokio::time::sleep(pace).await;
         ack(hub
             .publish(delta(run, &format!("token {i} ")))
             .await
@@ -60,9 +63,22 @@ async fn nats_host_a() {
 }
 
 fn spawn_host_a(unique: &str, run: RunId, events: u64) -> (Child, ChildStdout) {
+    spawn_paced_host_a(unique, run, events, Duration::ZERO)
+}
+
+/// As [`spawn_host_a`], host A waiting `pace` before each delta.
+fn spawn_paced_host_a(
+    unique: &str,
+    run: RunId,
+    events: u64,
+    pace: Duration,
+) -> (Child, ChildStdout) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["nats_host_a", "--exact", "--nocapture", "--test-threads=1"])
-        .env(HOST_A_ENV, format!("{unique} {run} {events}"))
+        .env(
+            HOST_A_ENV,
+            format!("{unique} {run} {events} {}", pace.as_millis()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -259,7 +275,11 @@ async fn a_killed_hosts_run_is_ended_once_by_the_hosts_watching_it() {
     for (seq, id) in &acked {
         assert_eq!(events[*seq as usize - 1].event_id.to_string(), *id);
     }
-    let terminals: Vec<_> = events.iter().filter(|e| e.is_terminal()).collect();
+    // The log itself holds one end, its last event (a subscription stops
+    // at the first, so read what is stored).
+    let stored = b1.replay(run, 0, 100_000).await.unwrap();
+    assert_eq!(&stored, events, "the subscribers read the whole log");
+    let terminals: Vec<_> = stored.iter().filter(|e| e.is_terminal()).collect();
     assert_eq!(terminals.len(), 1, "one end");
     let AgentEvent::RunFailed(failed) = &terminals[0].event else {
         panic!("expected RunFailed, got {:?}", terminals[0].event);
@@ -273,5 +293,62 @@ async fn a_killed_hosts_run_is_ended_once_by_the_hosts_watching_it() {
     }
     b1.shutdown().await.unwrap();
     b2.shutdown().await.unwrap();
+    common::nats::delete_stream(&config).await;
+}
+
+/// A host that followed a run and stopped (its subscriber left, its room
+/// was stopped for being idle) never ends the run while its producer, on
+/// another host, goes on publishing: when the lease it watched lapses, the
+/// run has moved past the seq it saw, so it renews instead. Once the
+/// producer is killed, it ends the run a lease later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stopped_watching_never_ends_a_live_run() {
+    let unique = Uuid::now_v7().simple().to_string();
+    let config = nats_config(&unique);
+    const LEASE: Duration = Duration::from_millis(300);
+    let opened = EventHub::open(
+        Config::nats(config.clone())
+            .run_lease(Some(LEASE))
+            .idle_timeout(Duration::from_millis(50)),
+    )
+    .await;
+    let Some(b) = common::nats::or_skip(opened) else {
+        return;
+    };
+    let run = RunId::new();
+    let mut watching = b
+        .subscribe(RuntimeRoom::Run(run), Resume::FromStart)
+        .await
+        .unwrap();
+    // A publishes every 100 ms: slowly enough that B's ending append, were
+    // B to try one, would not be fenced by A's next one.
+    let (mut child, stdout) = spawn_paced_host_a(&unique, run, 0, Duration::from_millis(100));
+    for _ in 0..5 {
+        next_within(&mut watching, DEADLINE).await.unwrap().unwrap();
+    }
+    drop(watching);
+    // Many leases pass while A publishes; B's stopped watch must not end it.
+    let mut lines = BufReader::new(stdout).lines();
+    let start = std::time::Instant::now();
+    while start.elapsed() < LEASE * 8 {
+        // A exits (its publish fails) if its run was ended.
+        lines.next().expect("host A exited early").unwrap();
+        let info = b.store().run_info(run).await.unwrap().unwrap();
+        assert!(!info.is_ended(), "B ended a run A is still writing");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    common::wait_for("B to end the abandoned run", DEADLINE, async || {
+        let info = b.store().run_info(run).await.unwrap().unwrap();
+        info.is_ended().then_some(())
+    })
+    .await;
+    let stored = b.replay(run, 0, 100_000).await.unwrap();
+    assert!(matches!(
+        stored.last().unwrap().event,
+        AgentEvent::RunFailed(_)
+    ));
+    assert_eq!(seqs(&stored), (1..=stored.len() as u64).collect::<Vec<_>>());
+    b.shutdown().await.unwrap();
     common::nats::delete_stream(&config).await;
 }

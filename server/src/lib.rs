@@ -32,6 +32,7 @@ mod message;
 pub mod native;
 mod offset;
 mod problem;
+mod session_view;
 mod sse;
 mod streams;
 mod views;
@@ -90,6 +91,10 @@ pub async fn router_with(
         .route(
             "/v1/aisdk/runs/{run_id}",
             axum::routing::get(views::aisdk_run).options(http::preflight),
+        )
+        .route(
+            "/v1/agui/sessions/{session_id}",
+            axum::routing::get(session_view::agui_session).options(http::preflight),
         )
         .layer(axum::middleware::map_response(http::security_headers))
         .with_state(shared))

@@ -34,7 +34,7 @@ use crate::sse;
 
 /// The format a view speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     AgUi,
     AiSdk,
 }
@@ -105,10 +105,10 @@ pub(crate) async fn aisdk_run(
 
 /// Where a view resumes: `Last-Event-ID`, else `?after=`. An empty value is
 /// no position, as the SSE spec has it.
-fn resume_position(
+pub(crate) fn resume_text(
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<Option<ViewPosition>, Problem> {
+) -> Result<Option<String>, Problem> {
     let text = match headers.get("last-event-id") {
         Some(value) => Some(
             value
@@ -122,7 +122,15 @@ fn resume_position(
             .find_map(|pair| pair.strip_prefix("after="))
             .map(str::to_owned),
     };
-    text.filter(|t| !t.is_empty())
+    Ok(text.filter(|t| !t.is_empty()))
+}
+
+/// Where a run view resumes, parsed from [`resume_text`].
+fn resume_position(
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<ViewPosition>, Problem> {
+    resume_text(query, headers)?
         .map(|t| {
             ViewPosition::parse(&t).ok_or_else(|| {
                 Problem::bad_request("a view position is SEQ.K (the id of an event)")
@@ -160,7 +168,6 @@ async fn view(
         other => other?,
     };
     let after = resume_position(query, headers)?;
-    let hub = state.streams.hub();
     let ended = info.is_ended();
     if resuming && ended {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -168,20 +175,8 @@ async fn view(
     if after.is_some_and(|a| a.seq > info.last_seq) {
         return Err(Problem::bad_request("the position is past the run"));
     }
-    let events = hub
-        .subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart)
-        .await?;
-    let now = tokio::time::Instant::now();
-    let mut view = View {
-        events,
-        run: Mapper::new(format),
-        after,
-        pending: std::collections::VecDeque::new(),
-        keep_alive: state.options.sse_keep_alive,
-        last_write: now,
-        deadline: now + state.options.sse_max_duration,
-        trailer_sent: false,
-    };
+    let deadline = tokio::time::Instant::now() + state.options.sse_max_duration;
+    let mut view = View::open(state, format, run_id, after, String::new(), deadline).await?;
     if after.is_some() && ended {
         // Everything is stored: find whether anything follows the position
         // (the last envelope may map to several events). Nothing does: 204,
@@ -217,10 +212,13 @@ async fn view(
 
 /// One view response: the run's envelopes from seq 1, mapped, the events
 /// at or before `after` left out.
-struct View {
+pub(crate) struct View {
     events: SharedEventStream,
     run: Mapper,
     after: Option<ViewPosition>,
+    /// Put before each event's position in its `id:` (a session view's
+    /// run, `RUN_ID.`).
+    id_prefix: String,
     pending: std::collections::VecDeque<Bytes>,
     keep_alive: Duration,
     /// When bytes last went out: the keep-alive counts from there.
@@ -232,7 +230,43 @@ struct View {
 }
 
 impl View {
-    async fn next(&mut self) -> Option<Bytes> {
+    /// A view of `run_id` in `format` that leaves out what is at or before
+    /// `after` and ends at `deadline` at the latest.
+    pub(crate) async fn open(
+        state: &AppState,
+        format: Format,
+        run_id: RunId,
+        after: Option<ViewPosition>,
+        id_prefix: String,
+        deadline: tokio::time::Instant,
+    ) -> Result<Self, Problem> {
+        let events = state
+            .streams
+            .hub()
+            .subscribe_shared(RuntimeRoom::Run(run_id), Resume::FromStart)
+            .await?;
+        Ok(View {
+            events,
+            run: Mapper::new(format),
+            after,
+            id_prefix,
+            pending: std::collections::VecDeque::new(),
+            keep_alive: state.options.sse_keep_alive,
+            last_write: tokio::time::Instant::now(),
+            deadline,
+            trailer_sent: false,
+        })
+    }
+
+    /// Whether the run's last event was mapped (what follows is only the
+    /// format's trailer).
+    pub(crate) fn is_run_ended(&self) -> bool {
+        self.run.is_ended()
+    }
+
+    /// The next bytes of the response: events, a keep-alive, the trailer;
+    /// `None` once the run ended, the deadline passed or the hub stopped.
+    pub(crate) async fn next(&mut self) -> Option<Bytes> {
         let bytes = self.produce().await?;
         self.last_write = tokio::time::Instant::now();
         Some(bytes)
@@ -272,8 +306,10 @@ impl View {
                 if self.after.is_some_and(|after| position <= after) {
                     continue;
                 }
-                self.pending
-                    .push_back(Bytes::from(format!("id: {position}\ndata: {event}\n\n")));
+                let prefix = &self.id_prefix;
+                self.pending.push_back(Bytes::from(format!(
+                    "id: {prefix}{position}\ndata: {event}\n\n"
+                )));
             }
         }
     }

@@ -19,11 +19,15 @@ use tokio::sync::{Semaphore, oneshot};
 use super::follow::Link;
 use super::run_room::PublishRequest;
 use crate::config::Durability;
+use crate::error::HubError;
 use crate::event::{AgentEvent, RunFailed};
 use crate::ids::{ProviderId, RunId};
 
 /// Most lapsed runs the sweeper ends per wake; the rest wait for the next.
 const ENDS_PER_WAKE: usize = 1024;
+
+/// The longest lease: ten years.
+const MAX_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Runs read per page by the scan of open runs at open (sled).
 const SCAN_PAGE: usize = 1024;
@@ -35,14 +39,30 @@ struct Entry {
     renewed: Instant,
     /// The same moment on the wall clock, for the `RunFailed` message.
     since: DateTime<Utc>,
+    /// The run's last seq as the renewer knew it (`None`: not known, an
+    /// explicit renewal of a run the table did not have).
+    seen: Option<u64>,
 }
 
-/// A run whose lease lapsed, popped from the table.
+/// A run whose lease lapsed, popped from the table: what the room checks
+/// before it ends the run ([`Lapse`]), and the message's wall-clock time.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Lapsed {
     pub(crate) run_id: RunId,
-    pub(crate) renewed: Instant,
+    pub(crate) lapse: Lapse,
     pub(crate) since: DateTime<Utc>,
+}
+
+/// What the sweeper knew of a run when its lease lapsed: the room ends the
+/// run only if nothing happened to it since (see `RunState::has_lapsed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lapse {
+    /// When the lease was last renewed.
+    pub(crate) renewed: Instant,
+    /// The run's last seq then, if known: a room that finds the run
+    /// further on (another host wrote it since, or this room published
+    /// between the table's rough renewals) renews instead of ending it.
+    pub(crate) seen: Option<u64>,
 }
 
 /// The watched runs, by run and by deadline.
@@ -53,14 +73,31 @@ struct Table {
 }
 
 impl Table {
-    fn renew(&mut self, lease: Duration, run_id: RunId, at: Instant, since: DateTime<Utc>) {
+    fn renew(
+        &mut self,
+        lease: Duration,
+        run_id: RunId,
+        at: Instant,
+        since: DateTime<Utc>,
+        seen: Option<u64>,
+    ) {
+        let mut seen = seen;
         if let Some(old) = self.by_run.get(&run_id) {
             if old.renewed >= at {
                 return;
             }
+            // A renewal that does not know the seq keeps the one known.
+            seen = seen.or(old.seen);
             self.by_deadline.remove(&(old.renewed + lease, run_id));
         }
-        self.by_run.insert(run_id, Entry { renewed: at, since });
+        self.by_run.insert(
+            run_id,
+            Entry {
+                renewed: at,
+                since,
+                seen,
+            },
+        );
         self.by_deadline.insert((at + lease, run_id));
     }
 
@@ -83,7 +120,10 @@ impl Table {
             if let Some(entry) = self.by_run.remove(&run_id) {
                 lapsed.push(Lapsed {
                     run_id,
-                    renewed: entry.renewed,
+                    lapse: Lapse {
+                        renewed: entry.renewed,
+                        seen: entry.seen,
+                    },
                     since: entry.since,
                 });
             }
@@ -103,7 +143,8 @@ pub(crate) struct Leases {
 impl Leases {
     pub(crate) fn new(lease: Duration, exempt: Vec<ProviderId>) -> Self {
         Self {
-            lease,
+            // Far enough for any use, near enough that no deadline overflows.
+            lease: lease.min(MAX_LEASE),
             exempt,
             table: Mutex::default(),
         }
@@ -122,11 +163,11 @@ impl Leases {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Renews `run_id`'s lease as of `at` (a later renewal already in the
-    /// table stands).
-    pub(crate) fn renew(&self, run_id: RunId, at: Instant) {
+    /// Renews `run_id`'s lease as of `at`, when its last seq was `seen` (a
+    /// later renewal already in the table stands).
+    pub(crate) fn renew(&self, run_id: RunId, at: Instant, seen: Option<u64>) {
         let since = Utc::now() - (Instant::now().saturating_duration_since(at));
-        self.table().renew(self.lease, run_id, at, since);
+        self.table().renew(self.lease, run_id, at, since, seen);
     }
 
     /// Stops watching `run_id` (it ended).
@@ -186,7 +227,7 @@ pub(crate) fn spawn_sweeper(
                     durability: Durability::Flushed,
                     permit,
                     reply,
-                    lapsed: Some(run.renewed),
+                    lapsed: Some(run.lapse),
                 };
                 if link
                     .shared
@@ -204,8 +245,13 @@ pub(crate) fn spawn_sweeper(
                     Ok(Ok(envelope)) => {
                         tracing::warn!(%run_id, seq = envelope.seq, "run lease lapsed; run ended as abandoned");
                     }
+                    // Ended already, or gone: nothing to watch.
+                    Ok(Err(HubError::RunClosed { .. } | HubError::RunRemoved { .. })) => {}
+                    // The room could not end it (its store failed, it was
+                    // fenced, too many rooms): try again a lease from now.
                     Ok(Err(error)) => {
-                        tracing::debug!(%run_id, %error, "lapsed run not ended");
+                        tracing::warn!(%run_id, %error, "lapsed run not ended; trying again a lease from now");
+                        leases.renew(run_id, Instant::now(), None);
                     }
                     // The room found the lease renewed (or no run).
                     Err(_) => {}
@@ -217,7 +263,7 @@ pub(crate) fn spawn_sweeper(
 
 /// On sled: watches every run open in the store, its lease counted from
 /// now (the store was just opened; whoever produced them may be gone).
-pub(crate) fn spawn_open_run_scan(link: Link, leases: Arc<Leases>) {
+pub(crate) fn spawn_open_run_scan(link: Link, leases: Arc<Leases>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let now = Instant::now();
         let mut after = None;
@@ -234,7 +280,7 @@ pub(crate) fn spawn_open_run_scan(link: Link, leases: Arc<Leases>) {
             };
             for run in &runs {
                 if !run.is_ended() && run.last_seq > 0 && !leases.is_exempt(run.provider.as_ref()) {
-                    leases.renew(run.run_id, now);
+                    leases.renew(run.run_id, now, Some(run.last_seq));
                 }
             }
             if runs.len() < SCAN_PAGE {
@@ -242,7 +288,7 @@ pub(crate) fn spawn_open_run_scan(link: Link, leases: Arc<Leases>) {
             }
             after = Some(last);
         }
-    });
+    })
 }
 
 #[cfg(test)]
@@ -260,11 +306,11 @@ mod tests {
         let leases = Leases::new(LEASE, Vec::new());
         let (a, b) = (RunId::new(), RunId::new());
         let t0 = Instant::now();
-        leases.renew(a, t0);
-        leases.renew(b, t0);
-        leases.renew(a, t0 + Duration::from_secs(5));
+        leases.renew(a, t0, Some(1));
+        leases.renew(b, t0, Some(1));
+        leases.renew(a, t0 + Duration::from_secs(5), None);
         // An older renewal does not move a lease back.
-        leases.renew(a, t0 + Duration::from_secs(1));
+        leases.renew(a, t0 + Duration::from_secs(1), Some(9));
         assert!(
             leases
                 .pop_lapsed(t0 + Duration::from_secs(9), 10)
@@ -273,8 +319,24 @@ mod tests {
         assert_eq!(runs(&leases.pop_lapsed(t0 + LEASE, 10)), vec![b]);
         let lapsed = leases.pop_lapsed(t0 + Duration::from_secs(15), 10);
         assert_eq!(runs(&lapsed), vec![a]);
-        assert_eq!(lapsed[0].renewed, t0 + Duration::from_secs(5));
+        // A renewal that does not know the seq keeps the one known.
+        assert_eq!(
+            lapsed[0].lapse,
+            Lapse {
+                renewed: t0 + Duration::from_secs(5),
+                seen: Some(1)
+            }
+        );
         assert_eq!(leases.watched(), 0);
+    }
+
+    #[test]
+    fn the_longest_lease_does_not_overflow() {
+        let leases = Leases::new(Duration::MAX, Vec::new());
+        let run = RunId::new();
+        leases.renew(run, Instant::now(), Some(1));
+        assert!(leases.pop_lapsed(Instant::now(), 1).is_empty());
+        assert_eq!(leases.watched(), 1);
     }
 
     #[test]
@@ -282,11 +344,11 @@ mod tests {
         let leases = Leases::new(LEASE, Vec::new());
         let t0 = Instant::now();
         let ended = RunId::new();
-        leases.renew(ended, t0);
+        leases.renew(ended, t0, Some(1));
         leases.release(ended);
         let many: Vec<RunId> = (0..5).map(|_| RunId::new()).collect();
         for run in &many {
-            leases.renew(*run, t0);
+            leases.renew(*run, t0, Some(1));
         }
         let later = t0 + LEASE * 2;
         assert_eq!(leases.pop_lapsed(later, 3).len(), 3);
@@ -303,7 +365,10 @@ mod tests {
         assert!(!leases.is_exempt(None));
         let lapsed = Lapsed {
             run_id: RunId::new(),
-            renewed: Instant::now(),
+            lapse: Lapse {
+                renewed: Instant::now(),
+                seen: None,
+            },
             since: "2026-11-30T12:00:00Z".parse().unwrap(),
         };
         let AgentEvent::RunFailed(failed) = abandoned(&lapsed, LEASE) else {

@@ -383,8 +383,9 @@ struct HubInner {
     publish_permits: Arc<Semaphore>,
     max_in_flight: u32,
     router_join: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The lease sweeper, if leases are on; stopped with the hub.
-    lease_sweeper: Option<tokio::task::JoinHandle<()>>,
+    /// The lease sweeper and the scan of open runs, if leases are on;
+    /// stopped with the hub.
+    lease_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for HubInner {
@@ -399,8 +400,8 @@ impl std::fmt::Debug for HubInner {
 impl Drop for HubInner {
     fn drop(&mut self) {
         // The last handle is gone without a shutdown: stop the rooms.
-        if let Some(sweeper) = &self.lease_sweeper {
-            sweeper.abort();
+        for task in &self.lease_tasks {
+            task.abort();
         }
         self.link.router.stop(None);
     }
@@ -510,16 +511,17 @@ impl EventHub {
             shared,
         };
         let publish_permits = Arc::new(Semaphore::new(max_in_flight as usize));
-        let lease_sweeper = link.shared.leases.as_ref().map(|leases| {
+        let mut lease_tasks = Vec::new();
+        if let Some(leases) = &link.shared.leases {
             if !link.store.is_shared_log() {
-                lease::spawn_open_run_scan(link.clone(), Arc::clone(leases));
+                lease_tasks.push(lease::spawn_open_run_scan(link.clone(), Arc::clone(leases)));
             }
-            lease::spawn_sweeper(
+            lease_tasks.push(lease::spawn_sweeper(
                 link.clone(),
                 Arc::clone(leases),
                 Arc::clone(&publish_permits),
-            )
-        });
+            ));
+        }
         Ok(Self {
             inner: Arc::new(HubInner {
                 link,
@@ -527,7 +529,7 @@ impl EventHub {
                 publish_permits,
                 max_in_flight,
                 router_join: Mutex::new(Some(join)),
-                lease_sweeper,
+                lease_tasks,
             }),
         })
     }
@@ -667,7 +669,7 @@ impl EventHub {
     /// renew.
     pub fn renew_lease(&self, run_id: RunId) {
         if let Some(leases) = &self.inner.link.shared.leases {
-            leases.renew(run_id, std::time::Instant::now());
+            leases.renew(run_id, std::time::Instant::now(), None);
         }
     }
 
@@ -895,8 +897,8 @@ impl EventHub {
         let Some(join) = self.inner.router_join.lock().await.take() else {
             return Ok(());
         };
-        if let Some(sweeper) = &self.inner.lease_sweeper {
-            sweeper.abort();
+        for task in &self.inner.lease_tasks {
+            task.abort();
         }
         if let Ok(all) = Arc::clone(&self.inner.publish_permits)
             .acquire_many_owned(self.inner.max_in_flight)

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::fanout_room::FanoutMsg;
 use super::feed::Feed;
+use super::lease::Lapse;
 use super::live::LiveReceiver;
 use super::order::RunOrder;
 use super::progress::Progress;
@@ -52,7 +53,7 @@ pub(crate) struct PublishRequest {
     /// `RunFailed`) only if nothing renewed its lease after this moment.
     /// A room that finds it renewed, or the run without events, drops the
     /// reply unanswered and renews the lease as it knows it.
-    pub(crate) lapsed: Option<Instant>,
+    pub(crate) lapsed: Option<Lapse>,
 }
 
 /// What a subscriber gets when it attaches to a run room.
@@ -334,6 +335,16 @@ impl Actor for RunRoom {
             {
                 Box::pin(state.replay_order()).await;
             }
+            // On a shared log the room may be behind the log (another host
+            // wrote the run): an event that seems out of order may follow
+            // what it has not read yet. Read it before refusing.
+            if let RunMsg::Publish(request) = &message
+                && state.store.is_shared_log()
+                && state.in_flight.is_empty()
+                && state.check_order(&request.event).is_err()
+            {
+                Box::pin(state.read_others_appends()).await;
+            }
             match message {
                 RunMsg::Publish(request) => {
                     #[cfg(feature = "fault-injection")]
@@ -575,7 +586,7 @@ impl RunState {
             && self.persisted > 0
             && !leases.is_exempt(self.provider.as_ref())
         {
-            leases.renew(self.run_id, Instant::now());
+            leases.renew(self.run_id, Instant::now(), Some(self.persisted));
         }
         let from = FollowFrom::AfterSeq(self.persisted);
         let following = match Box::pin(self.store.follow_run(self.run_id, from)).await {
@@ -802,24 +813,37 @@ impl RunState {
         self.gather(sequenced)
     }
 
-    /// For the lease sweeper's ending of a run whose lease it last saw
-    /// renewed at `renewed`: true if nothing renewed it since, as this room
-    /// knows (exactly, unlike the sweeper's table). If something did, the
-    /// lease is renewed as of then.
-    fn has_lapsed(&mut self, renewed: Instant) -> bool {
+    /// For the lease sweeper's ending of a run: true if nothing happened to
+    /// the run since `lapse` as this room knows it (exactly, unlike the
+    /// sweeper's rough table): it published nothing after the renewal, and
+    /// the run is still at the seq the table saw (a fresh room recovers the
+    /// run's current seq, so another host's appends, or this room's own
+    /// between rough renewals, show). If something did happen, the lease
+    /// is renewed as of then. Exempt runs (an explicit renewal can name
+    /// one) leave the table.
+    fn has_lapsed(&mut self, lapse: Lapse) -> bool {
+        let Some(leases) = self.shared.leases.clone() else {
+            return false;
+        };
         if self.assigned == 0 {
             return false;
         }
-        match self.last_activity {
-            Some(last) if last > renewed => {
-                if let Some(leases) = &self.shared.leases {
-                    leases.renew(self.run_id, last);
-                    self.lease_renewed = Some(last);
-                }
-                false
-            }
-            _ => true,
+        if leases.is_exempt(self.provider.as_ref()) {
+            leases.release(self.run_id);
+            return false;
         }
+        let moved = lapse.seen.is_some_and(|seen| seen != self.assigned);
+        let active = self.last_activity.is_some_and(|last| last > lapse.renewed);
+        if !moved && !active {
+            return true;
+        }
+        let at = self
+            .last_activity
+            .filter(|_| active)
+            .unwrap_or_else(Instant::now);
+        leases.renew(self.run_id, at, Some(self.assigned));
+        self.lease_renewed = Some(at);
+        false
     }
 
     /// Records activity on the run: its lease is renewed in the hub's
@@ -839,7 +863,7 @@ impl RunState {
             return;
         }
         self.lease_renewed = Some(now);
-        leases.renew(self.run_id, now);
+        leases.renew(self.run_id, now, Some(self.assigned));
     }
 
     /// Whether `event` may be the run's next, as far as the order check
