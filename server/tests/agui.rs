@@ -22,6 +22,11 @@ use support::send;
 
 /// A run with text around a tool call and a custom event.
 fn script(run_id: RunId) -> Vec<AgentEvent> {
+    script_in(run_id, uuid::Uuid::now_v7())
+}
+
+/// [`script`] in `session`.
+fn script_in(run_id: RunId, session: uuid::Uuid) -> Vec<AgentEvent> {
     let t = Utc::now();
     let text = |d: &str| {
         AgentEvent::TextDelta(TextDelta {
@@ -34,7 +39,7 @@ fn script(run_id: RunId) -> Vec<AgentEvent> {
         AgentEvent::RunStarted(RunStarted {
             run_id,
             timestamp: t,
-            session_id: Some(uuid::Uuid::now_v7()),
+            session_id: Some(session),
             provider: ProviderId::new("p"),
             model: "m".into(),
         }),
@@ -365,6 +370,81 @@ async fn a_run_whose_producer_went_quiet_ends_in_both_views() {
     let head = send(a, Method::HEAD, stream, &[], "").await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("stream-closed"), None, "the stream was ended");
+    drop(server);
+    hub.shutdown().await.unwrap();
+}
+
+/// A session as AG-UI events: its runs in turn, each from `RUN_STARTED`
+/// (thread = the session) to `RUN_FINISHED`, including a run that starts
+/// while the view waits; resumed after any event's id it continues with
+/// exactly the rest, across the runs' boundary too; the real client's
+/// `verifyEvents` accepts it whole and cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_view_serves_its_runs_in_turn_and_resumes_exactly() {
+    let hub = EventHub::open(Config::temporary()).await.unwrap();
+    let options = behest_stream_server::Options {
+        sse_keep_alive: std::time::Duration::from_millis(100),
+        sse_max_duration: std::time::Duration::from_millis(1500),
+        ..behest_stream_server::Options::default()
+    };
+    let catalog = RunId::from_uuid(behest_stream_server::CATALOG_RUN);
+    let app = behest_stream_server::router_with(hub.clone(), Open, options, catalog)
+        .await
+        .unwrap();
+    let server = support::serve(app).await;
+    let a = server.addr;
+    let session = uuid::Uuid::now_v7();
+    let (first, second) = (RunId::new(), RunId::new());
+    for event in script_in(first, session) {
+        hub.publish(event).await.unwrap();
+    }
+    let path = format!("/v1/agui/sessions/{session}");
+    // The view serves the first run, then waits for the next: publish it
+    // once the first run's end is on the wire.
+    let mut live = support::stream(a, &path).await;
+    assert_eq!(live.status, StatusCode::OK);
+    live.until("RUN_FINISHED").await;
+    for event in script_in(second, session) {
+        hub.publish(event).await.unwrap();
+    }
+    let whole = parse(&live.rest().await);
+    let starts: Vec<usize> = whole
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, e))| e["type"] == "RUN_STARTED")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(starts.len(), 2, "{whole:?}");
+    for (start, run) in starts.iter().zip([first, second]) {
+        let (id, event) = &whole[*start];
+        assert_eq!(event["threadId"], session.to_string());
+        assert_eq!(event["runId"], run.to_string());
+        assert!(id.starts_with(&format!("{run}.")), "{id}");
+    }
+    assert_eq!(whole[starts[1] - 1].1["type"], "RUN_FINISHED");
+    assert_eq!(whole.last().unwrap().1["type"], "RUN_FINISHED");
+
+    // Every cut, resumed at once (each response lasts the time limit).
+    let resumed = futures_util::future::join_all(whole.iter().map(|(id, _)| {
+        let (path, id) = (path.clone(), id.clone());
+        async move { send(a, Method::GET, &path, &[("last-event-id", &id)], "").await }
+    }))
+    .await;
+    for (cut, reply) in resumed.iter().enumerate() {
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(parse(&reply.text()), whole[cut + 1..], "cut after {cut}");
+    }
+    let stranger = format!("{}.1.0", RunId::new());
+    for bad in ["1.0", stranger.as_str()] {
+        let reply = send(a, Method::GET, &path, &[("last-event-id", bad)], "").await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    client_check(
+        "agui_check.mjs",
+        &format!("http://{a}{path}"),
+        "verifyEvents passed",
+    )
+    .await;
     drop(server);
     hub.shutdown().await.unwrap();
 }

@@ -110,3 +110,76 @@ pub async fn try_send(
     driver.abort();
     reply
 }
+
+/// A GET whose body is read as it arrives: [`Streaming::until`] reads on
+/// until the body so far holds a text, [`Streaming::rest`] to its end.
+pub struct Streaming {
+    pub status: StatusCode,
+    body: hyper::body::Incoming,
+    read: Vec<u8>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Streaming {
+    /// Reads until the body read so far contains `text`.
+    pub async fn until(&mut self, text: &str) {
+        timeout(DEADLINE, async {
+            while !String::from_utf8_lossy(&self.read).contains(text) {
+                let frame = self.body.frame().await.expect("the body goes on").unwrap();
+                if let Ok(data) = frame.into_data() {
+                    self.read.extend_from_slice(&data);
+                }
+            }
+        })
+        .await
+        .expect("the text in time");
+    }
+
+    /// Reads to the end; the whole body as text.
+    pub async fn rest(mut self) -> String {
+        timeout(DEADLINE, async {
+            while let Some(frame) = self.body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    self.read.extend_from_slice(&data);
+                }
+            }
+        })
+        .await
+        .expect("the whole body in time");
+        String::from_utf8(std::mem::take(&mut self.read)).expect("a UTF-8 body")
+    }
+}
+
+/// Opens a GET of `path` and returns once its head arrived.
+pub async fn stream(addr: SocketAddr, path: &str) -> Streaming {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = timeout(DEADLINE, sender.send_request(request))
+        .await
+        .expect("a head in time")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Streaming {
+        status: parts.status,
+        body,
+        read: Vec::new(),
+        driver,
+    }
+}
