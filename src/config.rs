@@ -369,7 +369,8 @@ impl Config {
     /// lease, and so does [`EventHub::renew_lease`](crate::EventHub::renew_lease)
     /// (for a producer that is alive and quiet: a long tool call, a wait for
     /// a person). A run whose lease lapses is ended by the hub with
-    /// `RunFailed` ("abandoned: no event since …"), sequenced, stored and
+    /// `RunFailed` ("abandoned: no event and no lease renewal since …"),
+    /// sequenced, stored and
     /// fanned out like any event, so that its subscribers see it end; a
     /// late publish from its old producer gets `RunClosed`.
     ///
@@ -377,10 +378,12 @@ impl Config {
     /// run found open when the store is opened (its lease counts from the
     /// open); on NATS, every open run a subscriber of this hub follows (its
     /// lease counts from the attach, and from each event another host
-    /// appends). On NATS the ending append is fenced like any other, so of
-    /// several hosts watching one run exactly one ends it, and none does if
-    /// its producer appended meanwhile. A lapse is noticed within about a
-    /// quarter of `lease` after it. At least 10 ms.
+    /// appends). A run's room ends it only if the run is still at the seq
+    /// the lease last saw: a run that moved on (another host writes it)
+    /// gets a new lease instead. On NATS the ending append is fenced like
+    /// any other, so of several hosts watching one run exactly one ends it.
+    /// A lapse is noticed within about a quarter of `lease` after it. At
+    /// least 10 ms, at most ten years.
     #[must_use]
     pub fn run_lease(mut self, lease: Option<Duration>) -> Self {
         self.run_lease = lease.map(|l| l.max(Duration::from_millis(10)));

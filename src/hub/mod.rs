@@ -363,7 +363,8 @@ pub struct HubStats {
     pub session_runs_unfollowed: u64,
     /// Open runs whose lease this hub watches (0 with leases off): those
     /// published through it, found open at open (sled), or followed by its
-    /// subscribers (NATS). Each leaves at its terminal event.
+    /// subscribers (NATS). Each leaves when this hub sees its terminal
+    /// event (a run another host ended: when its lease next lapses here).
     pub runs_leased: usize,
     /// The store's counters.
     pub store: StoreStats,
