@@ -370,9 +370,9 @@ impl Config {
     /// (for a producer that is alive and quiet: a long tool call, a wait for
     /// a person). A run whose lease lapses is ended by the hub with
     /// `RunFailed` ("abandoned: no event and no lease renewal since …"),
-    /// sequenced, stored and
-    /// fanned out like any event, so that its subscribers see it end; a
-    /// late publish from its old producer gets `RunClosed`.
+    /// sequenced, stored and fanned out like any event, so that its
+    /// subscribers see it end; a late publish from its old producer gets
+    /// `RunClosed`.
     ///
     /// Which runs a hub watches: those published through it; on sled, every
     /// run found open when the store is opened (its lease counts from the
