@@ -16,11 +16,12 @@
 //! `Config::run_lease`). A chat session's runs (one per turn) rarely
 //! overlap.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use behest_stream::{Resume, RunId, RuntimeRoom, SharedEventStream};
 use futures_util::StreamExt;
@@ -31,7 +32,7 @@ use crate::auth::Access;
 use crate::http::{AppState, authorize, bearer};
 use crate::problem::Problem;
 use crate::sse;
-use crate::views::{Format, View, resume_text};
+use crate::views::{Format, View, resume_text, sse_response};
 
 /// Where a session view resumes: a run of the session and a position in
 /// its view.
@@ -72,10 +73,12 @@ async fn session_view(
     headers: &HeaderMap,
 ) -> Result<Response, Problem> {
     let session = Uuid::parse_str(session).map_err(|_| Problem::not_found())?;
+    // Under `runs/`, which no stream path may take, so that a stream's
+    // grant never reads a session, nor the other way round.
     authorize(
         &state,
         bearer(headers),
-        &format!("sessions/{session}"),
+        &format!("runs/sessions/{session}"),
         Access::Read,
     )?;
     let after = resume_text(query, headers)?
@@ -85,48 +88,60 @@ async fn session_view(
             })
         })
         .transpose()?;
-    let runs = state
-        .streams
-        .hub()
-        .store()
+    let store = state.streams.hub().store();
+    let runs = store
         .session_runs(session)
         .await
         .map_err(behest_stream::HubError::from)?;
-    let next = match after {
-        None => 0,
-        Some(position) => runs
-            .iter()
-            .position(|run| *run == position.run)
-            .ok_or_else(|| Problem::bad_request("the position names no run of this session"))?,
-    };
+    let mut served = HashSet::new();
+    if let Some(position) = after {
+        match runs.iter().position(|run| *run == position.run) {
+            // The client has the runs before its position's.
+            Some(index) => served.extend(runs[..index].iter().copied()),
+            // Retention removed the position's run since: the client has
+            // it and every run that started before it.
+            None => {
+                let gone = store
+                    .run_info(position.run)
+                    .await
+                    .map_err(behest_stream::HubError::from)?
+                    .filter(|info| info.is_removed() && info.session_id == Some(session))
+                    .ok_or_else(|| {
+                        Problem::bad_request("the position names no run of this session")
+                    })?;
+                served.insert(position.run);
+                for run in &runs {
+                    let info = store
+                        .run_info(*run)
+                        .await
+                        .map_err(behest_stream::HubError::from)?;
+                    if info.is_some_and(|info| info.started_at <= gone.started_at) {
+                        served.insert(*run);
+                    }
+                }
+            }
+        }
+    }
     let deadline = tokio::time::Instant::now() + state.options.sse_max_duration;
     let view = SessionView {
         state,
         session,
         runs,
-        next,
+        next: 0,
         after,
         current: None,
-        served: None,
+        served,
         waking: None,
         last_write: tokio::time::Instant::now(),
         deadline,
     };
-    let body = futures_util::stream::unfold(view, |mut view| async move {
-        let bytes = view.next().await?;
-        Some((Ok::<_, Infallible>(bytes), view))
-    });
-    let mut response = Body::from_stream(body).into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        "text/event-stream".parse().expect("a header value"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        "no-cache".parse().expect("a header value"),
-    );
-    Ok(response)
+    Ok(sse_response(futures_util::stream::unfold(
+        view,
+        |mut view| async move {
+            let bytes = view.next().await?;
+            Some((Ok::<_, Infallible>(bytes), view))
+        },
+    )))
 }
 
 /// One session view response.
@@ -135,14 +150,16 @@ struct SessionView {
     session: Uuid,
     /// The session's runs in start order, as last read.
     runs: Vec<RunId>,
-    /// Index in `runs` of the next run to serve.
+    /// Index in `runs` of the next run to look at.
     next: usize,
     /// The resume position, for the first run served.
     after: Option<SessionPosition>,
     current: Option<View>,
-    /// The run served last, to find the next one in a fresh read of the
+    /// The runs served (or that the client had before its position): a
+    /// fresh read of the session's runs serves the others, in order, so
+    /// that a run retention removed meanwhile shifts nothing. At most the
     /// session's runs.
-    served: Option<RunId>,
+    served: HashSet<RunId>,
     /// A live subscription to the session, open while the view waits for
     /// its next run: any envelope it yields belongs to a run not served yet.
     waking: Option<SharedEventStream>,
@@ -171,9 +188,11 @@ impl SessionView {
             }
             if let Some(&run) = self.runs.get(self.next) {
                 self.next += 1;
-                self.served = Some(run);
-                let after = self.after.take().filter(|a| a.run == run).map(|a| a.at);
-                let view = View::open(
+                if !self.served.insert(run) {
+                    continue;
+                }
+                let after = self.after.filter(|a| a.run == run).map(|a| a.at);
+                match View::open(
                     &self.state,
                     Format::AgUi,
                     run,
@@ -182,8 +201,15 @@ impl SessionView {
                     self.deadline,
                 )
                 .await
-                .ok()?;
-                self.current = Some(view);
+                {
+                    Ok(view) => self.current = Some(view),
+                    // Retention removed it: nothing of it to serve.
+                    Err(problem) if problem.status() == axum::http::StatusCode::GONE => {}
+                    Err(problem) => {
+                        tracing::warn!(session = %self.session, %run, status = %problem.status(), "session view cannot read a run; the client resumes");
+                        return None;
+                    }
+                }
                 continue;
             }
             // Every run served: wait for the session's next. Subscribe
@@ -219,20 +245,12 @@ impl SessionView {
         }
     }
 
-    /// Reads the session's runs again and points `next` after the run
-    /// served last; says whether a run is left to serve.
+    /// Reads the session's runs again; says whether one is left to serve.
     async fn reread_runs(&mut self) -> Option<bool> {
         let hub = self.state.streams.hub();
         self.runs = hub.store().session_runs(self.session).await.ok()?;
-        self.next = match self.served {
-            None => 0,
-            Some(served) => self
-                .runs
-                .iter()
-                .position(|run| *run == served)
-                .map_or(self.runs.len(), |i| i + 1),
-        };
-        Some(self.next < self.runs.len())
+        self.next = 0;
+        Some(self.runs.iter().any(|run| !self.served.contains(run)))
     }
 }
 

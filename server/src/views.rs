@@ -187,10 +187,23 @@ async fn view(
             Some(bytes) => view.pending.push_front(bytes),
         }
     }
-    let body = futures_util::stream::unfold(view, |mut view| async move {
+    let mut response = sse_response(futures_util::stream::unfold(view, |mut view| async move {
         let bytes = view.next().await?;
         Some((Ok::<_, Infallible>(bytes), view))
-    });
+    }));
+    if format == Format::AiSdk {
+        response.headers_mut().insert(
+            "x-vercel-ai-ui-message-stream",
+            "v1".parse().expect("a header value"),
+        );
+    }
+    Ok(response)
+}
+
+/// An SSE response of `body`.
+pub(crate) fn sse_response(
+    body: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
     let mut response = Body::from_stream(body).into_response();
     let h = response.headers_mut();
     h.insert(
@@ -201,13 +214,7 @@ async fn view(
         header::CACHE_CONTROL,
         "no-cache".parse().expect("a header value"),
     );
-    if format == Format::AiSdk {
-        h.insert(
-            "x-vercel-ai-ui-message-stream",
-            "v1".parse().expect("a header value"),
-        );
-    }
-    Ok(response)
+    response
 }
 
 /// One view response: the run's envelopes from seq 1, mapped, the events

@@ -101,6 +101,21 @@ fn script_in(run_id: RunId, session: uuid::Uuid) -> Vec<AgentEvent> {
     ]
 }
 
+/// Serves `hub` open, with SSE responses that send keep-alives every
+/// 100 ms and end after `ms` milliseconds.
+async fn serve_with_time_limit(hub: &EventHub, ms: u64) -> support::Served {
+    let options = behest_stream_server::Options {
+        sse_keep_alive: std::time::Duration::from_millis(100),
+        sse_max_duration: std::time::Duration::from_millis(ms),
+        ..behest_stream_server::Options::default()
+    };
+    let catalog = RunId::from_uuid(behest_stream_server::CATALOG_RUN);
+    let app = behest_stream_server::router_with(hub.clone(), Open, options, catalog)
+        .await
+        .unwrap();
+    support::serve(app).await
+}
+
 /// The `(id, event)` pairs of an SSE body.
 fn parse(body: &str) -> Vec<(String, Value)> {
     body.split("\n\n")
@@ -272,16 +287,7 @@ async fn an_ai_sdk_stream_resumes_exactly_and_gives_the_same_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_of_a_run_that_never_ends_keeps_alive_then_ends_and_answers_preflight() {
     let hub = EventHub::open(Config::temporary()).await.unwrap();
-    let options = behest_stream_server::Options {
-        sse_keep_alive: std::time::Duration::from_millis(100),
-        sse_max_duration: std::time::Duration::from_millis(800),
-        ..behest_stream_server::Options::default()
-    };
-    let catalog = RunId::from_uuid(behest_stream_server::CATALOG_RUN);
-    let app = behest_stream_server::router_with(hub.clone(), Open, options, catalog)
-        .await
-        .unwrap();
-    let server = support::serve(app).await;
+    let server = serve_with_time_limit(&hub, 800).await;
     let a = server.addr;
     let run = RunId::new();
     // Its producer is gone: the run never ends.
@@ -382,16 +388,7 @@ async fn a_run_whose_producer_went_quiet_ends_in_both_views() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_view_serves_its_runs_in_turn_and_resumes_exactly() {
     let hub = EventHub::open(Config::temporary()).await.unwrap();
-    let options = behest_stream_server::Options {
-        sse_keep_alive: std::time::Duration::from_millis(100),
-        sse_max_duration: std::time::Duration::from_millis(1500),
-        ..behest_stream_server::Options::default()
-    };
-    let catalog = RunId::from_uuid(behest_stream_server::CATALOG_RUN);
-    let app = behest_stream_server::router_with(hub.clone(), Open, options, catalog)
-        .await
-        .unwrap();
-    let server = support::serve(app).await;
+    let server = serve_with_time_limit(&hub, 3000).await;
     let a = server.addr;
     let session = uuid::Uuid::now_v7();
     let (first, second) = (RunId::new(), RunId::new());

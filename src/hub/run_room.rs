@@ -340,6 +340,8 @@ impl Actor for RunRoom {
             // what it has not read yet. Read it before refusing.
             if let RunMsg::Publish(request) = &message
                 && state.store.is_shared_log()
+                && state.broken.is_none()
+                && !state.ended_assigned
                 && state.in_flight.is_empty()
                 && state.check_order(&request.event).is_err()
             {
@@ -832,7 +834,10 @@ impl RunState {
             leases.release(self.run_id);
             return false;
         }
-        let moved = lapse.seen.is_some_and(|seen| seen != self.assigned);
+        // A lease that never saw the run's seq (an explicit renewal of a
+        // run the table did not have, a retried ending) only sets one now:
+        // another host may be writing the run.
+        let moved = lapse.seen.is_none_or(|seen| seen != self.assigned);
         let active = self.last_activity.is_some_and(|last| last > lapse.renewed);
         if !moved && !active {
             return true;
